@@ -1,0 +1,61 @@
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.stamp
+
+LINT_PATHS := src tests bench
+
+.PHONY: help venv deps lint test up bench clean
+
+help:
+	@echo "Targets:"
+	@echo "  make venv   create $(VENV) and install lamina with dev extras"
+	@echo "  make deps   install missing system packages (qemu-utils, fio, nbdkit, ...)"
+	@echo "  make lint   ruff check, ruff format --check, mypy"
+	@echo "  make test   deps + venv + lint + pytest"
+	@echo "  make up     run the local demo cluster"
+	@echo "  make bench  run the storage benchmark"
+	@echo "  make clean  remove the venv, build artifacts and caches"
+
+venv: $(STAMP)
+
+# Re-runs only when pyproject.toml is newer than the stamp (or the venv is gone).
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null || { \
+		if command -v $(PYTHON) >/dev/null 2>&1; then found="$$($(PYTHON) --version 2>&1 || true)"; else found="not found"; fi; \
+		echo "error: Python >= 3.11 is required; '$(PYTHON)' is: $${found:-unknown version}." >&2; \
+		echo "       Install a newer python3 or run: make PYTHON=/path/to/python3.11 venv" >&2; \
+		exit 1; }
+	@if ! $(BIN)/python -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then \
+		echo "creating $(VENV) with $$($(PYTHON) --version)"; \
+		rm -rf $(VENV); \
+		$(PYTHON) -m venv $(VENV); \
+	fi
+	$(BIN)/python -m pip install --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+deps:
+	@bash scripts/install-deps.sh
+
+lint: venv
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/mypy
+
+test: deps venv lint
+	$(BIN)/pytest -q
+
+up: venv
+	$(BIN)/lamina demo
+
+bench: venv
+	$(BIN)/python bench/storage.py
+
+clean:
+	rm -rf $(VENV) build dist .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	find . -path ./.git -prune -o -name '*.egg-info' -prune -exec rm -rf {} +
+	find . -path ./.git -prune -o -name '__pycache__' -prune -exec rm -rf {} +

@@ -1,0 +1,1 @@
+"""The storage server role: page store, sync masks, epochs and the TCP server."""

@@ -1,0 +1,862 @@
+"""The on-disk page store.
+
+Theory of operation
+-------------------
+Layout of a data directory (documented in ``docs/ondisk.md``)::
+
+    FORMAT             "lamina-pagestore 1" and the owning server id
+    BOOT               incarnation counter, bumped (fsync) at every start
+    meta.snap          checkpoint of all page metadata (atomic rename)
+    log.<seq>          metadata log since that checkpoint (preallocated, pwrite)
+    layers/<id>.data   one sparse file per layer; page p at p * page_size
+    quarantine/        copies of pages that failed their checksums
+
+Page data lives in the layer file; everything else (state, mask, generation, crc32c per
+4 KiB block) lives in memory, in the log and in the checkpoint.  Every change appends one
+self-checking record (length, crc32c, msgpack body) to the log.
+
+The durable-write order (the crash model):
+
+1. A mask *decrease* (a sync-mask clear) is appended to the log and the write waits until
+   a group commit fdatasyncs the log: one fdatasync covers every clear queued meanwhile,
+   on a single background thread, so the event loop never blocks on it.  A page whose
+   on-disk mask already has those bits cleared needs no commit at all: restores are
+   persisted lazily, so a hot page keeps its cleared mask on disk while it is written.
+2. The record carrying a write's new block checksums is appended *before* its data is
+   written; both happen in one synchronous step of the event loop, with no other append
+   in between.  So after kill -9 only the *last* data record of the log can describe data
+   that was not written; recovery checks exactly those blocks against both their old and
+   new checksums and keeps whichever the data matches.
+3. A mask *increase* (restore, mark-clean) is persisted only after the data files were
+   fdatasynced, so no copy can look clean on disk while its data may be older.
+4. FLUSH (and a FUA write) fdatasyncs the data files, then the log.
+5. A checkpoint switches to a new log, then (on the same thread, in order) fsyncs the old
+   log, fdatasyncs the data files, writes ``meta.snap.tmp``, fsyncs it, renames it over
+   ``meta.snap``, fsyncs the directory and deletes the old logs.
+
+Space: a page's whole extent is allocated (posix_fallocate) when it first gets data, so an
+overwrite never needs new blocks; the log is preallocated in extents, and when no new
+extent can be had the store refuses new allocations (NO_SPACE) but keeps a reserve for
+overwrites and metadata.  Stored pages stay readable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import struct
+import time
+from array import array
+from collections.abc import Awaitable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import crc32c
+import msgpack
+
+from lamina.errors import BadRequest, Corrupt, LaminaError, NoSpace, NotFound, StorageIOError
+from lamina.storage.checksums import BLOCK, block_crcs, zero_crcs
+from lamina.storage.pagestore import (
+    ABSENT_INFO,
+    PageInfo,
+    PageStore,
+    StoreStats,
+    check_layer,
+    enumerate_pages,
+)
+from lamina.storage.syncmask import FULL
+from lamina.wire.messages import EnumerateWhat, PageState
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "lamina-pagestore"
+FORMAT_VERSION = 1
+SNAP_MAGIC = b"LMSNAP01"
+SNAP_HEAD = struct.Struct(">8sQI")
+REC_HEAD = struct.Struct(">II")
+MAX_RECORD = 1 << 20
+GEN_SHIFT = 40
+
+R_LAYER, R_PAGE, R_CRC, R_MASK, R_DROP = 1, 2, 3, 4, 5
+
+LOG_EXTENT = 16 << 20
+LOG_RESERVE = 2 << 20
+DEFAULT_CHECKPOINT_BYTES = 64 << 20
+
+
+class StoreFormatError(LaminaError):
+    pass
+
+
+# --- punching holes (fallocate is not in the os module) ----------------------------------
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Release the blocks of a byte range (reads return zeros); best effort."""
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            log.warning("punch hole failed: %s", os.strerror(err))
+
+
+# --- in-memory metadata ----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Page:
+    state: PageState
+    mask: int
+    generation: int
+    crcs: array[int] | None = None  # per block, when the page has allocated data
+    disk_mask: int = FULL  # mask of the last record appended for this page
+    disk_lsn: int = 0  # log position after that record
+    data_seq: int = 0  # write sequence number of the last data change
+
+
+@dataclass(slots=True)
+class _Layer:
+    volume_id: int
+    page_size: int
+    fd: int = -1
+    pages: dict[int, _Page] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Log:
+    seq: int
+    fd: int
+    offset: int = 0
+    allocated: int = 0
+
+
+def _encode_record(body: list[Any]) -> bytes:
+    data: bytes = msgpack.packb(body, use_bin_type=True)
+    return REC_HEAD.pack(len(data), crc32c.crc32c(data)) + data
+
+
+def _crc_bytes(crcs: array[int]) -> bytes:
+    return crcs.tobytes()
+
+
+def _crc_array(raw: bytes) -> array[int]:
+    a = array("I")
+    a.frombytes(raw)
+    return a
+
+
+class DiskPageStore(PageStore):
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        server_id: str,
+        checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES,
+    ) -> None:
+        self.root = Path(root)
+        self.server_id = server_id
+        self.checkpoint_bytes = checkpoint_bytes
+        self.incarnation = 0
+        self._layers: dict[int, _Layer] = {}
+        self._log: _Log | None = None
+        self._gen = 0
+        self._lsn = 0
+        self._synced_lsn = 0
+        self._write_seq = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._commit_running = False
+        self._exec = ThreadPoolExecutor(1, thread_name_prefix="lamina-sync")
+        self._dirty_fds: set[int] = set()
+        self._lazy: set[tuple[int, int]] = set()
+        self._low_space = False
+        self._failed: str | None = None
+        self._checkpointing = False
+        self._last_data: tuple[Any, ...] | None = None  # for recovery only
+
+    # -- start-up and recovery ---------------------------------------------------------------
+
+    def open(self) -> None:
+        """Check the format, bump the incarnation, recover metadata, start a fresh log."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "layers").mkdir(exist_ok=True)
+        (self.root / "quarantine").mkdir(exist_ok=True)
+        self._check_format()
+        self.incarnation = self._bump_boot()
+        self._gen = self.incarnation << GEN_SHIFT
+        next_seq = self._load_snapshot()
+        seqs = sorted(
+            int(p.name.split(".", 1)[1])
+            for p in self.root.glob("log.*")
+            if p.name.split(".", 1)[1].isdigit()
+        )
+        for seq in seqs:
+            if seq >= next_seq:
+                self._replay(self.root / f"log.{seq}")
+        for layer_id, layer in self._layers.items():
+            layer.fd = os.open(self._layer_path(layer_id), os.O_RDWR | os.O_CREAT, 0o600)
+        self._verify_last_data()
+        new_seq = max([next_seq, *[s + 1 for s in seqs]])
+        self._log = self._open_log(new_seq)
+        self._write_snapshot_sync(self._snapshot_body(new_seq), new_seq)
+
+    def _check_format(self) -> None:
+        path = self.root / "FORMAT"
+        if not path.exists():
+            others = [p for p in self.root.iterdir() if p.name not in ("layers", "quarantine")]
+            if others:
+                raise StoreFormatError(f"{self.root} holds files but no FORMAT: not a page store")
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(f"{FORMAT_NAME} {FORMAT_VERSION}\nserver {self.server_id}\n")
+            os.replace(tmp, path)
+            self._fsync_dir()
+            return
+        lines = path.read_text().split("\n")
+        head = lines[0].split()
+        if len(head) != 2 or head[0] != FORMAT_NAME:
+            raise StoreFormatError(f"{path} does not describe a lamina page store")
+        if head[1] != str(FORMAT_VERSION):
+            raise StoreFormatError(f"{path}: format version {head[1]}, this build reads 1")
+        owner = lines[1].split(maxsplit=1)[1] if len(lines) > 1 and " " in lines[1] else "?"
+        if owner != self.server_id:
+            raise StoreFormatError(
+                f"{self.root} belongs to storage server {owner!r}, not {self.server_id!r}"
+            )
+
+    def _bump_boot(self) -> int:
+        path = self.root / "BOOT"
+        n = int(path.read_text().strip() or 0) if path.exists() else 0
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            f.write(f"{n + 1}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        self._fsync_dir()
+        return n + 1
+
+    def _fsync_dir(self) -> None:
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _load_snapshot(self) -> int:
+        path = self.root / "meta.snap"
+        if not path.exists():
+            return 1
+        raw = path.read_bytes()
+        if len(raw) < SNAP_HEAD.size:
+            raise StoreFormatError(f"{path} is truncated")
+        magic, length, crc = SNAP_HEAD.unpack_from(raw)
+        body = raw[SNAP_HEAD.size : SNAP_HEAD.size + length]
+        if magic != SNAP_MAGIC or len(body) != length or crc32c.crc32c(body) != crc:
+            raise StoreFormatError(f"{path} fails its checksum: refusing to guess")
+        snap = msgpack.unpackb(body, raw=False, strict_map_key=False)
+        for layer_id, volume_id, page_size, pages in snap["layers"]:
+            layer = self._layers[layer_id] = _Layer(volume_id, page_size)
+            for page, state, mask, gen, crcs in pages:
+                layer.pages[page] = _Page(
+                    PageState(state), mask, gen, None if crcs is None else _crc_array(crcs), mask
+                )
+        return int(snap["next_log"])
+
+    def _replay(self, path: Path) -> None:
+        with open(path, "rb") as f:
+            raw = f.read()
+        off = 0
+        while off + REC_HEAD.size <= len(raw):
+            length, crc = REC_HEAD.unpack_from(raw, off)
+            body = raw[off + REC_HEAD.size : off + REC_HEAD.size + length]
+            if length == 0 or length > MAX_RECORD or len(body) != length:
+                break
+            if crc32c.crc32c(body) != crc:
+                break
+            self._apply_record(msgpack.unpackb(body, raw=False))
+            off += REC_HEAD.size + length
+
+    def _apply_record(self, rec: list[Any]) -> None:
+        kind = rec[0]
+        if kind == R_LAYER:
+            _, layer_id, volume_id, page_size = rec
+            self._layers.setdefault(layer_id, _Layer(volume_id, page_size))
+        elif kind == R_DROP:
+            self._layers.pop(rec[1], None)
+            self._last_data = ("drop", rec[1])
+        elif kind == R_PAGE:
+            _, layer_id, page, state, mask, gen, crcs = rec
+            layer = self._layers[layer_id]
+            before = layer.pages.get(page)
+            p = _Page(PageState(state), mask, gen, None if crcs is None else _crc_array(crcs), mask)
+            layer.pages[page] = p
+            if crcs is not None or state == PageState.TOMBSTONE:
+                self._last_data = ("page", layer_id, page, before)
+        elif kind == R_CRC:
+            _, layer_id, page, first, crcs, gen = rec
+            p = self._layers[layer_id].pages[page]
+            assert p.crcs is not None
+            new = _crc_array(crcs)
+            old = p.crcs[first : first + len(new)]
+            p.crcs[first : first + len(new)] = new
+            p.generation = gen
+            self._last_data = ("crc", layer_id, page, first, old)
+        elif kind == R_MASK:
+            _, layer_id, page, mask = rec
+            p = self._layers[layer_id].pages[page]
+            p.mask = p.disk_mask = mask
+
+    def _verify_last_data(self) -> None:
+        """After kill -9 only the last data record may describe data never written."""
+        last = self._last_data
+        self._last_data = None
+        if last is None:
+            return
+        if last[0] == "drop":
+            path = self._layer_path(last[1])
+            if path.exists():
+                path.unlink()
+            return
+        layer_id, page = last[1], last[2]
+        layer = self._layers.get(layer_id)
+        if layer is None or page not in layer.pages:
+            return
+        p = layer.pages[page]
+        base = page * layer.page_size
+        if last[0] == "page":
+            before: _Page | None = last[3]
+            if p.state == PageState.TOMBSTONE:
+                punch_hole(layer.fd, base, layer.page_size)
+                return
+            if p.crcs is None:
+                return
+            data = os.pread(layer.fd, layer.page_size, base).ljust(layer.page_size, b"\0")
+            if block_crcs(data) != p.crcs:
+                log.warning(
+                    "recovery: page %d of layer %d was never written; undone", page, layer_id
+                )
+                if before is None:
+                    del layer.pages[page]
+                else:
+                    layer.pages[page] = before
+            return
+        first: int = last[3]
+        old: array[int] = last[4]
+        assert p.crcs is not None
+        data = os.pread(layer.fd, len(old) * BLOCK, base + first * BLOCK)
+        data = data.ljust(len(old) * BLOCK, b"\0")
+        now = block_crcs(data)
+        for i, got in enumerate(now):
+            if got != p.crcs[first + i] and got == old[i]:
+                p.crcs[first + i] = old[i]
+
+    # -- the log ----------------------------------------------------------------------------
+
+    def _open_log(self, seq: int) -> _Log:
+        fd = os.open(self.root / f"log.{seq}", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        lg = _Log(seq, fd)
+        try:
+            os.posix_fallocate(fd, 0, LOG_EXTENT)
+            lg.allocated = LOG_EXTENT
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            self._low_space = True
+            try:
+                os.posix_fallocate(fd, 0, LOG_RESERVE)
+                lg.allocated = LOG_RESERVE
+            except OSError:
+                lg.allocated = 0
+        return lg
+
+    def _append(self, body: list[Any]) -> int:
+        if self._failed:
+            raise StorageIOError(f"store failed earlier and is read-only: {self._failed}")
+        rec = _encode_record(body)
+        lg = self._log
+        assert lg is not None
+        if lg.offset + len(rec) > lg.allocated:
+            raise NoSpace("no space left for metadata")
+        os.pwrite(lg.fd, rec, lg.offset)
+        lg.offset += len(rec)
+        self._lsn += len(rec)
+        if lg.allocated - lg.offset < LOG_RESERVE:
+            self._extend_log()
+        if lg.offset > self.checkpoint_bytes and not self._checkpointing:
+            asyncio.get_running_loop().call_soon(self._start_checkpoint)
+        return self._lsn
+
+    def _extend_log(self) -> None:
+        lg = self._log
+        assert lg is not None
+        try:
+            os.posix_fallocate(lg.fd, lg.allocated, LOG_EXTENT)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            self._low_space = True
+            return
+        lg.allocated += LOG_EXTENT
+        self._low_space = False
+
+    # -- group commit -------------------------------------------------------------------------
+
+    def _durable(self, lsn: int) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._waiters.append((lsn, fut))
+        if not self._commit_running:
+            self._start_commit()
+        return fut
+
+    def _start_commit(self) -> None:
+        self._commit_running = True
+        target = self._lsn
+        assert self._log is not None
+        fd = self._log.fd
+        loop = asyncio.get_running_loop()
+        cf = loop.run_in_executor(self._exec, os.fdatasync, fd)
+        cf.add_done_callback(lambda f: self._commit_done(f, target))
+
+    def _commit_done(self, f: asyncio.Future[None], target: int) -> None:
+        self._commit_running = False
+        exc = f.exception()
+        waiters, self._waiters = self._waiters, []
+        if exc is not None:
+            self._failed = f"fdatasync of the log failed: {exc}"
+            log.error(self._failed)
+        else:
+            self._synced_lsn = max(self._synced_lsn, target)
+        for lsn, fut in waiters:
+            if fut.done():
+                continue
+            if exc is not None:
+                fut.set_exception(StorageIOError(self._failed or "sync failed"))
+            elif lsn <= target:
+                fut.set_result(None)
+            else:
+                self._waiters.append((lsn, fut))
+        if self._waiters:
+            self._start_commit()
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def _snapshot_body(self, next_log: int) -> bytes:
+        layers = [
+            [
+                layer_id,
+                layer.volume_id,
+                layer.page_size,
+                [
+                    [
+                        n,
+                        int(p.state),
+                        p.disk_mask,
+                        p.generation,
+                        None if p.crcs is None else _crc_bytes(p.crcs),
+                    ]
+                    for n, p in layer.pages.items()
+                ],
+            ]
+            for layer_id, layer in self._layers.items()
+        ]
+        body: bytes = msgpack.packb(
+            {"format": FORMAT_VERSION, "next_log": next_log, "layers": layers}, use_bin_type=True
+        )
+        return body
+
+    def _write_snapshot_sync(self, body: bytes, next_log: int) -> None:
+        for fd in [layer.fd for layer in self._layers.values()]:
+            os.fdatasync(fd)
+        tmp = self.root / "meta.snap.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, SNAP_HEAD.pack(SNAP_MAGIC, len(body), crc32c.crc32c(body)))
+            view = memoryview(body)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.root / "meta.snap")
+        self._fsync_dir()
+        for p in self.root.glob("log.*"):
+            suffix = p.name.split(".", 1)[1]
+            if suffix.isdigit() and int(suffix) < next_log:
+                p.unlink()
+
+    def _start_checkpoint(self) -> None:
+        if self._checkpointing or self._log is None:
+            return
+        task = asyncio.ensure_future(self.checkpoint())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def checkpoint(self) -> None:
+        """Fold the log into a new meta.snap and start an empty log."""
+        if self._checkpointing or self._log is None:
+            return
+        self._checkpointing = True
+        loop = asyncio.get_running_loop()
+        try:
+            old = self._log
+            try:
+                new = self._open_log(old.seq + 1)
+            except OSError as exc:
+                log.warning("checkpoint postponed: %s", exc)
+                return
+            self._log = new
+            body = self._snapshot_body(new.seq)
+
+            def work() -> None:
+                os.fdatasync(old.fd)
+                os.close(old.fd)
+                self._write_snapshot_sync(body, new.seq)
+
+            try:
+                await loop.run_in_executor(self._exec, work)
+            except OSError as exc:
+                log.warning("checkpoint failed (old logs kept): %s", exc)
+        finally:
+            self._checkpointing = False
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _layer_path(self, layer_id: int) -> Path:
+        return self.root / "layers" / f"{layer_id}.data"
+
+    def _next_gen(self) -> int:
+        self._gen += 1
+        return self._gen
+
+    def _get_layer(self, volume_id: int, layer_id: int, page_size: int) -> _Layer:
+        check_layer(self, volume_id, layer_id, page_size)
+        layer = self._layers.get(layer_id)
+        if layer is None:
+            self._append([R_LAYER, layer_id, volume_id, page_size])
+            fd = os.open(self._layer_path(layer_id), os.O_RDWR | os.O_CREAT, 0o600)
+            layer = self._layers[layer_id] = _Layer(volume_id, page_size, fd)
+        return layer
+
+    def _page(self, layer_id: int, page: int) -> _Page | None:
+        layer = self._layers.get(layer_id)
+        return None if layer is None else layer.pages.get(page)
+
+    def _allocate(self, layer: _Layer, page: int) -> None:
+        if self._low_space:
+            self._extend_log()
+            if self._low_space:
+                raise NoSpace("no space left on the storage server's disk")
+        try:
+            os.posix_fallocate(layer.fd, page * layer.page_size, layer.page_size)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpace(f"no space left for page {page}: {exc.strerror}") from None
+            raise StorageIOError(f"allocating page {page}: {exc}") from None
+
+    def _pwrite(self, layer: _Layer, data: bytes | bytearray | memoryview, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(layer.fd, view, offset)
+            view = view[n:]
+            offset += n
+        self._dirty_fds.add(layer.fd)
+
+    def _quarantine(self, layer_id: int, layer: _Layer, page: int, p: _Page, why: str) -> Corrupt:
+        log.error("quarantining page %d of layer %d: %s", page, layer_id, why)
+        try:
+            data = os.pread(layer.fd, layer.page_size, page * layer.page_size)
+            name = f"{layer_id}-{page}-{time.time_ns()}.page"
+            (self.root / "quarantine" / name).write_bytes(data)
+        except OSError as exc:
+            log.warning("could not keep a copy of the quarantined page: %s", exc)
+        p.state = PageState.QUARANTINED
+        p.generation = self._next_gen()
+        p.crcs = None
+        try:
+            self._append([R_PAGE, layer_id, page, int(p.state), p.disk_mask, p.generation, None])
+        except LaminaError as exc:
+            log.warning("quarantine of page %d not recorded: %s", page, exc)
+        return Corrupt(f"page {page} of layer {layer_id} failed its checksum ({why}); quarantined")
+
+    # -- PageStore -----------------------------------------------------------------------------
+
+    def info(self, layer_id: int, page: int) -> PageInfo:
+        p = self._page(layer_id, page)
+        return ABSENT_INFO if p is None else PageInfo(p.state, p.mask, p.generation)
+
+    def layer_page_size(self, layer_id: int) -> int | None:
+        layer = self._layers.get(layer_id)
+        return None if layer is None else layer.page_size
+
+    def layer_volume(self, layer_id: int) -> int | None:
+        layer = self._layers.get(layer_id)
+        return None if layer is None else layer.volume_id
+
+    def read(self, layer_id: int, page: int, offset: int, length: int) -> bytes:
+        layer = self._layers.get(layer_id)
+        p = None if layer is None else layer.pages.get(page)
+        if layer is None or p is None or p.state != PageState.PRESENT or p.crcs is None:
+            if p is not None and p.state == PageState.QUARANTINED:
+                raise Corrupt(f"page {page} of layer {layer_id} is quarantined")
+            raise NotFound(f"page {page} of layer {layer_id} holds no data")
+        b0 = offset // BLOCK
+        b1 = -(-(offset + length) // BLOCK)
+        n = (b1 - b0) * BLOCK
+        data = os.pread(layer.fd, n, page * layer.page_size + b0 * BLOCK)
+        if len(data) < n:
+            data = data.ljust(n, b"\0")
+        view = memoryview(data)
+        fn = crc32c.crc32c
+        crcs = p.crcs
+        for i in range(b1 - b0):
+            if fn(view[i * BLOCK : (i + 1) * BLOCK]) != crcs[b0 + i]:
+                raise self._quarantine(layer_id, layer, page, p, f"block {b0 + i}")
+        skip = offset - b0 * BLOCK
+        if skip == 0 and length == n:
+            return data
+        return data[skip : skip + length]
+
+    def write(
+        self, volume_id: int, layer_id: int, page_size: int, page: int, offset: int, data: bytes
+    ) -> int:
+        layer = self._get_layer(volume_id, layer_id, page_size)
+        p = layer.pages.get(page)
+        if p is None or p.state in (PageState.ABSENT, PageState.TOMBSTONE):
+            raise NotFound(f"page {page} of layer {layer_id} is not writable")
+        length = len(data)
+        if offset + length > page_size or length == 0:
+            raise BadRequest("write outside the page")
+        full = offset == 0 and length == page_size
+        if p.state == PageState.QUARANTINED and not full:
+            raise Corrupt(f"page {page} of layer {layer_id} is quarantined")
+        fresh = p.crcs is None
+        if fresh:
+            self._allocate(layer, page)
+        crcs = p.crcs if p.crcs is not None else zero_crcs(page_size // BLOCK)
+        base = page * page_size
+        b0 = offset // BLOCK
+        b1 = -(-(offset + length) // BLOCK)
+        buf: bytes | bytearray = data
+        if offset % BLOCK or length % BLOCK:
+            n = (b1 - b0) * BLOCK
+            old = bytearray(os.pread(layer.fd, n, base + b0 * BLOCK).ljust(n, b"\0"))
+            if not fresh:
+                for b in {b0, b1 - 1}:
+                    i = b - b0
+                    if crc32c.crc32c(memoryview(old)[i * BLOCK : (i + 1) * BLOCK]) != crcs[b]:
+                        raise self._quarantine(layer_id, layer, page, p, f"block {b}")
+            skip = offset - b0 * BLOCK
+            old[skip : skip + length] = data
+            buf = old
+        new = block_crcs(buf)
+        gen = self._next_gen()
+        if p.state != PageState.PRESENT or fresh:
+            crcs = array("I", crcs)
+            crcs[b0:b1] = new
+            self._append(
+                [R_PAGE, layer_id, page, int(PageState.PRESENT), p.disk_mask, gen, _crc_bytes(crcs)]
+            )
+        else:
+            self._append([R_CRC, layer_id, page, b0, _crc_bytes(new), gen])
+            crcs[b0:b1] = new
+        self._pwrite(layer, buf, base + b0 * BLOCK)
+        p.crcs = crcs
+        p.state = PageState.PRESENT
+        p.generation = gen
+        self._write_seq += 1
+        p.data_seq = self._write_seq
+        return gen
+
+    def create(
+        self,
+        volume_id: int,
+        layer_id: int,
+        page_size: int,
+        page: int,
+        data: bytes | None,
+        mask: int,
+    ) -> tuple[bool, int]:
+        layer = self._get_layer(volume_id, layer_id, page_size)
+        p = layer.pages.get(page)
+        if p is not None and p.state != PageState.ABSENT:
+            return False, p.generation
+        gen = self._next_gen()
+        if data is None:
+            lsn = self._append([R_PAGE, layer_id, page, int(PageState.ZERO), mask, gen, None])
+            layer.pages[page] = _Page(PageState.ZERO, mask, gen, None, mask, lsn)
+            return True, gen
+        if len(data) != page_size:
+            raise BadRequest("create needs a full page")
+        self._allocate(layer, page)
+        crcs = block_crcs(data)
+        lsn = self._append(
+            [R_PAGE, layer_id, page, int(PageState.PRESENT), mask, gen, _crc_bytes(crcs)]
+        )
+        self._pwrite(layer, data, page * page_size)
+        self._write_seq += 1
+        layer.pages[page] = _Page(PageState.PRESENT, mask, gen, crcs, mask, lsn, self._write_seq)
+        return True, gen
+
+    def set_mask(
+        self, layer_id: int, page: int, mask: int, wait_durable: bool = True
+    ) -> Awaitable[None] | None:
+        p = self._page(layer_id, page)
+        if p is None:
+            raise NotFound(f"page {page} of layer {layer_id} is absent")
+        p.mask = mask
+        cleared = p.disk_mask & ~mask
+        if cleared:
+            target = p.disk_mask & mask
+            p.disk_lsn = self._append([R_MASK, layer_id, page, target])
+            p.disk_mask = target
+        if mask & ~p.disk_mask:
+            self._lazy.add((layer_id, page))
+        if wait_durable and (mask != FULL) and p.disk_lsn > self._synced_lsn:
+            return self._durable(p.disk_lsn)
+        return None
+
+    async def persist_restores(self) -> int:
+        """Persist mask increases once the data they vouch for is durable; how many."""
+        if not self._lazy:
+            return 0
+        seq = self._write_seq
+        fds = list(self._dirty_fds)
+        self._dirty_fds.clear()
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._exec, _sync_all, fds)
+        except OSError as exc:
+            self._dirty_fds.update(fds)
+            log.warning("data sync failed, restores not persisted: %s", exc)
+            return 0
+        done = 0
+        for key in list(self._lazy):
+            p = self._page(*key)
+            if p is None:
+                self._lazy.discard(key)
+                continue
+            if p.data_seq > seq:
+                continue
+            self._lazy.discard(key)
+            if p.mask != p.disk_mask and not (p.disk_mask & ~p.mask):
+                try:
+                    p.disk_lsn = self._append([R_MASK, key[0], key[1], p.mask])
+                except LaminaError:
+                    self._lazy.add(key)
+                    break
+                p.disk_mask = p.mask
+                done += 1
+        return done
+
+    def tombstone(self, volume_id: int, layer_id: int, page_size: int, page: int) -> int:
+        layer = self._get_layer(volume_id, layer_id, page_size)
+        gen = self._next_gen()
+        lsn = self._append([R_PAGE, layer_id, page, int(PageState.TOMBSTONE), FULL, gen, None])
+        old = layer.pages.get(page)
+        if old is not None and old.crcs is not None:
+            punch_hole(layer.fd, page * page_size, page_size)
+        layer.pages[page] = _Page(PageState.TOMBSTONE, FULL, gen, None, FULL, lsn)
+        self._lazy.discard((layer_id, page))
+        return gen
+
+    def delete_layer(self, layer_id: int) -> int:
+        layer = self._layers.get(layer_id)
+        if layer is None:
+            return 0
+        self._append([R_DROP, layer_id])
+        del self._layers[layer_id]
+        path = self._layer_path(layer_id)
+        fd = layer.fd
+
+        def drop() -> None:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+
+        self._dirty_fds.discard(fd)
+        self._exec.submit(drop)
+        return len(layer.pages)
+
+    def enumerate(
+        self, layer_id: int, what: EnumerateWhat, start: int, limit: int
+    ) -> tuple[list[int], int, bool]:
+        layer = self._layers.get(layer_id)
+        if layer is None:
+            return [], start, True
+        return enumerate_pages(
+            ((n, p.state, p.mask) for n, p in layer.pages.items()), what, start, limit
+        )
+
+    async def flush(self) -> None:
+        if self._failed:
+            raise StorageIOError(f"store failed earlier: {self._failed}")
+        fds = list(self._dirty_fds)
+        self._dirty_fds.clear()
+        assert self._log is not None
+        fds.append(self._log.fd)
+        target = self._lsn
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._exec, _sync_all, fds)
+        except OSError as exc:
+            self._failed = f"flush failed: {exc}"
+            raise StorageIOError(self._failed) from None
+        self._synced_lsn = max(self._synced_lsn, target)
+
+    def stats(self) -> StoreStats:
+        st = os.statvfs(self.root)
+        capacity = st.f_blocks * st.f_frsize
+        used = sum(
+            layer.page_size
+            for layer in self._layers.values()
+            for p in layer.pages.values()
+            if p.crcs is not None
+        )
+        pages = sum(len(layer.pages) for layer in self._layers.values())
+        return StoreStats(capacity, used, pages, len(self._layers))
+
+    def layers(self) -> list[int]:
+        return sorted(self._layers)
+
+    async def close(self) -> None:
+        """Flush, checkpoint and release every file."""
+        if self._log is None:
+            return
+        try:
+            await self.persist_restores()
+            await self.flush()
+            await self.checkpoint()
+        finally:
+            await asyncio.get_running_loop().run_in_executor(self._exec, self._close_fds)
+            self._exec.shutdown(wait=True)
+            self._log = None
+
+    def _close_fds(self) -> None:
+        for layer in self._layers.values():
+            if layer.fd >= 0:
+                os.close(layer.fd)
+                layer.fd = -1
+        if self._log is not None:
+            os.close(self._log.fd)
+
+    def abandon(self) -> None:
+        """Drop every file handle without flushing (tests simulate a crash with this)."""
+        self._exec.shutdown(wait=True)
+        for layer in self._layers.values():
+            if layer.fd >= 0:
+                os.close(layer.fd)
+        if self._log is not None:
+            os.close(self._log.fd)
+            self._log = None
+
+
+def _sync_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.fdatasync(fd)

@@ -1,0 +1,301 @@
+"""The storage service: page operations with epochs, leases and sync-mask episodes.
+
+Theory of operation
+-------------------
+The service knows no transport.  ``handle(msg, payload)`` takes a decoded request and
+returns its reply, either at once (the hot path: reads and writes whose sync-mask clear
+is already durable) or as a coroutine (a write that must wait for its clear to become
+durable, a FUA write, FLUSH).
+
+Every data request first has its piggybacked restore tokens applied [0043], then passes
+the epoch comparator (``epochs.compare``): no lease -> NO_LEASE, older than the volume's
+fence -> STALE with the current epoch, newer than the server knows -> catch up (a
+standalone server, one started without managers, adopts the newer epoch).  Only then is
+anything read or changed.
+
+Writes follow the episode rule of ``syncmask``: the clear is made durable by the store
+(group commit) before the data is applied; tokens restore the mask when the whole
+episode is confirmed.  MARK_CLEAN is a compare-and-set on the generation and ends the
+page's episode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from lamina.errors import (
+    BadRequest,
+    Conflict,
+    Corrupt,
+    Deleted,
+    NoLease,
+    NotFound,
+    StaleEpoch,
+    Unavailable,
+)
+from lamina.storage import syncmask
+from lamina.storage.epochs import Verdict, compare
+from lamina.storage.pagestore import PageStore, check_layer
+from lamina.wire import messages as m
+from lamina.wire.messages import EnumerateWhat, PageState
+
+Reply = tuple[m.Message, bytes]
+Result = Reply | Coroutine[Any, Any, Reply]
+MAX_TOKENS = 1 << 20
+
+
+@dataclass(slots=True)
+class Lease:
+    """The lease a manager leader granted; a standalone server always holds one."""
+
+    standalone: bool = True
+    valid_until: float = 0.0
+
+    def valid(self, now: float) -> bool:
+        return self.standalone or now < self.valid_until
+
+
+class StorageService:
+    def __init__(
+        self,
+        store: PageStore,
+        server_id: str,
+        clock: Callable[[], float],
+        lease: Lease | None = None,
+        catch_up: Callable[[int], Awaitable[None]] | None = None,
+    ) -> None:
+        self.store = store
+        self.server_id = server_id
+        self.clock = clock
+        self.lease = lease or Lease()
+        self.epoch = 0
+        self.fences: dict[int, int] = {}
+        self._catch_up = catch_up
+        self._episodes: dict[tuple[int, int], syncmask.Episode] = {}
+        self._tokens: dict[int, tuple[int, int]] = {}
+        self._token_ids = itertools.count((secrets.randbits(23) + 1) << 40)
+        self._ops: dict[type[m.Message], Callable[[Any, bytes], Result]] = {
+            m.PingRequest: self.ping,
+            m.ReadRequest: self.read,
+            m.WriteRequest: self.write,
+            m.RestoreRequest: self.restore,
+            m.CreateRequest: self.create,
+            m.StatusRequest: self.status,
+            m.EnumerateRequest: self.enumerate,
+            m.MarkCleanRequest: self.mark_clean,
+            m.TombstoneRequest: self.tombstone,
+            m.DeleteLayerRequest: self.delete_layer,
+            m.SetEpochRequest: self.set_epoch,
+            m.FlushRequest: self.flush,
+        }
+
+    # -- RequestHandler ---------------------------------------------------------------------
+
+    def current_epoch(self) -> int:
+        return self.epoch
+
+    def handle(self, msg: m.Message, payload: bytes) -> Result:
+        op = self._ops.get(type(msg))
+        if op is None:
+            raise BadRequest(f"{type(msg).__name__} is not a storage operation")
+        return op(msg, payload)
+
+    # -- admission ----------------------------------------------------------------------------
+
+    def _admit(self, msg: m.DataRequest) -> None:
+        tokens = m.restore_tokens(msg)
+        if tokens:
+            self._confirm(tokens)
+        verdict = compare(
+            msg.epoch, self.epoch, self.fences.get(msg.volume_id, 0), self.lease.valid(self.clock())
+        )
+        if verdict is Verdict.OK:
+            return
+        if verdict is Verdict.NO_LEASE:
+            raise NoLease(f"storage server {self.server_id} holds no valid lease")
+        if verdict is Verdict.STALE:
+            raise StaleEpoch(
+                f"epoch {msg.epoch} is older than volume {msg.volume_id}'s fence "
+                f"{self.fences.get(msg.volume_id, 0)}",
+                self.epoch,
+            )
+        if self._catch_up is None:
+            self.epoch = msg.epoch  # standalone: nobody to ask, the peer is authenticated
+            return
+        self._start_catch_up(msg.epoch)
+        raise Unavailable(f"server at epoch {self.epoch} is catching up to {msg.epoch}")
+
+    def _start_catch_up(self, epoch: int) -> None:
+        assert self._catch_up is not None
+        task = asyncio.ensure_future(self._catch_up(epoch))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    def _confirm(self, tokens: tuple[int, ...] | list[int]) -> int:
+        done = 0
+        for token in tokens:
+            key = self._tokens.pop(token, None)
+            if key is None:
+                continue
+            done += 1
+            episode = self._episodes.get(key)
+            info = self.store.info(*key)
+            if info.state == PageState.ABSENT:
+                self._episodes.pop(key, None)
+                continue
+            mask, episode = syncmask.confirm(info.mask, episode, token)
+            if episode is None:
+                self._episodes.pop(key, None)
+            else:
+                self._episodes[key] = episode
+            if mask != info.mask:
+                self.store.set_mask(key[0], key[1], mask, wait_durable=False)
+        return done
+
+    def _drop_episodes(self, layer_id: int, page: int | None = None) -> None:
+        for key in [k for k in self._episodes if k[0] == layer_id and page in (None, k[1])]:
+            del self._episodes[key]
+
+    # -- operations ---------------------------------------------------------------------------
+
+    def ping(self, msg: m.PingRequest, payload: bytes) -> Result:
+        st = self.store.stats()
+        valid = self.lease.valid(self.clock())
+        reply = m.PingResponse(self.server_id, self.epoch, valid, st.capacity, st.used, st.pages)
+        return reply, b""
+
+    def read(self, msg: m.ReadRequest, payload: bytes) -> Result:
+        self._admit(msg)
+        check_layer(self.store, msg.volume_id, msg.layer_id, msg.page_size)
+        info = self.store.info(msg.layer_id, msg.page)
+        if info.state == PageState.QUARANTINED:
+            raise Corrupt(f"page {msg.page} of layer {msg.layer_id} is quarantined")
+        data = b""
+        if info.state == PageState.PRESENT:
+            data = self.store.read(msg.layer_id, msg.page, msg.offset, msg.length)
+        return m.ReadResponse(int(info.state), info.generation, info.mask), data
+
+    def write(self, msg: m.WriteRequest, payload: bytes) -> Result:
+        self._admit(msg)
+        store = self.store
+        check_layer(store, msg.volume_id, msg.layer_id, msg.page_size)
+        key = (msg.layer_id, msg.page)
+        info = store.info(*key)
+        state = info.state
+        full = msg.offset == 0 and len(payload) == msg.page_size
+        if state == PageState.ABSENT:
+            if not full:
+                raise NotFound(
+                    f"page {msg.page} is absent in layer {msg.layer_id}: copy it up first"
+                )
+            store.create(msg.volume_id, msg.layer_id, msg.page_size, msg.page, None, syncmask.FULL)
+            info = store.info(*key)
+        elif state == PageState.TOMBSTONE:
+            raise Deleted(f"page {msg.page} of layer {msg.layer_id} was moved up")
+        elif state == PageState.QUARANTINED and not full:
+            raise Corrupt(f"page {msg.page} of layer {msg.layer_id} is quarantined")
+        token = next(self._token_ids)
+        mask, episode = syncmask.begin_write(
+            info.mask, self._episodes.get(key), msg.clear_mask, msg.restore_mask, token
+        )
+        self._episodes[key] = episode
+        self._tokens[token] = key
+        if len(self._tokens) > MAX_TOKENS:  # tokens that never came back: pages stay dirty
+            del self._tokens[next(iter(self._tokens))]
+        pending = store.set_mask(msg.layer_id, msg.page, mask)
+        if pending is None and not msg.fua:
+            gen = store.write(
+                msg.volume_id, msg.layer_id, msg.page_size, msg.page, msg.offset, payload
+            )
+            return m.WriteResponse(token, gen), b""
+        return self._write_later(msg, payload, token, pending)
+
+    async def _write_later(
+        self, msg: m.WriteRequest, payload: bytes, token: int, pending: Awaitable[None] | None
+    ) -> Reply:
+        if pending is not None:
+            await pending
+        info = self.store.info(msg.layer_id, msg.page)
+        if info.state in (PageState.ABSENT, PageState.TOMBSTONE):
+            raise Deleted(f"page {msg.page} of layer {msg.layer_id} changed during the write")
+        gen = self.store.write(
+            msg.volume_id, msg.layer_id, msg.page_size, msg.page, msg.offset, payload
+        )
+        if msg.fua:
+            await self.store.flush()
+        return m.WriteResponse(token, gen), b""
+
+    def restore(self, msg: m.RestoreRequest, payload: bytes) -> Result:
+        return m.RestoreResponse(self._confirm(msg.tokens)), b""
+
+    def create(self, msg: m.CreateRequest, payload: bytes) -> Result:
+        self._admit(msg)
+        check_layer(self.store, msg.volume_id, msg.layer_id, msg.page_size)
+        data = None if msg.zero else payload
+        created, gen = self.store.create(
+            msg.volume_id, msg.layer_id, msg.page_size, msg.page, data, msg.mask
+        )
+        return m.CreateResponse(created, gen), b""
+
+    def status(self, msg: m.StatusRequest, payload: bytes) -> Result:
+        self._admit(msg)
+        check_layer(self.store, msg.volume_id, msg.layer_id, None)
+        entries = []
+        for page in msg.pages:
+            info = self.store.info(msg.layer_id, page)
+            entries.append((page, int(info.state), info.mask, info.generation))
+        return m.StatusResponse(tuple(entries)), b""
+
+    def enumerate(self, msg: m.EnumerateRequest, payload: bytes) -> Result:
+        self._admit(msg)
+        check_layer(self.store, msg.volume_id, msg.layer_id, None)
+        pages, nxt, done = self.store.enumerate(
+            msg.layer_id, EnumerateWhat(msg.what), msg.start, msg.limit
+        )
+        return m.EnumerateResponse(nxt, done, tuple(pages)), b""
+
+    def mark_clean(self, msg: m.MarkCleanRequest, payload: bytes) -> Result:
+        self._admit(msg)
+        check_layer(self.store, msg.volume_id, msg.layer_id, None)
+        info = self.store.info(msg.layer_id, msg.page)
+        if info.state == PageState.ABSENT:
+            raise NotFound(f"page {msg.page} of layer {msg.layer_id} is absent")
+        if info.generation != msg.generation:
+            raise Conflict(
+                f"page {msg.page} is at generation {info.generation}, not {msg.generation}",
+                info.generation,
+            )
+        self._episodes.pop((msg.layer_id, msg.page), None)
+        self.store.set_mask(msg.layer_id, msg.page, msg.mask, wait_durable=False)
+        return m.MarkCleanResponse(info.generation), b""
+
+    def tombstone(self, msg: m.TombstoneRequest, payload: bytes) -> Result:
+        self._admit(msg)
+        self._drop_episodes(msg.layer_id, msg.page)
+        gen = self.store.tombstone(msg.volume_id, msg.layer_id, msg.page_size, msg.page)
+        return m.TombstoneResponse(gen), b""
+
+    def delete_layer(self, msg: m.DeleteLayerRequest, payload: bytes) -> Result:
+        self._admit(msg)
+        check_layer(self.store, msg.volume_id, msg.layer_id, None)
+        self._drop_episodes(msg.layer_id)
+        return m.DeleteLayerResponse(self.store.delete_layer(msg.layer_id)), b""
+
+    def set_epoch(self, msg: m.SetEpochRequest, payload: bytes) -> Result:
+        self.epoch = max(self.epoch, msg.epoch)
+        for volume_id, fence in msg.fences:
+            if fence > self.fences.get(volume_id, 0):
+                self.fences[volume_id] = fence
+        return m.SetEpochResponse(self.epoch), b""
+
+    def flush(self, msg: m.FlushRequest, payload: bytes) -> Result:
+        self._admit(msg)
+        return self._flush()
+
+    async def _flush(self) -> Reply:
+        await self.store.flush()
+        return m.FlushResponse(), b""

@@ -1,0 +1,77 @@
+"""Sync-mask episodes of one page copy [0040]-[0047], as pure code.
+
+Theory of operation
+-------------------
+Each copy of a page keeps a mask with one bit per copy: bit j set means "as far as this
+copy knows, copy j holds the same data".  A write to copy i carries a clear mask ``c``
+(the other copies' bits cleared: they may miss this write) and a restore mask ``r``
+(the bits of the copies the driver sent the write to).
+
+Writes come in *episodes*.  An episode starts with a write that finds none pending; it
+records ``base`` = the mask at that moment.  Every write of the episode ANDs the mask
+with its clear mask (the caller makes that durable before the data is applied) and ANDs
+its restore mask into ``acc``.  A write is *confirmed* when its token comes back, which
+the driver sends only after every copy acknowledged it.  When the last pending write of
+the episode is confirmed, ``mask |= base & acc``.  So a write restores only bits that were
+set before its episode began, and only once every write of the episode reached every
+copy it was sent to.  A page whose episode never completes stays dirty until a
+resynchronisation marks it clean (``mark_clean``), which also ends the episode.
+
+The functions here take and return immutable values; the storage service keeps the
+episode of each page and makes mask decreases durable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FULL = 0xFFFFFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class Episode:
+    base: int
+    acc: int
+    pending: frozenset[int]
+
+
+def begin_write(
+    mask: int, episode: Episode | None, clear: int, restore: int, token: int
+) -> tuple[int, Episode]:
+    """Mask and episode after a write with ``clear``/``restore`` masks arrives.
+
+    The returned mask must be durable before the write's data is applied.  (Later writes
+    of an episode usually clear nothing new; one that does, e.g. a write redone without
+    a failed copy, clears those bits too.)
+    """
+    if episode is None:
+        episode = Episode(mask, restore, frozenset((token,)))
+    else:
+        episode = Episode(episode.base, episode.acc & restore, episode.pending | {token})
+    return mask & clear, episode
+
+
+def confirm(mask: int, episode: Episode | None, token: int) -> tuple[int, Episode | None]:
+    """Mask and episode after ``token`` is confirmed; unknown tokens change nothing."""
+    if episode is None or token not in episode.pending:
+        return mask, episode
+    pending = episode.pending - {token}
+    if pending:
+        return mask, Episode(episode.base, episode.acc, pending)
+    return mask | (episode.base & episode.acc), None
+
+
+def is_clean(mask: int) -> bool:
+    return mask == FULL
+
+
+def clear_mask(copy_index: int, copies: int) -> int:
+    """The clear mask a driver sends to copy ``copy_index`` of ``copies``."""
+    others = ((1 << copies) - 1) & ~(1 << copy_index)
+    return FULL & ~others
+
+
+def restore_mask(written: frozenset[int] | set[int], copies: int) -> int:
+    """The restore mask for a write sent to the copies in ``written`` of ``copies``."""
+    missing = ((1 << copies) - 1) & ~sum(1 << i for i in written)
+    return FULL & ~missing

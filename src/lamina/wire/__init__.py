@@ -1,0 +1,1 @@
+"""The lamina wire protocol: framing, messages, handshake and connections."""

@@ -1,0 +1,366 @@
+"""Asyncio transports for the wire protocol: they only move bytes.
+
+Theory of operation
+-------------------
+:class:`ServerConnection` is an ``asyncio.Protocol``: bytes go into a
+:class:`~lamina.wire.framing.FrameDecoder`; each complete frame is decoded into a typed
+message and handed to a :class:`RequestHandler`.  A handler answers either at once (the
+hot path: no task, no await) or with a coroutine, which runs as a task; so answers leave
+in whatever order they complete.  A frame that breaks framing closes the connection (its
+boundaries are lost); a frame whose header is invalid gets a BAD_REQUEST answer and the
+connection goes on.  Until the handshake is done only HELLO and AUTH are accepted, with
+tiny frame limits.  When the transport's write buffer is full we stop reading, so a
+client that pipelines reads but never drains them cannot grow our memory.
+
+:class:`Client` is the requester side: ``await client.call(msg, payload)`` with any
+number of calls in flight, matched to answers by request id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import socket
+from collections.abc import Awaitable, Coroutine
+from typing import Any, Protocol, TypeVar, cast
+
+from lamina.errors import (
+    AuthFailed,
+    FrameTooLarge,
+    InternalError,
+    LaminaError,
+    ProtocolError,
+    Unavailable,
+    UnsupportedVersion,
+)
+from lamina.wire import handshake as hs
+from lamina.wire import messages as m
+from lamina.wire.framing import (
+    PREAUTH_MAX_HEADER,
+    PREAUTH_MAX_PAYLOAD,
+    Frame,
+    FrameDecoder,
+    Kind,
+    encode_frame,
+)
+
+log = logging.getLogger(__name__)
+
+Reply = tuple[m.Message, bytes]
+M = TypeVar("M", bound=m.Message)
+
+
+class RequestHandler(Protocol):
+    """What a server role implements; the connection only decodes, calls and encodes."""
+
+    server_id: str
+
+    def current_epoch(self) -> int: ...
+
+    def handle(self, msg: m.Message, payload: bytes) -> Reply | Coroutine[Any, Any, Reply]: ...
+
+
+def _nodelay(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class ServerConnection(asyncio.Protocol):
+    """One accepted connection of a server role."""
+
+    def __init__(self, handler: RequestHandler, key: bytes) -> None:
+        self._handler = handler
+        self._key = key
+        self._decoder = FrameDecoder(PREAUTH_MAX_HEADER, PREAUTH_MAX_PAYLOAD)
+        self._transport: asyncio.Transport | None = None
+        self._authenticated = False
+        self._client_nonce: bytes | None = None
+        self._server_nonce = hs.new_nonce()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._peer = "?"
+
+    # -- asyncio callbacks ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        _nodelay(transport)
+        self._peer = str(transport.get_extra_info("peername"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        for task in self._tasks:
+            task.cancel()
+
+    def pause_writing(self) -> None:
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None:
+            self._transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._decoder.feed(data)
+            while self._transport is not None:
+                frame = self._decoder.next_frame()
+                if frame is None:
+                    break
+                self._frame_received(frame)
+        except ProtocolError as exc:
+            log.info("closing connection from %s: %s", self._peer, exc)
+            self._send_error(0, 0, exc)
+            self._close()
+
+    # -- frames ----------------------------------------------------------------------------
+
+    def _frame_received(self, frame: Frame) -> None:
+        if frame.kind != Kind.REQUEST:
+            raise ProtocolError("a server accepts only requests")
+        if not self._authenticated:
+            try:
+                self._handshake(frame)
+            except ProtocolError as exc:
+                # answer the handshake request itself (so the client sees why), then hang up
+                log.info("closing connection from %s: %s", self._peer, exc)
+                self._send_error(frame.op, frame.request_id, exc)
+                self._close()
+            return
+        try:
+            msg = m.decode_request(frame.op, frame.header, len(frame.payload))
+            if isinstance(msg, m.HelloRequest | m.AuthRequest):
+                raise ProtocolError("handshake already done")
+            result = self._handler.handle(msg, frame.payload)
+        except LaminaError as exc:
+            self._send_error(frame.op, frame.request_id, exc)
+            return
+        except Exception as exc:
+            log.exception("internal error handling op %s", frame.op)
+            self._send_error(frame.op, frame.request_id, InternalError(repr(exc)))
+            return
+        if isinstance(result, tuple):
+            self._send_reply(frame.op, frame.request_id, result)
+        else:
+            task = asyncio.ensure_future(self._finish(frame.op, frame.request_id, result))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _finish(self, op: int, rid: int, pending: Awaitable[Reply]) -> None:
+        try:
+            reply = await pending
+        except LaminaError as exc:
+            self._send_error(op, rid, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("internal error handling op %s", op)
+            self._send_error(op, rid, InternalError(repr(exc)))
+        else:
+            self._send_reply(op, rid, reply)
+
+    def _handshake(self, frame: Frame) -> None:
+        msg = m.decode_request(frame.op, frame.header, len(frame.payload))
+        if isinstance(msg, m.HelloRequest) and self._client_nonce is None:
+            version = hs.choose_version(msg.min_version, msg.max_version)
+            if version is None:
+                raise UnsupportedVersion(
+                    f"peer speaks versions {msg.min_version}..{msg.max_version}, "
+                    f"this server {hs.SUPPORTED_VERSIONS[0]}..{hs.SUPPORTED_VERSIONS[1]}"
+                )
+            self._client_nonce = msg.nonce
+            proof = hs.server_proof(self._key, msg.nonce, self._server_nonce)
+            reply = m.HelloResponse(version, self._server_nonce, proof, self._handler.server_id)
+            self._send_reply(frame.op, frame.request_id, (reply, b""))
+        elif isinstance(msg, m.AuthRequest) and self._client_nonce is not None:
+            expected = hs.client_proof(self._key, self._server_nonce, self._client_nonce)
+            try:
+                hs.check_proof(expected, msg.proof)
+            except AuthFailed as exc:
+                log.warning("refused %s: %s", self._peer, exc.message)
+                self._send_error(frame.op, frame.request_id, exc)
+                self._close()
+                return
+            self._authenticated = True
+            self._decoder.max_header = FrameDecoder().max_header
+            self._decoder.max_payload = FrameDecoder().max_payload
+            epoch = self._handler.current_epoch()
+            reply2 = m.AuthResponse(self._handler.server_id, epoch)
+            self._send_reply(frame.op, frame.request_id, (reply2, b""))
+        else:
+            raise ProtocolError("expected HELLO then AUTH before anything else")
+
+    def _send_reply(self, op: int, rid: int, reply: Reply) -> None:
+        if self._transport is None:
+            return
+        msg, payload = reply
+        self._transport.writelines(encode_frame(Kind.RESPONSE, op, 0, rid, msg.encode(), payload))
+
+    def _send_error(self, op: int, rid: int, exc: LaminaError) -> None:
+        if self._transport is None:
+            return
+        self._transport.writelines(
+            encode_frame(Kind.RESPONSE, op & 0xFF, int(exc.code), rid, m.encode_error(exc))
+        )
+
+    def _close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+
+class _ClientProtocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.decoder = FrameDecoder()
+        self.transport: asyncio.Transport | None = None
+        self.pending: dict[int, asyncio.Future[Frame]] = {}
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        _nodelay(transport)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.decoder.feed(data)
+            while True:
+                frame = self.decoder.next_frame()
+                if frame is None:
+                    return
+                if frame.kind != Kind.RESPONSE:
+                    raise ProtocolError("server sent a request")
+                fut = self.pending.pop(frame.request_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(frame)
+        except ProtocolError as exc:
+            self._fail(exc)
+            if self.transport is not None:
+                self.transport.close()
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._can_write.set()
+        self._fail(Unavailable(f"connection lost: {exc or 'closed by peer'}"))
+
+    def _fail(self, exc: LaminaError) -> None:
+        pending, self.pending = self.pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+class Client:
+    """A requester connection: many calls in flight, answers matched by request id."""
+
+    def __init__(self, proto: _ClientProtocol, server_id: str, epoch: int) -> None:
+        self._proto = proto
+        self._ids = itertools.count(1)
+        self.server_id = server_id
+        self.epoch_at_connect = epoch
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        key: bytes,
+        peer: str = "client",
+        timeout: float = 10.0,
+    ) -> Client:
+        """Connect and run the handshake; raises AuthFailed, Unavailable, ProtocolError."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                _, proto = await loop.create_connection(_ClientProtocol, host, port)
+        except (OSError, TimeoutError) as exc:
+            raise Unavailable(f"cannot connect to {host}:{port}: {exc}") from None
+        client = cls(proto, "?", 0)
+        try:
+            async with asyncio.timeout(timeout):
+                my_nonce = hs.new_nonce()
+                lo, hi = hs.SUPPORTED_VERSIONS
+                hello = await client.call(m.HelloRequest(lo, hi, my_nonce, peer[:64]))
+                assert isinstance(hello, m.HelloResponse)
+                hs.check_proof(hs.server_proof(key, my_nonce, hello.nonce), hello.proof)
+                proof = hs.client_proof(key, hello.nonce, my_nonce)
+                auth = await client.call(m.AuthRequest(proof))
+                assert isinstance(auth, m.AuthResponse)
+        except TimeoutError:
+            client.close()
+            raise Unavailable(f"handshake with {host}:{port} timed out") from None
+        except BaseException:
+            client.close()
+            raise
+        client.server_id = auth.server_id
+        client.epoch_at_connect = auth.epoch
+        return client
+
+    @property
+    def connected(self) -> bool:
+        return self._proto.transport is not None
+
+    async def call(self, msg: m.Message, payload: bytes = b"") -> m.Message:
+        reply, _ = await self.call_with_payload(msg, payload)
+        return reply
+
+    async def call_with_payload(self, msg: m.Message, payload: bytes = b"") -> Reply:
+        """Send one request; its typed answer and payload, or the typed error raised."""
+        fut = self.send(msg, payload)
+        if not self._proto._can_write.is_set():
+            await self._proto._can_write.wait()
+        frame = await fut
+        return self.unpack(frame)
+
+    def send(self, msg: m.Message, payload: bytes = b"") -> asyncio.Future[Frame]:
+        """Write a request now; the future resolves to the raw answer frame."""
+        proto = self._proto
+        if proto.transport is None:
+            raise Unavailable("connection is closed")
+        rid = next(self._ids)
+        fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        proto.pending[rid] = fut
+        proto.transport.writelines(
+            encode_frame(Kind.REQUEST, msg.OP, 0, rid, msg.encode(), payload)
+        )
+        return fut
+
+    @staticmethod
+    def unpack(frame: Frame) -> Reply:
+        if frame.status:
+            raise m.decode_error(frame.status, frame.header)
+        return m.decode_response(frame.op, frame.header), frame.payload
+
+    def send_raw(self, data: bytes) -> None:
+        """Write arbitrary bytes (tests of malformed input only)."""
+        if self._proto.transport is None:
+            raise Unavailable("connection is closed")
+        self._proto.transport.write(data)
+
+    async def wait_closed(self) -> None:
+        await self._proto.closed
+
+    def close(self) -> None:
+        if self._proto.transport is not None:
+            self._proto.transport.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["Client", "FrameTooLarge", "Reply", "RequestHandler", "ServerConnection"]
