@@ -30,6 +30,7 @@ $(STAMP): pyproject.toml
 		echo "error: Python >= 3.11 is required; '$(PYTHON)' is: $${found:-unknown version}." >&2; \
 		echo "       Install a newer python3 or run: make PYTHON=/path/to/python3.11 venv" >&2; \
 		exit 1; }
+	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || bash scripts/install-deps.sh python3-venv
 	@if ! $(BIN)/python -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then \
 		echo "creating $(VENV) with $$($(PYTHON) --version)"; \
 		rm -rf $(VENV); \

@@ -4,6 +4,7 @@
 # exits successfully; tests that need those tools skip themselves.
 set -euo pipefail
 
+# With arguments: install just those packages (when missing).
 PACKAGES=(
     qemu-utils
     fio
@@ -14,6 +15,9 @@ PACKAGES=(
     util-linux
     procps
 )
+if [[ $# -gt 0 ]]; then
+    PACKAGES=("$@")
+fi
 
 if ! command -v dpkg-query >/dev/null 2>&1; then
     echo "install-deps: dpkg-query not found (not a Debian-based system); skipping." >&2

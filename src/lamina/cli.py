@@ -136,18 +136,7 @@ def ping(addrs: tuple[str, ...], key: str, as_json: bool) -> None:
             except LaminaError as exc:
                 rows.append({"addr": addr, "error": str(exc)})
                 continue
-            rows.append(
-                {
-                    "addr": addr,
-                    "id": r.server_id,
-                    "epoch": r.epoch,
-                    "lease": r.lease_valid,
-                    "pages": r.pages,
-                    "used": r.used,
-                    "capacity": r.capacity,
-                    "rtt_ms": round((time.perf_counter() - t0) * 1000, 2),
-                }
-            )
+            rows.append(_ping_row(addr, r, time.perf_counter() - t0))
         return rows
 
     rows = asyncio.run(run())
@@ -157,6 +146,19 @@ def ping(addrs: tuple[str, ...], key: str, as_json: bool) -> None:
         _ping_table(rows)
     if any("error" in r for r in rows):
         sys.exit(EXIT_UNAVAILABLE)
+
+
+def _ping_row(addr: str, r: Any, rtt: float) -> dict[str, Any]:
+    return {
+        "addr": addr,
+        "id": r.server_id,
+        "epoch": r.epoch,
+        "lease": r.lease_valid,
+        "pages": r.pages,
+        "used": r.used,
+        "capacity": r.capacity,
+        "rtt_ms": round(rtt * 1000, 2),
+    }
 
 
 def _human(n: int) -> str:
@@ -184,7 +186,7 @@ def _ping_table(rows: list[dict[str, Any]]) -> None:
             str(r["pages"]),
             _human(r["used"]),
             _human(r["capacity"]),
-            f"{r['rtt_ms']} ms",
+            f"{r['rtt_ms']} ms" if r["rtt_ms"] else "",
         )
     console.print(table)
 
@@ -220,13 +222,7 @@ def demo(root: str, servers: int) -> None:
             out = []
             for p in procs:
                 r = await ping_one(p.addr, key)
-                out.append(
-                    {
-                        "addr": p.addr, "id": r.server_id, "epoch": r.epoch,
-                        "lease": r.lease_valid, "pages": r.pages, "used": r.used,
-                        "capacity": r.capacity, "rtt_ms": 0.0,
-                    }
-                )  # fmt: skip
+                out.append(_ping_row(p.addr, r, 0.0))
             return out
 
         _ping_table(asyncio.run(pings()))

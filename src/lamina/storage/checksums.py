@@ -10,7 +10,7 @@ BLOCK = 4096
 ZERO_BLOCK_CRC: int = crc32c.crc32c(bytes(BLOCK))
 
 
-def block_crcs(data: bytes | memoryview) -> array[int]:
+def block_crcs(data: bytes | bytearray | memoryview) -> array[int]:
     """The crc32c of each whole block of ``data`` (its length a multiple of BLOCK)."""
     view = memoryview(data)
     fn = crc32c.crc32c

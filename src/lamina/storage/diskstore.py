@@ -281,11 +281,19 @@ class DiskPageStore(PageStore):
                 break
             if crc32c.crc32c(body) != crc:
                 break
-            self._apply_record(msgpack.unpackb(body, raw=False))
+            try:
+                self._apply_record(msgpack.unpackb(body, raw=False))
+            except (KeyError, ValueError, TypeError, AssertionError) as exc:
+                raise StoreFormatError(
+                    f"{path}: record at offset {off} does not fit the metadata before it "
+                    f"({exc.__class__.__name__}: {exc}); refusing to guess"
+                ) from None
             off += REC_HEAD.size + length
 
     def _apply_record(self, rec: list[Any]) -> None:
         kind = rec[0]
+        # Any record after a data record proves that record's data write happened.
+        self._last_data = None
         if kind == R_LAYER:
             _, layer_id, volume_id, page_size = rec
             self._layers.setdefault(layer_id, _Layer(volume_id, page_size))
@@ -774,15 +782,11 @@ class DiskPageStore(PageStore):
             return 0
         self._append([R_DROP, layer_id])
         del self._layers[layer_id]
-        path = self._layer_path(layer_id)
-        fd = layer.fd
-
-        def drop() -> None:
-            os.close(fd)
-            path.unlink(missing_ok=True)
-
-        self._dirty_fds.discard(fd)
-        self._exec.submit(drop)
+        # Unlink now (a layer id used again gets a new file), close on the I/O thread
+        # after any sync already queued for this descriptor.
+        self._layer_path(layer_id).unlink(missing_ok=True)
+        self._dirty_fds.discard(layer.fd)
+        self._exec.submit(os.close, layer.fd)
         return len(layer.pages)
 
     def enumerate(

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import secrets
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,7 +135,7 @@ class StorageService:
         task = asyncio.ensure_future(self._catch_up(epoch))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    def _confirm(self, tokens: tuple[int, ...] | list[int]) -> int:
+    def _confirm(self, tokens: Sequence[int]) -> int:
         done = 0
         for token in tokens:
             key = self._tokens.pop(token, None)
