@@ -11,6 +11,7 @@ caps themselves build their boundary values directly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -72,15 +73,22 @@ def field_checks(cls: type[m.Message]) -> list[tuple[str, m.Check]]:
     return [(f.name, f.metadata["check"]) for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
 
 
-def fields_of(cls: type[m.Message], **overrides: st.SearchStrategy[Any]) -> MessageStrategy:
-    """Messages of ``cls`` with every field generic unless overridden."""
-    kwargs = {
-        name: overrides.pop(name) if name in overrides else strategy_for_check(check)
-        for name, check in field_checks(cls)
-    }
-    if overrides:
-        raise TypeError(f"{cls.__name__} has no fields {sorted(overrides)}")
-    return st.builds(cls, **kwargs)
+_GENERIC: dict[type[m.Message], dict[str, st.SearchStrategy[Any]]] = {}
+
+
+def _generic_fields(cls: type[m.Message]) -> dict[str, st.SearchStrategy[Any]]:
+    if cls not in _GENERIC:
+        _GENERIC[cls] = {name: strategy_for_check(check) for name, check in field_checks(cls)}
+    return _GENERIC[cls]
+
+
+@st.composite
+def fields_of(draw: st.DrawFn, /, cls: type[m.Message], **fixed: Any) -> m.Message:
+    """A message of ``cls`` with the ``fixed`` field values and every other field generic."""
+    generic = _generic_fields(cls)
+    if unknown := set(fixed) - set(generic):
+        raise TypeError(f"{cls.__name__} has no fields {sorted(unknown)}")
+    return cls(**{name: fixed[name] if name in fixed else draw(s) for name, s in generic.items()})
 
 
 # --- cross-field rules -----------------------------------------------------------------
@@ -96,21 +104,25 @@ def page_ranges(draw: st.DrawFn, max_length: int | None = None) -> tuple[int, in
     return size, offset, length
 
 
-def _read_requests() -> MessageStrategy:
-    return page_ranges().flatmap(
-        lambda r: fields_of(
-            m.ReadRequest, page_size=st.just(r[0]), offset=st.just(r[1]), length=st.just(r[2])
-        )
-    )
+@st.composite
+def _read_requests(draw: st.DrawFn) -> m.Message:
+    size, offset, length = draw(page_ranges())
+    return draw(fields_of(m.ReadRequest, page_size=size, offset=offset, length=length))
 
 
-def _write_requests() -> MessageStrategy:
-    # the payload is what must fit, so only the offset is tied to the page here
-    return page_sizes.flatmap(
-        lambda size: fields_of(
-            m.WriteRequest, page_size=st.just(size), offset=st.integers(0, size - 1)
-        )
-    )
+@st.composite
+def _write_requests(draw: st.DrawFn) -> m.Message:
+    # the payload is what must fit (see payload_size_for): only the offset is tied here
+    size = draw(page_sizes)
+    offset = draw(st.integers(0, size - 1))
+    return draw(fields_of(m.WriteRequest, page_size=size, offset=offset))
+
+
+@st.composite
+def _enumerate_requests(draw: st.DrawFn) -> m.Message:
+    what = draw(enumerate_whats)
+    limit = draw(st.integers(1, m.MAX_ENUMERATE))
+    return draw(fields_of(m.EnumerateRequest, what=what, limit=limit))
 
 
 @st.composite
@@ -125,26 +137,31 @@ _status_entries = st.lists(st.tuples(u64, page_states, u32, u64), max_size=LIST_
 _OVERRIDES: dict[type[m.Message], Callable[[], MessageStrategy]] = {
     m.ReadRequest: _read_requests,
     m.WriteRequest: _write_requests,
-    m.EnumerateRequest: lambda: fields_of(
-        m.EnumerateRequest, what=enumerate_whats, limit=st.integers(1, m.MAX_ENUMERATE)
-    ),
+    m.EnumerateRequest: _enumerate_requests,
     m.SetEpochRequest: _set_epoch_requests,
-    m.ReadResponse: lambda: fields_of(m.ReadResponse, state=page_states),
-    m.StatusResponse: lambda: fields_of(m.StatusResponse, entries=_status_entries.map(tuple)),
+    m.ReadResponse: lambda: st.builds(m.ReadResponse, state=page_states, generation=u64, mask=u32),
+    m.StatusResponse: lambda: st.builds(m.StatusResponse, entries=_status_entries.map(tuple)),
 }
+
+
+_MESSAGES: dict[type[m.Message], MessageStrategy] = {}
 
 
 def messages_of(cls: type[m.Message]) -> MessageStrategy:
     """Valid messages of one class."""
-    override = _OVERRIDES.get(cls)
-    return override() if override is not None else fields_of(cls)
+    if cls not in _MESSAGES:
+        override = _OVERRIDES.get(cls)
+        _MESSAGES[cls] = override() if override is not None else fields_of(cls)
+    return _MESSAGES[cls]
 
 
+@functools.cache
 def requests() -> MessageStrategy:
     """A valid request of any operation."""
     return st.one_of([messages_of(cls) for cls in m.REQUESTS.values()])
 
 
+@functools.cache
 def responses() -> MessageStrategy:
     """A valid response of any operation."""
     return st.one_of([messages_of(cls) for cls in m.RESPONSES.values()])
@@ -171,10 +188,10 @@ error_codes = st.sampled_from([code for code in ErrorCode if code != ErrorCode.O
 
 
 @st.composite
-def errors(draw: st.DrawFn) -> LaminaError:
+def errors(draw: st.DrawFn, max_message: int = m.MAX_TEXT) -> LaminaError:
     """A typed error as a peer would rebuild it: any non-OK code, message and detail."""
     code = draw(error_codes)
-    message = draw(st.text(max_size=m.MAX_TEXT))
+    message = draw(st.text(max_size=max_message))
     detail = draw(st.none() | u64)
     return error_from_code(code, message, detail)
 
@@ -224,7 +241,7 @@ def message_frames(draw: st.DrawFn) -> Frame:
         msg = draw(responses())
         payload = draw(st.binary(max_size=64)) if isinstance(msg, m.ReadResponse) else b""
         return Frame(Kind.RESPONSE, msg.OP, 0, rid, msg.encode(), payload)
-    err = draw(errors())
+    err = draw(errors(max_message=64))
     return Frame(
         Kind.RESPONSE, draw(st.sampled_from(m.Op)), err.code, rid, m.encode_error(err), b""
     )

@@ -30,6 +30,7 @@ from lamina.errors import (
     error_from_code,
 )
 from lamina.wire import messages as m
+from lamina.wire.framing import MAX_HEADER
 from tests.strategies import (
     check_params,
     field_checks,
@@ -347,6 +348,20 @@ def test_list_caps_are_exact(cls: type[m.Message], make: Any) -> None:
     decode(cls, pack(make(cap)))
     with pytest.raises(ProtocolError, match="at most"):
         decode(cls, pack(make(cap + 1)))
+
+
+def test_headers_at_their_caps_fit_in_a_frame() -> None:
+    """Every capped list, filled with the largest values, still fits in MAX_HEADER."""
+    top = 2**64 - 1
+    biggest = [
+        m.EnumerateResponse(top, False, (top,) * m.MAX_ENUMERATE),
+        m.SetEpochRequest(top, ((top, top),) * m.MAX_FENCES),
+        m.StatusResponse(((top, 255, 2**32 - 1, top),) * m.MAX_LIST),
+        m.StatusRequest(top, top, top, (top,) * m.MAX_LIST),
+        m.WriteRequest(top, top, top, top, m.MAX_PAGE_SIZE, 0, 0, 0, True, (top,) * m.MAX_LIST),
+    ]
+    for msg in biggest:
+        assert len(msg.encode()) <= MAX_HEADER, type(msg).__name__
 
 
 def test_restore_tokens_of_data_requests() -> None:

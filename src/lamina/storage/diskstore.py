@@ -174,7 +174,9 @@ class DiskPageStore(PageStore):
         self._write_seq = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._commit_running = False
-        self._exec = ThreadPoolExecutor(1, thread_name_prefix="lamina-sync")
+        # Two I/O threads, each FIFO: log commits must never queue behind a long data sync.
+        self._commit_exec = ThreadPoolExecutor(1, thread_name_prefix="lamina-commit")
+        self._data_exec = ThreadPoolExecutor(1, thread_name_prefix="lamina-datasync")
         self._dirty_fds: set[int] = set()
         self._lazy: set[tuple[int, int]] = set()
         self._low_space = False
@@ -431,7 +433,7 @@ class DiskPageStore(PageStore):
         assert self._log is not None
         fd = self._log.fd
         loop = asyncio.get_running_loop()
-        cf = loop.run_in_executor(self._exec, os.fdatasync, fd)
+        cf = loop.run_in_executor(self._commit_exec, os.fdatasync, fd)
         cf.add_done_callback(lambda f: self._commit_done(f, target))
 
     def _commit_done(self, f: asyncio.Future[None], target: int) -> None:
@@ -522,15 +524,15 @@ class DiskPageStore(PageStore):
                 log.warning("checkpoint postponed: %s", exc)
                 return
             self._log = new
+            # Queued now, before any commit of the new log: a commit that completes later
+            # thus also covers every record of the old one.
+            old_done = loop.run_in_executor(self._commit_exec, _sync_close, old.fd)
             body = self._snapshot_body(new.seq)
-
-            def work() -> None:
-                os.fdatasync(old.fd)
-                os.close(old.fd)
-                self._write_snapshot_sync(body, new.seq)
-
             try:
-                await loop.run_in_executor(self._exec, work)
+                await old_done
+                await loop.run_in_executor(
+                    self._data_exec, self._write_snapshot_sync, body, new.seq
+                )
             except OSError as exc:
                 log.warning("checkpoint failed (old logs kept): %s", exc)
         finally:
@@ -741,7 +743,7 @@ class DiskPageStore(PageStore):
         self._dirty_fds.clear()
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._exec, _sync_all, fds)
+            await loop.run_in_executor(self._data_exec, _sync_all, fds)
         except OSError as exc:
             self._dirty_fds.update(fds)
             log.warning("data sync failed, restores not persisted: %s", exc)
@@ -786,7 +788,7 @@ class DiskPageStore(PageStore):
         # after any sync already queued for this descriptor.
         self._layer_path(layer_id).unlink(missing_ok=True)
         self._dirty_fds.discard(layer.fd)
-        self._exec.submit(os.close, layer.fd)
+        self._data_exec.submit(os.close, layer.fd)
         return len(layer.pages)
 
     def enumerate(
@@ -804,15 +806,13 @@ class DiskPageStore(PageStore):
             raise StorageIOError(f"store failed earlier: {self._failed}")
         fds = list(self._dirty_fds)
         self._dirty_fds.clear()
-        assert self._log is not None
-        fds.append(self._log.fd)
-        target = self._lsn
         try:
-            await asyncio.get_running_loop().run_in_executor(self._exec, _sync_all, fds)
+            await asyncio.get_running_loop().run_in_executor(self._data_exec, _sync_all, fds)
         except OSError as exc:
             self._failed = f"flush failed: {exc}"
             raise StorageIOError(self._failed) from None
-        self._synced_lsn = max(self._synced_lsn, target)
+        if self._lsn > self._synced_lsn:
+            await self._durable(self._lsn)
 
     def stats(self) -> StoreStats:
         st = os.statvfs(self.root)
@@ -838,8 +838,9 @@ class DiskPageStore(PageStore):
             await self.flush()
             await self.checkpoint()
         finally:
-            await asyncio.get_running_loop().run_in_executor(self._exec, self._close_fds)
-            self._exec.shutdown(wait=True)
+            self._commit_exec.shutdown(wait=True)
+            self._data_exec.shutdown(wait=True)
+            self._close_fds()
             self._log = None
 
     def _close_fds(self) -> None:
@@ -852,13 +853,21 @@ class DiskPageStore(PageStore):
 
     def abandon(self) -> None:
         """Drop every file handle without flushing (tests simulate a crash with this)."""
-        self._exec.shutdown(wait=True)
+        self._commit_exec.shutdown(wait=True)
+        self._data_exec.shutdown(wait=True)
         for layer in self._layers.values():
             if layer.fd >= 0:
                 os.close(layer.fd)
         if self._log is not None:
             os.close(self._log.fd)
             self._log = None
+
+
+def _sync_close(fd: int) -> None:
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 def _sync_all(fds: list[int]) -> None:

@@ -82,6 +82,7 @@ class ServerConnection(asyncio.Protocol):
         self._server_nonce = hs.new_nonce()
         self._tasks: set[asyncio.Task[None]] = set()
         self._peer = "?"
+        self._out: list[bytes] | None = None
 
     # -- asyncio callbacks ---------------------------------------------------------------
 
@@ -104,6 +105,9 @@ class ServerConnection(asyncio.Protocol):
             self._transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
+        # Answers produced while handling this chunk leave in one writev, not one each.
+        out: list[bytes] = []
+        self._out = out
         try:
             self._decoder.feed(data)
             while self._transport is not None:
@@ -114,7 +118,25 @@ class ServerConnection(asyncio.Protocol):
         except ProtocolError as exc:
             log.info("closing connection from %s: %s", self._peer, exc)
             self._send_error(0, 0, exc)
+            self._flush_out()
             self._close()
+        finally:
+            self._flush_out()
+            if self._out is out:
+                self._out = None
+
+    def _flush_out(self) -> None:
+        out = self._out
+        if out and self._transport is not None:
+            self._transport.writelines(out)
+        if out:
+            out.clear()
+
+    def _write(self, bufs: list[bytes]) -> None:
+        if self._out is not None:
+            self._out.extend(bufs)
+        elif self._transport is not None:
+            self._transport.writelines(bufs)
 
     # -- frames ----------------------------------------------------------------------------
 
@@ -197,16 +219,15 @@ class ServerConnection(asyncio.Protocol):
         if self._transport is None:
             return
         msg, payload = reply
-        self._transport.writelines(encode_frame(Kind.RESPONSE, op, 0, rid, msg.encode(), payload))
+        self._write(encode_frame(Kind.RESPONSE, op, 0, rid, msg.encode(), payload))
 
     def _send_error(self, op: int, rid: int, exc: LaminaError) -> None:
         if self._transport is None:
             return
-        self._transport.writelines(
-            encode_frame(Kind.RESPONSE, op & 0xFF, int(exc.code), rid, m.encode_error(exc))
-        )
+        self._write(encode_frame(Kind.RESPONSE, op & 0xFF, int(exc.code), rid, m.encode_error(exc)))
 
     def _close(self) -> None:
+        self._flush_out()  # answers queued in this chunk (e.g. the error that closes) go first
         if self._transport is not None:
             self._transport.close()
             self._transport = None

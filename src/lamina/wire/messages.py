@@ -28,8 +28,9 @@ MIN_PAGE_SIZE = 64 * 1024
 MAX_PAGE_SIZE = 16 * 1024 * 1024
 FULL_MASK = 0xFFFFFFFF
 MAX_LIST = 1024
-MAX_FENCES = 4096
-MAX_ENUMERATE = 10000
+# Caps chosen so that a header at every cap, with the largest values, fits in MAX_HEADER.
+MAX_FENCES = 2048
+MAX_ENUMERATE = 4096
 MAX_TEXT = 4096
 NONCE_SIZE = 32
 
