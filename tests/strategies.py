@@ -104,10 +104,16 @@ def page_ranges(draw: st.DrawFn, max_length: int | None = None) -> tuple[int, in
     return size, offset, length
 
 
+def pages_of(size: int) -> st.SearchStrategy[int]:
+    """Page indexes a layer with pages of ``size`` bytes can address."""
+    return st.integers(0, m.MAX_LAYER_BYTES // size - 1)
+
+
 @st.composite
 def _read_requests(draw: st.DrawFn) -> m.Message:
     size, offset, length = draw(page_ranges())
-    return draw(fields_of(m.ReadRequest, page_size=size, offset=offset, length=length))
+    page = draw(pages_of(size))
+    return draw(fields_of(m.ReadRequest, page=page, page_size=size, offset=offset, length=length))
 
 
 @st.composite
@@ -115,7 +121,14 @@ def _write_requests(draw: st.DrawFn) -> m.Message:
     # the payload is what must fit (see payload_size_for): only the offset is tied here
     size = draw(page_sizes)
     offset = draw(st.integers(0, size - 1))
-    return draw(fields_of(m.WriteRequest, page_size=size, offset=offset))
+    page = draw(pages_of(size))
+    return draw(fields_of(m.WriteRequest, page=page, page_size=size, offset=offset))
+
+
+@st.composite
+def _paged_requests(draw: st.DrawFn, cls: type[m.Message]) -> m.Message:
+    size = draw(page_sizes)
+    return draw(fields_of(cls, page=draw(pages_of(size)), page_size=size))
 
 
 @st.composite
@@ -137,6 +150,8 @@ _status_entries = st.lists(st.tuples(u64, page_states, u32, u64), max_size=LIST_
 _OVERRIDES: dict[type[m.Message], Callable[[], MessageStrategy]] = {
     m.ReadRequest: _read_requests,
     m.WriteRequest: _write_requests,
+    m.CreateRequest: lambda: _paged_requests(m.CreateRequest),
+    m.TombstoneRequest: lambda: _paged_requests(m.TombstoneRequest),
     m.EnumerateRequest: _enumerate_requests,
     m.SetEpochRequest: _set_epoch_requests,
     m.ReadResponse: lambda: st.builds(m.ReadResponse, state=page_states, generation=u64, mask=u32),

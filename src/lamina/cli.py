@@ -30,7 +30,9 @@ EXIT_UNAVAILABLE = 3
 
 
 def _fail(exc: LaminaError) -> None:
-    err_console.print(f"[bold red]error:[/] {exc.message} [dim]({exc.code.name})[/]")
+    err_console.print(
+        f"[bold red]error:[/] {exc.message} [dim]({exc.code.name})[/]", soft_wrap=True
+    )
     code = EXIT_UNAVAILABLE if exc.code == ErrorCode.UNAVAILABLE else EXIT_ERROR
     sys.exit(code)
 
@@ -93,7 +95,7 @@ def storage(
     except LaminaError as exc:
         _fail(exc)
     except OSError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
+        err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
         sys.exit(EXIT_ERROR)
 
 

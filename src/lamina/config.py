@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lamina.errors import LaminaError
+from lamina.errors import LocalError
 
 
-class ConfigError(LaminaError):
+class ConfigError(LocalError):
     pass
 
 

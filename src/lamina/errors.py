@@ -46,6 +46,12 @@ class LaminaError(Exception):
         return f"{self.code.name}: {self.message}"
 
 
+class LocalError(LaminaError):
+    """A problem with local configuration or files (never sent on the wire)."""
+
+    code = ErrorCode.BAD_REQUEST
+
+
 class ProtocolError(LaminaError):
     """A frame or message that breaks the wire protocol (malformed, out of range)."""
 

@@ -358,10 +358,28 @@ def test_headers_at_their_caps_fit_in_a_frame() -> None:
         m.SetEpochRequest(top, ((top, top),) * m.MAX_FENCES),
         m.StatusResponse(((top, 255, 2**32 - 1, top),) * m.MAX_LIST),
         m.StatusRequest(top, top, top, (top,) * m.MAX_LIST),
-        m.WriteRequest(top, top, top, top, m.MAX_PAGE_SIZE, 0, 0, 0, True, (top,) * m.MAX_LIST),
+        m.WriteRequest(top, top, top, 2**20, m.MIN_PAGE_SIZE, 0, 0, 0, True, (top,) * m.MAX_LIST),
     ]
     for msg in biggest:
         assert len(msg.encode()) <= MAX_HEADER, type(msg).__name__
+
+
+@given(st.sampled_from([m.MIN_PAGE_SIZE, 1 << 20, m.MAX_PAGE_SIZE]), st.integers(0, 2**64 - 1))
+def test_page_index_must_lie_within_a_layer(size: int, page: int) -> None:
+    """Requests naming a page past the 16 TiB a layer addresses are refused, others pass."""
+    fits = (page + 1) * size <= m.MAX_LAYER_BYTES
+    builders = [
+        lambda: m.ReadRequest(1, 1, 1, page, size, 0, 1),
+        lambda: m.WriteRequest(1, 1, 1, page, size, 0, 0, 0, False),
+        lambda: m.CreateRequest(1, 1, 1, page, size, 0, True),
+        lambda: m.TombstoneRequest(1, 1, 1, page, size),
+    ]
+    for build in builders:
+        if fits:
+            build()
+        else:
+            with pytest.raises(ProtocolError, match="beyond"):
+                build()
 
 
 def test_restore_tokens_of_data_requests() -> None:

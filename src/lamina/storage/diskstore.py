@@ -60,7 +60,15 @@ from typing import Any
 import crc32c
 import msgpack
 
-from lamina.errors import BadRequest, Corrupt, LaminaError, NoSpace, NotFound, StorageIOError
+from lamina.errors import (
+    BadRequest,
+    Corrupt,
+    LaminaError,
+    LocalError,
+    NoSpace,
+    NotFound,
+    StorageIOError,
+)
 from lamina.storage.checksums import BLOCK, block_crcs, zero_crcs
 from lamina.storage.pagestore import (
     ABSENT_INFO,
@@ -85,12 +93,13 @@ GEN_SHIFT = 40
 
 R_LAYER, R_PAGE, R_CRC, R_MASK, R_DROP = 1, 2, 3, 4, 5
 
-LOG_EXTENT = 16 << 20
-LOG_RESERVE = 2 << 20
+LOG_EXTENT = 8 << 20
+LOG_RESERVE = 1 << 20
+BALLAST = 4 << 20
 DEFAULT_CHECKPOINT_BYTES = 64 << 20
 
 
-class StoreFormatError(LaminaError):
+class StoreFormatError(LocalError):
     pass
 
 
@@ -207,8 +216,43 @@ class DiskPageStore(PageStore):
             layer.fd = os.open(self._layer_path(layer_id), os.O_RDWR | os.O_CREAT, 0o600)
         self._verify_last_data()
         new_seq = max([next_seq, *[s + 1 for s in seqs]])
+        # Fold the recovered state into a checkpoint first: that frees the old logs, so a
+        # server restarted on a full disk can still open a log.  If even the checkpoint
+        # finds no room, the ballast is given up for it.
+        body = self._snapshot_body(new_seq)
+        try:
+            self._write_snapshot_sync(body, new_seq)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not self._release_ballast():
+                raise
+            self._write_snapshot_sync(body, new_seq)
         self._log = self._open_log(new_seq)
-        self._write_snapshot_sync(self._snapshot_body(new_seq), new_seq)
+        self._ensure_ballast()
+
+    def _ensure_ballast(self) -> None:
+        """Keep BALLAST bytes allocated that a full disk can give back to the metadata."""
+        path = self.root / "ballast"
+        if path.exists() and path.stat().st_blocks * 512 >= BALLAST:
+            return
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, BALLAST)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            path.unlink(missing_ok=True)
+            self._low_space = True
+        finally:
+            os.close(fd)
+
+    def _release_ballast(self) -> bool:
+        path = self.root / "ballast"
+        if not path.exists():
+            return False
+        log.warning("disk full: releasing the ballast file to keep metadata writable")
+        path.unlink()
+        self._low_space = True
+        return True
 
     def _check_format(self) -> None:
         path = self.root / "FORMAT"
@@ -394,7 +438,11 @@ class DiskPageStore(PageStore):
         lg = self._log
         assert lg is not None
         if lg.offset + len(rec) > lg.allocated:
-            raise NoSpace("no space left for metadata")
+            self._extend_log()
+            if lg.offset + len(rec) > lg.allocated and self._release_ballast():
+                self._extend_log()
+            if lg.offset + len(rec) > lg.allocated:
+                raise NoSpace("no space left for metadata")
         os.pwrite(lg.fd, rec, lg.offset)
         lg.offset += len(rec)
         self._lsn += len(rec)
@@ -407,15 +455,17 @@ class DiskPageStore(PageStore):
     def _extend_log(self) -> None:
         lg = self._log
         assert lg is not None
-        try:
-            os.posix_fallocate(lg.fd, lg.allocated, LOG_EXTENT)
-        except OSError as exc:
-            if exc.errno != errno.ENOSPC:
-                raise
-            self._low_space = True
+        for size in (LOG_EXTENT, LOG_RESERVE):
+            try:
+                os.posix_fallocate(lg.fd, lg.allocated, size)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                continue
+            lg.allocated += size
+            self._low_space = size < LOG_EXTENT
             return
-        lg.allocated += LOG_EXTENT
-        self._low_space = False
+        self._low_space = True
 
     # -- group commit -------------------------------------------------------------------------
 

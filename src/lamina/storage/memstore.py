@@ -78,12 +78,12 @@ class MemPageStore(PageStore):
         p = layer.pages.get(page)
         if p is None or p.state in (PageState.ABSENT, PageState.TOMBSTONE):
             raise NotFound(f"page {page} of layer {layer_id} is not writable")
+        if offset + len(data) > page_size or not data:
+            raise BadRequest("write outside the page")
         if p.state == PageState.QUARANTINED and (offset, len(data)) != (0, page_size):
             raise Corrupt(f"page {page} of layer {layer_id} is quarantined")
         if p.data is None:
             p.data = bytearray(page_size)
-        if offset + len(data) > page_size:
-            raise BadRequest("write past the end of the page")
         p.data[offset : offset + len(data)] = data
         p.state = PageState.PRESENT
         p.generation = next(self._gen)

@@ -111,6 +111,9 @@ class StorageService:
         tokens = m.restore_tokens(msg)
         if tokens:
             self._confirm(tokens)
+        self._check_epoch(msg)
+
+    def _check_epoch(self, msg: m.DataRequest) -> None:
         verdict = compare(
             msg.epoch, self.epoch, self.fences.get(msg.volume_id, 0), self.lease.valid(self.clock())
         )
@@ -192,20 +195,28 @@ class StorageService:
                 raise NotFound(
                     f"page {msg.page} is absent in layer {msg.layer_id}: copy it up first"
                 )
-            store.create(msg.volume_id, msg.layer_id, msg.page_size, msg.page, None, syncmask.FULL)
-            info = store.info(*key)
-        elif state == PageState.TOMBSTONE:
+            # A whole page needs no copy-up.  It is created with its data and its cleared
+            # mask in one record: a copy that did not exist cannot look clean with old
+            # data, and a refused write (NO_SPACE) leaves no page behind.
+            token = next(self._token_ids)
+            mask, episode = syncmask.begin_write(
+                syncmask.FULL, None, msg.clear_mask, msg.restore_mask, token
+            )
+            _, gen = store.create(
+                msg.volume_id, msg.layer_id, msg.page_size, msg.page, payload, mask
+            )
+            self._remember(key, token, episode)
+            reply = m.WriteResponse(token, gen), b""
+            return self._flushed(reply) if msg.fua else reply
+        if state == PageState.TOMBSTONE:
             raise Deleted(f"page {msg.page} of layer {msg.layer_id} was moved up")
-        elif state == PageState.QUARANTINED and not full:
+        if state == PageState.QUARANTINED and not full:
             raise Corrupt(f"page {msg.page} of layer {msg.layer_id} is quarantined")
         token = next(self._token_ids)
         mask, episode = syncmask.begin_write(
             info.mask, self._episodes.get(key), msg.clear_mask, msg.restore_mask, token
         )
-        self._episodes[key] = episode
-        self._tokens[token] = key
-        if len(self._tokens) > MAX_TOKENS:  # tokens that never came back: pages stay dirty
-            del self._tokens[next(iter(self._tokens))]
+        self._remember(key, token, episode)
         pending = store.set_mask(msg.layer_id, msg.page, mask)
         if pending is None and not msg.fua:
             gen = store.write(
@@ -214,11 +225,24 @@ class StorageService:
             return m.WriteResponse(token, gen), b""
         return self._write_later(msg, payload, token, pending)
 
+    def _remember(self, key: tuple[int, int], token: int, episode: syncmask.Episode) -> None:
+        self._episodes[key] = episode
+        self._tokens[token] = key
+        if len(self._tokens) > MAX_TOKENS:  # tokens that never came back: pages stay dirty
+            del self._tokens[next(iter(self._tokens))]
+
+    async def _flushed(self, reply: Reply) -> Reply:
+        await self.store.flush()
+        return reply
+
     async def _write_later(
         self, msg: m.WriteRequest, payload: bytes, token: int, pending: Awaitable[None] | None
     ) -> Reply:
         if pending is not None:
             await pending
+        # The fence or the lease may have changed while this write waited: a SET_EPOCH
+        # answered meanwhile promised that no write of an older epoch lands from now on.
+        self._check_epoch(msg)
         info = self.store.info(msg.layer_id, msg.page)
         if info.state in (PageState.ABSENT, PageState.TOMBSTONE):
             raise Deleted(f"page {msg.page} of layer {msg.layer_id} changed during the write")

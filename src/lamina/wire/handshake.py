@@ -19,14 +19,14 @@ import secrets
 from hashlib import sha256
 from pathlib import Path
 
-from lamina.errors import AuthFailed, LaminaError
+from lamina.errors import AuthFailed, LocalError
 from lamina.wire.framing import PROTOCOL_VERSION
 
 MIN_KEY_BYTES = 16
 SUPPORTED_VERSIONS = (PROTOCOL_VERSION, PROTOCOL_VERSION)
 
 
-class KeyFileError(LaminaError):
+class KeyFileError(LocalError):
     pass
 
 

@@ -32,6 +32,8 @@ MAX_LIST = 1024
 MAX_FENCES = 2048
 MAX_ENUMERATE = 4096
 MAX_TEXT = 4096
+#: a layer addresses at most 16 TiB (the largest file ext4 holds with 4 KiB blocks)
+MAX_LAYER_BYTES = 1 << 44
 NONCE_SIZE = 32
 
 
@@ -308,6 +310,14 @@ class DataRequest(Message):
     epoch: int
 
 
+def _check_page(page: int, page_size_: int) -> None:
+    if (page + 1) * page_size_ > MAX_LAYER_BYTES:
+        raise ProtocolError(
+            f"page {page} of {page_size_} bytes lies beyond the {MAX_LAYER_BYTES >> 40} TiB "
+            "a layer can address"
+        )
+
+
 def _check_range(page_size_: int, offset: int, length: int) -> None:
     if length < 1 or offset + length > page_size_:
         raise ProtocolError(
@@ -382,6 +392,7 @@ class ReadRequest(DataRequest):
     restore: tuple[int, ...] = w_u64_list()
 
     def _validate(self) -> None:
+        _check_page(self.page, self.page_size)
         _check_range(self.page_size, self.offset, self.length)
 
 
@@ -413,6 +424,9 @@ class WriteRequest(DataRequest):
 
     def check_payload(self, size: int) -> None:
         _check_range(self.page_size, self.offset, size)
+
+    def _validate(self) -> None:
+        _check_page(self.page, self.page_size)
 
 
 @response(Op.WRITE)
@@ -452,6 +466,9 @@ class CreateRequest(DataRequest):
         expected = 0 if self.zero else self.page_size
         if size != expected:
             raise ProtocolError(f"CREATE_IF_ABSENT needs {expected} payload bytes, got {size}")
+
+    def _validate(self) -> None:
+        _check_page(self.page, self.page_size)
 
 
 @response(Op.CREATE_IF_ABSENT)
@@ -529,6 +546,9 @@ class TombstoneRequest(DataRequest):
     layer_id: int = w_u64()
     page: int = w_u64()
     page_size: int = w_page_size()
+
+    def _validate(self) -> None:
+        _check_page(self.page, self.page_size)
 
 
 @response(Op.TOMBSTONE)
