@@ -228,8 +228,11 @@ class StorageService:
     def _remember(self, key: tuple[int, int], token: int, episode: syncmask.Episode) -> None:
         self._episodes[key] = episode
         self._tokens[token] = key
-        if len(self._tokens) > MAX_TOKENS:  # tokens that never came back: pages stay dirty
-            del self._tokens[next(iter(self._tokens))]
+        if len(self._tokens) > MAX_TOKENS:  # a token that never came back: forget it, and
+            old = next(iter(self._tokens))  # its episode can now end only by a resync
+            stale = self._episodes.get(self._tokens.pop(old))
+            if stale is not None:
+                syncmask.abandon(stale)
 
     async def _flushed(self, reply: Reply) -> Reply:
         await self.store.flush()

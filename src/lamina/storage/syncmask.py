@@ -28,11 +28,20 @@ from dataclasses import dataclass
 FULL = 0xFFFFFFFF
 
 
-@dataclass(frozen=True, slots=True)
+#: an episode tracking more unconfirmed writes than this stops tracking them (it is stuck)
+MAX_PENDING = 4096
+
+
+@dataclass(slots=True)
 class Episode:
+    """One episode of a page copy.  Mutable (a hot page must not copy a set per write);
+    the functions below own every change to it.  A *stuck* episode lost track of some
+    token (too many pending): no confirmation can end it, only a resynchronisation."""
+
     base: int
     acc: int
-    pending: frozenset[int]
+    pending: set[int] | frozenset[int]
+    stuck: bool = False
 
 
 def begin_write(
@@ -45,20 +54,36 @@ def begin_write(
     a failed copy, clears those bits too.)
     """
     if episode is None:
-        episode = Episode(mask, restore, frozenset((token,)))
-    else:
-        episode = Episode(episode.base, episode.acc & restore, episode.pending | {token})
+        return mask & clear, Episode(mask, restore, {token})
+    episode.acc &= restore
+    if not episode.stuck:
+        if len(episode.pending) >= MAX_PENDING:
+            abandon(episode)
+        else:
+            pending = episode.pending
+            if not isinstance(pending, set):
+                pending = episode.pending = set(pending)
+            pending.add(token)
     return mask & clear, episode
 
 
 def confirm(mask: int, episode: Episode | None, token: int) -> tuple[int, Episode | None]:
     """Mask and episode after ``token`` is confirmed; unknown tokens change nothing."""
-    if episode is None or token not in episode.pending:
+    if episode is None or episode.stuck or token not in episode.pending:
         return mask, episode
-    pending = episode.pending - {token}
+    pending = episode.pending
+    if not isinstance(pending, set):
+        pending = episode.pending = set(pending)
+    pending.discard(token)
     if pending:
-        return mask, Episode(episode.base, episode.acc, pending)
+        return mask, episode
     return mask | (episode.base & episode.acc), None
+
+
+def abandon(episode: Episode) -> None:
+    """Stop tracking the episode's tokens: it ends only by a resynchronisation."""
+    episode.stuck = True
+    episode.pending = set()
 
 
 def is_clean(mask: int) -> bool:

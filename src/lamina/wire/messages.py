@@ -146,40 +146,53 @@ def _page_size(v: Any) -> Any:
 _U8, _U32, _U64 = _uint(8), _uint(32), _uint(64)
 
 
-def _f(check: Check, default: Any = dataclasses.MISSING) -> Any:
-    return field(default=default, metadata={"check": check})
+def _f(check: Check, fast: str, default: Any = dataclasses.MISSING) -> Any:
+    """A field validated by ``check``; ``fast`` is an expression over ``v`` that is true
+    when the value is valid as it is (the compiled fast path, see ``_compile``)."""
+    return field(default=default, metadata={"check": check, "fast": fast})
+
+
+def _fast_uint(bits: int) -> str:
+    return f"v.__class__ is int and 0 <= v < {1 << bits}"
 
 
 def w_u8() -> Any:
-    return _f(_U8)
+    return _f(_U8, _fast_uint(8))
 
 
 def w_u32() -> Any:
-    return _f(_U32)
+    return _f(_U32, _fast_uint(32))
 
 
 def w_u64() -> Any:
-    return _f(_U64)
+    return _f(_U64, _fast_uint(64))
 
 
 def w_flag() -> Any:
-    return _f(_bool)
+    return _f(_bool, "v.__class__ is bool")
 
 
 def w_page_size() -> Any:
-    return _f(_page_size)
+    return _f(
+        _page_size,
+        f"v.__class__ is int and {MIN_PAGE_SIZE} <= v <= {MAX_PAGE_SIZE} and not v & (v - 1)",
+    )
 
 
 def w_text(max_len: int = 64) -> Any:
-    return _f(_text(max_len))
+    return _f(_text(max_len), f"v.__class__ is str and len(v) <= {max_len}")
 
 
 def w_nonce() -> Any:
-    return _f(_bytes_exact(NONCE_SIZE))
+    return _f(_bytes_exact(NONCE_SIZE), f"v.__class__ is bytes and len(v) == {NONCE_SIZE}")
 
 
 def w_u64_list(max_len: int = MAX_LIST) -> Any:
-    return _f(_list(_U64, max_len), ())
+    return _f(_list(_U64, max_len), "v == ()", ())
+
+
+def w_records(*items: Check, max_len: int) -> Any:
+    return _f(_list(_record(*items), max_len), "v == ()", ())
 
 
 # --- the message base ----------------------------------------------------------------
@@ -192,7 +205,7 @@ class Message:
     OP: ClassVar[Op]
     _CHECKS: ClassVar[tuple[tuple[str, Check], ...]] = ()
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # replaced per class by _compile
         for name, check in self._CHECKS:
             value = getattr(self, name)
             checked = check(value)
@@ -225,11 +238,33 @@ RESPONSES: dict[int, type[Message]] = {}
 def _register(op: Op, table: dict[int, type[Message]]) -> Callable[[type[M]], type[M]]:
     def wrap(cls: type[M]) -> type[M]:
         cls.OP = op
-        cls._CHECKS = tuple((f.name, f.metadata["check"]) for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+        fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+        cls._CHECKS = tuple((f.name, f.metadata["check"]) for f in fields)
+        cls.__post_init__ = _compile(cls.__name__, fields)  # type: ignore[method-assign,assignment]
         table[op] = cls
         return cls
 
     return wrap
+
+
+def _compile(name: str, fields: tuple[dataclasses.Field[Any], ...]) -> Callable[[Any], None]:
+    """A ``__post_init__`` with every field's check inlined (the hot path of decoding):
+    values valid as they are cost one expression; others go through their full check,
+    which converts (an IntEnum to its int, a list to a tuple) or raises ProtocolError."""
+    lines = ["def __post_init__(self):"]
+    namespace: dict[str, Any] = {"_set": object.__setattr__}
+    for f in fields:
+        namespace[f"_check_{f.name}"] = f.metadata["check"]
+        lines += [
+            f"    v = self.{f.name}",
+            f"    if not ({f.metadata['fast']}):",
+            f"        _set(self, {f.name!r}, _check_{f.name}(v))",
+        ]
+    lines.append("    self._validate()")
+    exec("\n".join(lines), namespace)  # the code is built from our own field table
+    fn: Callable[[Any], None] = namespace["__post_init__"]
+    fn.__qualname__ = f"{name}.__post_init__"
+    return fn
 
 
 def request(op: Op) -> Callable[[type[M]], type[M]]:
@@ -240,17 +275,17 @@ def response(op: Op) -> Callable[[type[M]], type[M]]:
     return _register(op, RESPONSES)
 
 
-def _unpack(header: bytes) -> list[Any]:
+def _unpack(header: bytes) -> tuple[Any, ...]:
     try:
-        values = msgpack.unpackb(header, use_list=True, raw=False, strict_map_key=True)
+        values = msgpack.unpackb(header, use_list=False, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises many types on garbage
         raise ProtocolError(f"undecodable header: {exc.__class__.__name__}") from None
-    if type(values) is not list:
+    if type(values) is not tuple:
         raise ProtocolError("header is not a msgpack array")
     return values
 
 
-def _build(cls: type[Message], values: list[Any]) -> Message:
+def _build(cls: type[Message], values: tuple[Any, ...]) -> Message:
     if len(values) != len(cls._CHECKS):
         raise ProtocolError(
             f"{cls.__name__} has {len(cls._CHECKS)} fields, header has {len(values)}"
@@ -493,7 +528,7 @@ StatusEntry = tuple[int, int, int, int]  # page, state, mask, generation
 @response(Op.STATUS)
 @dataclass(frozen=True, slots=True)
 class StatusResponse(Message):
-    entries: tuple[StatusEntry, ...] = _f(_list(_record(_U64, _U8, _U32, _U64), MAX_LIST), ())
+    entries: tuple[StatusEntry, ...] = w_records(_U64, _U8, _U32, _U64, max_len=MAX_LIST)
 
 
 @request(Op.ENUMERATE)
@@ -578,7 +613,7 @@ Fence = tuple[int, int]  # volume id, fence epoch
 @dataclass(frozen=True, slots=True)
 class SetEpochRequest(Message):
     epoch: int = w_u64()
-    fences: tuple[Fence, ...] = _f(_list(_record(_U64, _U64), MAX_FENCES), ())
+    fences: tuple[Fence, ...] = w_records(_U64, _U64, max_len=MAX_FENCES)
 
     def _validate(self) -> None:
         for volume_id, fence in self.fences:
