@@ -34,7 +34,7 @@ class StorageConfig:
     listen: str = "127.0.0.1:7400"
     managers: tuple[str, ...] = ()
     checkpoint_bytes: int = 64 << 20
-    mask_sync_interval: float = 0.5
+    mask_sync_interval: float = 5.0
     log_level: str = "INFO"
     port_file: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)

@@ -74,7 +74,7 @@ async def read_page(client: Client, layer: int, page: int) -> tuple[m.ReadRespon
         return reply, ZERO_PAGE
     assert reply.state == m.PageState.PRESENT, reply
     assert len(data) == PAGE_SIZE
-    return reply, data
+    return reply, bytes(data)
 
 
 async def status(client: Client, layer: int, pages: list[int]) -> dict[int, m.StatusEntry]:

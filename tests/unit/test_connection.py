@@ -70,7 +70,9 @@ class Handler:
     def current_epoch(self) -> int:
         return EPOCH
 
-    def handle(self, msg: m.Message, payload: bytes) -> Reply | Coroutine[Any, Any, Reply]:
+    def handle(
+        self, msg: m.Message, payload: bytes | bytearray
+    ) -> Reply | Coroutine[Any, Any, Reply]:
         if isinstance(msg, m.PingRequest):
             return m.PingResponse(self.server_id, EPOCH, True, 1000, 10, 3), b""
         if isinstance(msg, m.ReadRequest):

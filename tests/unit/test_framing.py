@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lamina.errors import FrameTooLarge, ProtocolError, UnsupportedVersion
 from lamina.wire.framing import (
+    LARGE_PAYLOAD,
     MAGIC,
     MAX_HEADER,
     MAX_PAYLOAD,
@@ -227,3 +229,40 @@ def test_short_input_waits_for_the_whole_prefix() -> None:
     decoder = FrameDecoder()
     decoder.feed(b"XX" + bytes(PREFIX_SIZE - 3))
     assert decoder.next_frame() is None
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.integers(0, 3 * LARGE_PAYLOAD), min_size=1, max_size=4),
+    st.integers(1000, 200_000),
+    st.integers(0, 2**32),
+)
+def test_large_payloads_are_received_in_place(sizes: list[int], chunk: int, seed: int) -> None:
+    """Receiving through get_buffer/buffer_updated, as the transports do, yields every frame
+    intact whatever the chunking, and a large payload arriving in pieces is received in
+    its own buffer."""
+    rnd = random.Random(seed)
+    frames = [Frame(Kind.REQUEST, 11, 0, i, b"\x90", rnd.randbytes(n)) for i, n in enumerate(sizes)]
+    wire = b"".join(
+        b"".join(encode_frame(f.kind, f.op, f.status, f.request_id, f.header, f.payload))
+        for f in frames
+    )
+    dec = FrameDecoder()
+    got: list[Frame] = []
+    pos = 0
+    while pos < len(wire):
+        buf = dec.get_buffer(chunk)
+        n = min(len(buf), chunk, len(wire) - pos)
+        buf[:n] = wire[pos : pos + n]
+        dec.buffer_updated(n)
+        pos += n
+        while (frame := dec.next_frame()) is not None:
+            got.append(frame)
+    assert [(f.request_id, bytes(f.payload)) for f in got] == [
+        (f.request_id, f.payload) for f in frames
+    ]
+    if chunk < LARGE_PAYLOAD:  # no large payload can then arrive whole in one chunk
+        for f in got:
+            if len(f.payload) >= LARGE_PAYLOAD:
+                assert isinstance(f.payload, bytearray)
+    assert dec.buffered == 0

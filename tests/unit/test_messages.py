@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -368,7 +369,7 @@ def test_headers_at_their_caps_fit_in_a_frame() -> None:
 def test_page_index_must_lie_within_a_layer(size: int, page: int) -> None:
     """Requests naming a page past the 16 TiB a layer addresses are refused, others pass."""
     fits = (page + 1) * size <= m.MAX_LAYER_BYTES
-    builders = [
+    builders: list[Callable[[], m.Message]] = [
         lambda: m.ReadRequest(1, 1, 1, page, size, 0, 1),
         lambda: m.WriteRequest(1, 1, 1, page, size, 0, 0, 0, False),
         lambda: m.CreateRequest(1, 1, 1, page, size, 0, True),

@@ -686,7 +686,13 @@ class DiskPageStore(PageStore):
         return data[skip : skip + length]
 
     def write(
-        self, volume_id: int, layer_id: int, page_size: int, page: int, offset: int, data: bytes
+        self,
+        volume_id: int,
+        layer_id: int,
+        page_size: int,
+        page: int,
+        offset: int,
+        data: bytes | bytearray,
     ) -> int:
         layer = self._get_layer(volume_id, layer_id, page_size)
         p = layer.pages.get(page)
@@ -742,7 +748,7 @@ class DiskPageStore(PageStore):
         layer_id: int,
         page_size: int,
         page: int,
-        data: bytes | None,
+        data: bytes | bytearray | None,
         mask: int,
     ) -> tuple[bool, int]:
         layer = self._get_layer(volume_id, layer_id, page_size)
@@ -784,20 +790,22 @@ class DiskPageStore(PageStore):
             return self._durable(p.disk_lsn)
         return None
 
-    async def persist_restores(self) -> int:
-        """Persist mask increases once the data they vouch for is durable; how many."""
-        if not self._lazy:
-            return 0
+    async def _sync_data(self) -> int:
+        """fdatasync every layer file written so far; the write sequence number covered.
+        A failed fdatasync may have dropped dirty pages: the store stops accepting writes."""
         seq = self._write_seq
         fds = list(self._dirty_fds)
         self._dirty_fds.clear()
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._data_exec, _sync_all, fds)
+            await asyncio.get_running_loop().run_in_executor(self._data_exec, _sync_all, fds)
         except OSError as exc:
-            self._dirty_fds.update(fds)
-            log.warning("data sync failed, restores not persisted: %s", exc)
-            return 0
+            self._failed = f"fdatasync of the data failed: {exc}"
+            log.error(self._failed)
+            raise StorageIOError(self._failed) from None
+        return seq
+
+    def _persist_lazy(self, seq: int) -> int:
+        """Append the mask increases of pages whose data is durable up to ``seq``."""
         done = 0
         for key in list(self._lazy):
             p = self._page(*key)
@@ -816,6 +824,13 @@ class DiskPageStore(PageStore):
                 p.disk_mask = p.mask
                 done += 1
         return done
+
+    async def persist_restores(self) -> int:
+        """Persist mask increases once the data they vouch for is durable; how many.
+        FLUSH does the same for free, since it syncs the data anyway."""
+        if not self._lazy:
+            return 0
+        return self._persist_lazy(await self._sync_data())
 
     def tombstone(self, volume_id: int, layer_id: int, page_size: int, page: int) -> int:
         layer = self._get_layer(volume_id, layer_id, page_size)
@@ -854,13 +869,7 @@ class DiskPageStore(PageStore):
     async def flush(self) -> None:
         if self._failed:
             raise StorageIOError(f"store failed earlier: {self._failed}")
-        fds = list(self._dirty_fds)
-        self._dirty_fds.clear()
-        try:
-            await asyncio.get_running_loop().run_in_executor(self._data_exec, _sync_all, fds)
-        except OSError as exc:
-            self._failed = f"flush failed: {exc}"
-            raise StorageIOError(self._failed) from None
+        self._persist_lazy(await self._sync_data())
         if self._lsn > self._synced_lsn:
             await self._durable(self._lsn)
 

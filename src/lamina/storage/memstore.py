@@ -72,7 +72,13 @@ class MemPageStore(PageStore):
         return bytes(p.data[offset : offset + length])
 
     def write(
-        self, volume_id: int, layer_id: int, page_size: int, page: int, offset: int, data: bytes
+        self,
+        volume_id: int,
+        layer_id: int,
+        page_size: int,
+        page: int,
+        offset: int,
+        data: bytes | bytearray,
     ) -> int:
         layer = self._layer(volume_id, layer_id, page_size)
         p = layer.pages.get(page)
@@ -95,7 +101,7 @@ class MemPageStore(PageStore):
         layer_id: int,
         page_size: int,
         page: int,
-        data: bytes | None,
+        data: bytes | bytearray | None,
         mask: int,
     ) -> tuple[bool, int]:
         layer = self._layer(volume_id, layer_id, page_size)

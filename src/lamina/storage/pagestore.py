@@ -59,7 +59,13 @@ class PageStore(ABC):
 
     @abstractmethod
     def write(
-        self, volume_id: int, layer_id: int, page_size: int, page: int, offset: int, data: bytes
+        self,
+        volume_id: int,
+        layer_id: int,
+        page_size: int,
+        page: int,
+        offset: int,
+        data: bytes | bytearray,
     ) -> int:
         """Apply data to a PRESENT or ZERO page (or a whole QUARANTINED one); new generation."""
 
@@ -70,7 +76,7 @@ class PageStore(ABC):
         layer_id: int,
         page_size: int,
         page: int,
-        data: bytes | None,
+        data: bytes | bytearray | None,
         mask: int,
     ) -> tuple[bool, int]:
         """Create the page with ``data`` (None: zeros) unless it exists: (created, generation)."""

@@ -42,9 +42,10 @@ from lamina.storage import syncmask
 from lamina.storage.epochs import Verdict, compare
 from lamina.storage.pagestore import PageStore, check_layer
 from lamina.wire import messages as m
+from lamina.wire.framing import Payload
 from lamina.wire.messages import EnumerateWhat, PageState
 
-Reply = tuple[m.Message, bytes]
+Reply = tuple[m.Message, Payload]
 Result = Reply | Coroutine[Any, Any, Reply]
 MAX_TOKENS = 1 << 20
 
@@ -79,7 +80,8 @@ class StorageService:
         self._episodes: dict[tuple[int, int], syncmask.Episode] = {}
         self._tokens: dict[int, tuple[int, int]] = {}
         self._token_ids = itertools.count((secrets.randbits(23) + 1) << 40)
-        self._ops: dict[type[m.Message], Callable[[Any, bytes], Result]] = {
+        self._unapplied: dict[tuple[int, int], int] = {}  # admitted writes not applied yet
+        self._ops: dict[type[m.Message], Callable[[Any, Payload], Result]] = {
             m.PingRequest: self.ping,
             m.ReadRequest: self.read,
             m.WriteRequest: self.write,
@@ -99,7 +101,7 @@ class StorageService:
     def current_epoch(self) -> int:
         return self.epoch
 
-    def handle(self, msg: m.Message, payload: bytes) -> Result:
+    def handle(self, msg: m.Message, payload: Payload) -> Result:
         op = self._ops.get(type(msg))
         if op is None:
             raise BadRequest(f"{type(msg).__name__} is not a storage operation")
@@ -165,13 +167,13 @@ class StorageService:
 
     # -- operations ---------------------------------------------------------------------------
 
-    def ping(self, msg: m.PingRequest, payload: bytes) -> Result:
+    def ping(self, msg: m.PingRequest, payload: Payload) -> Result:
         st = self.store.stats()
         valid = self.lease.valid(self.clock())
         reply = m.PingResponse(self.server_id, self.epoch, valid, st.capacity, st.used, st.pages)
         return reply, b""
 
-    def read(self, msg: m.ReadRequest, payload: bytes) -> Result:
+    def read(self, msg: m.ReadRequest, payload: Payload) -> Result:
         self._admit(msg)
         check_layer(self.store, msg.volume_id, msg.layer_id, msg.page_size)
         info = self.store.info(msg.layer_id, msg.page)
@@ -182,7 +184,7 @@ class StorageService:
             data = self.store.read(msg.layer_id, msg.page, msg.offset, msg.length)
         return m.ReadResponse(int(info.state), info.generation, info.mask), data
 
-    def write(self, msg: m.WriteRequest, payload: bytes) -> Result:
+    def write(self, msg: m.WriteRequest, payload: Payload) -> Result:
         self._admit(msg)
         store = self.store
         check_layer(store, msg.volume_id, msg.layer_id, msg.page_size)
@@ -223,6 +225,7 @@ class StorageService:
                 msg.volume_id, msg.layer_id, msg.page_size, msg.page, msg.offset, payload
             )
             return m.WriteResponse(token, gen), b""
+        self._unapplied[key] = self._unapplied.get(key, 0) + 1
         return self._write_later(msg, payload, token, pending)
 
     def _remember(self, key: tuple[int, int], token: int, episode: syncmask.Episode) -> None:
@@ -239,27 +242,33 @@ class StorageService:
         return reply
 
     async def _write_later(
-        self, msg: m.WriteRequest, payload: bytes, token: int, pending: Awaitable[None] | None
+        self, msg: m.WriteRequest, payload: Payload, token: int, pending: Awaitable[None] | None
     ) -> Reply:
-        if pending is not None:
-            await pending
-        # The fence or the lease may have changed while this write waited: a SET_EPOCH
-        # answered meanwhile promised that no write of an older epoch lands from now on.
-        self._check_epoch(msg)
-        info = self.store.info(msg.layer_id, msg.page)
-        if info.state in (PageState.ABSENT, PageState.TOMBSTONE):
-            raise Deleted(f"page {msg.page} of layer {msg.layer_id} changed during the write")
-        gen = self.store.write(
-            msg.volume_id, msg.layer_id, msg.page_size, msg.page, msg.offset, payload
-        )
+        key = (msg.layer_id, msg.page)
+        try:
+            if pending is not None:
+                await pending
+            # The fence or the lease may have changed while this write waited: a SET_EPOCH
+            # answered meanwhile promised that no write of an older epoch lands from now on.
+            self._check_epoch(msg)
+            info = self.store.info(msg.layer_id, msg.page)
+            if info.state in (PageState.ABSENT, PageState.TOMBSTONE):
+                raise Deleted(f"page {msg.page} of layer {msg.layer_id} changed during the write")
+            gen = self.store.write(
+                msg.volume_id, msg.layer_id, msg.page_size, msg.page, msg.offset, payload
+            )
+        finally:
+            left = self._unapplied.pop(key) - 1
+            if left:
+                self._unapplied[key] = left
         if msg.fua:
             await self.store.flush()
         return m.WriteResponse(token, gen), b""
 
-    def restore(self, msg: m.RestoreRequest, payload: bytes) -> Result:
+    def restore(self, msg: m.RestoreRequest, payload: Payload) -> Result:
         return m.RestoreResponse(self._confirm(msg.tokens)), b""
 
-    def create(self, msg: m.CreateRequest, payload: bytes) -> Result:
+    def create(self, msg: m.CreateRequest, payload: Payload) -> Result:
         self._admit(msg)
         check_layer(self.store, msg.volume_id, msg.layer_id, msg.page_size)
         data = None if msg.zero else payload
@@ -268,7 +277,7 @@ class StorageService:
         )
         return m.CreateResponse(created, gen), b""
 
-    def status(self, msg: m.StatusRequest, payload: bytes) -> Result:
+    def status(self, msg: m.StatusRequest, payload: Payload) -> Result:
         self._admit(msg)
         check_layer(self.store, msg.volume_id, msg.layer_id, None)
         entries = []
@@ -277,7 +286,7 @@ class StorageService:
             entries.append((page, int(info.state), info.mask, info.generation))
         return m.StatusResponse(tuple(entries)), b""
 
-    def enumerate(self, msg: m.EnumerateRequest, payload: bytes) -> Result:
+    def enumerate(self, msg: m.EnumerateRequest, payload: Payload) -> Result:
         self._admit(msg)
         check_layer(self.store, msg.volume_id, msg.layer_id, None)
         pages, nxt, done = self.store.enumerate(
@@ -285,7 +294,7 @@ class StorageService:
         )
         return m.EnumerateResponse(nxt, done, tuple(pages)), b""
 
-    def mark_clean(self, msg: m.MarkCleanRequest, payload: bytes) -> Result:
+    def mark_clean(self, msg: m.MarkCleanRequest, payload: Payload) -> Result:
         self._admit(msg)
         check_layer(self.store, msg.volume_id, msg.layer_id, None)
         info = self.store.info(msg.layer_id, msg.page)
@@ -296,30 +305,32 @@ class StorageService:
                 f"page {msg.page} is at generation {info.generation}, not {msg.generation}",
                 info.generation,
             )
+        if (msg.layer_id, msg.page) in self._unapplied:  # it will change the generation
+            raise Conflict(f"page {msg.page} has a write in progress", info.generation)
         self._episodes.pop((msg.layer_id, msg.page), None)
         self.store.set_mask(msg.layer_id, msg.page, msg.mask, wait_durable=False)
         return m.MarkCleanResponse(info.generation), b""
 
-    def tombstone(self, msg: m.TombstoneRequest, payload: bytes) -> Result:
+    def tombstone(self, msg: m.TombstoneRequest, payload: Payload) -> Result:
         self._admit(msg)
         self._drop_episodes(msg.layer_id, msg.page)
         gen = self.store.tombstone(msg.volume_id, msg.layer_id, msg.page_size, msg.page)
         return m.TombstoneResponse(gen), b""
 
-    def delete_layer(self, msg: m.DeleteLayerRequest, payload: bytes) -> Result:
+    def delete_layer(self, msg: m.DeleteLayerRequest, payload: Payload) -> Result:
         self._admit(msg)
         check_layer(self.store, msg.volume_id, msg.layer_id, None)
         self._drop_episodes(msg.layer_id)
         return m.DeleteLayerResponse(self.store.delete_layer(msg.layer_id)), b""
 
-    def set_epoch(self, msg: m.SetEpochRequest, payload: bytes) -> Result:
+    def set_epoch(self, msg: m.SetEpochRequest, payload: Payload) -> Result:
         self.epoch = max(self.epoch, msg.epoch)
         for volume_id, fence in msg.fences:
             if fence > self.fences.get(volume_id, 0):
                 self.fences[volume_id] = fence
         return m.SetEpochResponse(self.epoch), b""
 
-    def flush(self, msg: m.FlushRequest, payload: bytes) -> Result:
+    def flush(self, msg: m.FlushRequest, payload: Payload) -> Result:
         self._admit(msg)
         return self._flush()
 

@@ -43,12 +43,13 @@ from lamina.wire.framing import (
     Frame,
     FrameDecoder,
     Kind,
+    Payload,
     encode_frame,
 )
 
 log = logging.getLogger(__name__)
 
-Reply = tuple[m.Message, bytes]
+Reply = tuple[m.Message, Payload]
 M = TypeVar("M", bound=m.Message)
 
 
@@ -59,7 +60,7 @@ class RequestHandler(Protocol):
 
     def current_epoch(self) -> int: ...
 
-    def handle(self, msg: m.Message, payload: bytes) -> Reply | Coroutine[Any, Any, Reply]: ...
+    def handle(self, msg: m.Message, payload: Payload) -> Reply | Coroutine[Any, Any, Reply]: ...
 
 
 def _nodelay(transport: asyncio.BaseTransport) -> None:
@@ -69,7 +70,7 @@ def _nodelay(transport: asyncio.BaseTransport) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-class ServerConnection(asyncio.Protocol):
+class ServerConnection(asyncio.BufferedProtocol):
     """One accepted connection of a server role."""
 
     def __init__(self, handler: RequestHandler, key: bytes) -> None:
@@ -82,7 +83,7 @@ class ServerConnection(asyncio.Protocol):
         self._server_nonce = hs.new_nonce()
         self._tasks: set[asyncio.Task[None]] = set()
         self._peer = "?"
-        self._out: list[bytes] | None = None
+        self._out: list[Payload] | None = None
 
     # -- asyncio callbacks ---------------------------------------------------------------
 
@@ -104,12 +105,23 @@ class ServerConnection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.resume_reading()
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._decoder.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._decoder.buffer_updated(nbytes)
+        self._process()
+
     def data_received(self, data: bytes) -> None:
+        """The same as a received chunk (for transports that do not fill buffers)."""
+        self._decoder.feed(data)
+        self._process()
+
+    def _process(self) -> None:
         # Answers produced while handling this chunk leave in one writev, not one each.
-        out: list[bytes] = []
+        out: list[Payload] = []
         self._out = out
         try:
-            self._decoder.feed(data)
             while self._transport is not None:
                 frame = self._decoder.next_frame()
                 if frame is None:
@@ -132,7 +144,7 @@ class ServerConnection(asyncio.Protocol):
         if out:
             out.clear()
 
-    def _write(self, bufs: list[bytes]) -> None:
+    def _write(self, bufs: list[Payload]) -> None:
         if self._out is not None:
             self._out.extend(bufs)
         elif self._transport is not None:
@@ -233,7 +245,7 @@ class ServerConnection(asyncio.Protocol):
             self._transport = None
 
 
-class _ClientProtocol(asyncio.Protocol):
+class _ClientProtocol(asyncio.BufferedProtocol):
     def __init__(self) -> None:
         self.decoder = FrameDecoder()
         self.transport: asyncio.Transport | None = None
@@ -246,9 +258,19 @@ class _ClientProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         _nodelay(transport)
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.decoder.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.decoder.buffer_updated(nbytes)
+        self._process()
+
     def data_received(self, data: bytes) -> None:
+        self.decoder.feed(data)
+        self._process()
+
+    def _process(self) -> None:
         try:
-            self.decoder.feed(data)
             while True:
                 frame = self.decoder.next_frame()
                 if frame is None:
@@ -333,11 +355,11 @@ class Client:
     def connected(self) -> bool:
         return self._proto.transport is not None
 
-    async def call(self, msg: m.Message, payload: bytes = b"") -> m.Message:
+    async def call(self, msg: m.Message, payload: Payload = b"") -> m.Message:
         reply, _ = await self.call_with_payload(msg, payload)
         return reply
 
-    async def call_with_payload(self, msg: m.Message, payload: bytes = b"") -> Reply:
+    async def call_with_payload(self, msg: m.Message, payload: Payload = b"") -> Reply:
         """Send one request; its typed answer and payload, or the typed error raised."""
         fut = self.send(msg, payload)
         if not self._proto._can_write.is_set():
@@ -345,7 +367,7 @@ class Client:
         frame = await fut
         return self.unpack(frame)
 
-    def send(self, msg: m.Message, payload: bytes = b"") -> asyncio.Future[Frame]:
+    def send(self, msg: m.Message, payload: Payload = b"") -> asyncio.Future[Frame]:
         """Write a request now; the future resolves to the raw answer frame."""
         proto = self._proto
         if proto.transport is None:
