@@ -91,7 +91,7 @@ REC_HEAD = struct.Struct(">II")
 MAX_RECORD = 1 << 20
 GEN_SHIFT = 40
 
-R_LAYER, R_PAGE, R_CRC, R_MASK, R_DROP = 1, 2, 3, 4, 5
+R_LAYER, R_PAGE, R_CRC, R_MASK, R_DROP, R_DROP_PAGE = 1, 2, 3, 4, 5, 6
 
 LOG_EXTENT = 8 << 20
 LOG_RESERVE = 1 << 20
@@ -192,6 +192,8 @@ class DiskPageStore(PageStore):
         self._failed: str | None = None
         self._checkpointing = False
         self._last_data: tuple[Any, ...] | None = None  # for recovery only
+        self._pages = 0  # page entries, any state
+        self._used = 0  # bytes of pages holding data
 
     # -- start-up and recovery ---------------------------------------------------------------
 
@@ -215,6 +217,13 @@ class DiskPageStore(PageStore):
         for layer_id, layer in self._layers.items():
             layer.fd = os.open(self._layer_path(layer_id), os.O_RDWR | os.O_CREAT, 0o600)
         self._verify_last_data()
+        self._pages = sum(len(layer.pages) for layer in self._layers.values())
+        self._used = sum(
+            layer.page_size
+            for layer in self._layers.values()
+            for p in layer.pages.values()
+            if p.crcs is not None
+        )
         new_seq = max([next_seq, *[s + 1 for s in seqs]])
         # Fold the recovered state into a checkpoint first: that frees the old logs, so a
         # server restarted on a full disk can still open a log.  If even the checkpoint
@@ -363,6 +372,8 @@ class DiskPageStore(PageStore):
             p.crcs[first : first + len(new)] = new
             p.generation = gen
             self._last_data = ("crc", layer_id, page, first, old)
+        elif kind == R_DROP_PAGE:
+            self._layers[rec[1]].pages.pop(rec[2], None)
         elif kind == R_MASK:
             _, layer_id, page, mask = rec
             p = self._layers[layer_id].pages[page]
@@ -630,6 +641,15 @@ class DiskPageStore(PageStore):
             offset += n
         self._dirty_fds.add(layer.fd)
 
+    def _undo(self, record: list[Any]) -> None:
+        """Append a record taking back one whose data write failed; if even that fails,
+        the store can no longer vouch for its metadata and stops taking writes."""
+        try:
+            self._append(record)
+        except (LaminaError, OSError) as exc:
+            self._failed = f"could not undo a failed write: {exc}"
+            log.error(self._failed)
+
     def _quarantine(self, layer_id: int, layer: _Layer, page: int, p: _Page, why: str) -> Corrupt:
         log.error("quarantining page %d of layer %d: %s", page, layer_id, why)
         try:
@@ -640,6 +660,8 @@ class DiskPageStore(PageStore):
             log.warning("could not keep a copy of the quarantined page: %s", exc)
         p.state = PageState.QUARANTINED
         p.generation = self._next_gen()
+        if p.crcs is not None:
+            self._used -= layer.page_size
         p.crcs = None
         try:
             self._append([R_PAGE, layer_id, page, int(p.state), p.disk_mask, p.generation, None])
@@ -733,8 +755,20 @@ class DiskPageStore(PageStore):
             )
         else:
             self._append([R_CRC, layer_id, page, b0, _crc_bytes(new), gen])
+            before = crcs[b0:b1]
             crcs[b0:b1] = new
-        self._pwrite(layer, buf, base + b0 * BLOCK)
+        try:
+            self._pwrite(layer, buf, base + b0 * BLOCK)
+        except OSError as exc:
+            # The record already claims the new checksums: take them back.
+            if fresh or p.state != PageState.PRESENT:
+                self._undo([R_PAGE, layer_id, page, int(p.state), p.disk_mask, p.generation, None])
+            else:
+                crcs[b0:b1] = before
+                self._undo([R_CRC, layer_id, page, b0, _crc_bytes(before), p.generation])
+            raise _io_error(exc, f"writing page {page} of layer {layer_id}") from None
+        if fresh:
+            self._used += page_size
         p.crcs = crcs
         p.state = PageState.PRESENT
         p.generation = gen
@@ -759,6 +793,7 @@ class DiskPageStore(PageStore):
         if data is None:
             lsn = self._append([R_PAGE, layer_id, page, int(PageState.ZERO), mask, gen, None])
             layer.pages[page] = _Page(PageState.ZERO, mask, gen, None, mask, lsn)
+            self._pages += 1
             return True, gen
         if len(data) != page_size:
             raise BadRequest("create needs a full page")
@@ -767,9 +802,15 @@ class DiskPageStore(PageStore):
         lsn = self._append(
             [R_PAGE, layer_id, page, int(PageState.PRESENT), mask, gen, _crc_bytes(crcs)]
         )
-        self._pwrite(layer, data, page * page_size)
+        try:
+            self._pwrite(layer, data, page * page_size)
+        except OSError as exc:
+            self._undo([R_DROP_PAGE, layer_id, page])
+            raise _io_error(exc, f"writing page {page} of layer {layer_id}") from None
         self._write_seq += 1
         layer.pages[page] = _Page(PageState.PRESENT, mask, gen, crcs, mask, lsn, self._write_seq)
+        self._pages += 1
+        self._used += page_size
         return True, gen
 
     def set_mask(
@@ -837,8 +878,11 @@ class DiskPageStore(PageStore):
         gen = self._next_gen()
         lsn = self._append([R_PAGE, layer_id, page, int(PageState.TOMBSTONE), FULL, gen, None])
         old = layer.pages.get(page)
-        if old is not None and old.crcs is not None:
+        if old is None:
+            self._pages += 1
+        elif old.crcs is not None:
             punch_hole(layer.fd, page * page_size, page_size)
+            self._used -= page_size
         layer.pages[page] = _Page(PageState.TOMBSTONE, FULL, gen, None, FULL, lsn)
         self._lazy.discard((layer_id, page))
         return gen
@@ -849,6 +893,8 @@ class DiskPageStore(PageStore):
             return 0
         self._append([R_DROP, layer_id])
         del self._layers[layer_id]
+        self._pages -= len(layer.pages)
+        self._used -= layer.page_size * sum(1 for p in layer.pages.values() if p.crcs is not None)
         # Unlink now (a layer id used again gets a new file), close on the I/O thread
         # after any sync already queued for this descriptor.
         self._layer_path(layer_id).unlink(missing_ok=True)
@@ -875,15 +921,7 @@ class DiskPageStore(PageStore):
 
     def stats(self) -> StoreStats:
         st = os.statvfs(self.root)
-        capacity = st.f_blocks * st.f_frsize
-        used = sum(
-            layer.page_size
-            for layer in self._layers.values()
-            for p in layer.pages.values()
-            if p.crcs is not None
-        )
-        pages = sum(len(layer.pages) for layer in self._layers.values())
-        return StoreStats(capacity, used, pages, len(self._layers))
+        return StoreStats(st.f_blocks * st.f_frsize, self._used, self._pages, len(self._layers))
 
     def layers(self) -> list[int]:
         return sorted(self._layers)
@@ -920,6 +958,12 @@ class DiskPageStore(PageStore):
         if self._log is not None:
             os.close(self._log.fd)
             self._log = None
+
+
+def _io_error(exc: OSError, what: str) -> LaminaError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace(f"{what}: {exc.strerror}")
+    return StorageIOError(f"{what}: {exc.strerror or exc}")
 
 
 def _sync_close(fd: int) -> None:

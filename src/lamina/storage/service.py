@@ -162,7 +162,10 @@ class StorageService:
         return done
 
     def _drop_episodes(self, layer_id: int, page: int | None = None) -> None:
-        for key in [k for k in self._episodes if k[0] == layer_id and page in (None, k[1])]:
+        if page is not None:
+            self._episodes.pop((layer_id, page), None)
+            return
+        for key in [k for k in self._episodes if k[0] == layer_id]:
             del self._episodes[key]
 
     # -- operations ---------------------------------------------------------------------------
