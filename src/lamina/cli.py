@@ -21,7 +21,8 @@ from lamina import __version__
 from lamina.errors import ErrorCode, LaminaError
 
 F = TypeVar("F", bound=Callable[..., Any])
-console = Console()
+# Not a terminal (a pipe, a log, CI): rich would assume 80 columns and cut table cells.
+console = Console() if sys.stdout.isatty() else Console(width=120)
 err_console = Console(stderr=True)
 
 #: exit codes: 1 for errors of lamina, 2 for bad usage (click's own), 3 when unreachable.
