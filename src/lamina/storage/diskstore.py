@@ -192,6 +192,7 @@ class DiskPageStore(PageStore):
         self._failed: str | None = None
         self._checkpointing = False
         self._last_data: tuple[Any, ...] | None = None  # for recovery only
+        self.commits = 0  # group commits (log fdatasyncs) done, for tests and statistics
         self._pages = 0  # page entries, any state
         self._used = 0  # bytes of pages holding data
 
@@ -506,6 +507,7 @@ class DiskPageStore(PageStore):
             log.error(self._failed)
         else:
             self._synced_lsn = max(self._synced_lsn, target)
+            self.commits += 1
         for lsn, fut in waiters:
             if fut.done():
                 continue
