@@ -497,3 +497,22 @@ async def test_torn_last_log_record_is_ignored(root: Path, tear: str) -> None:
         assert store.read(LAYER, 1, 0, 5) == b"fresh"
     finally:
         await store.close()
+
+
+@in_loop
+async def test_a_damaged_page_created_by_the_last_record_is_reported_not_undone(
+    root: Path,
+) -> None:
+    """A page created by the last record whose data is neither what was written nor the
+    untouched zeros of its extent is damage: it reads CORRUPT instead of disappearing."""
+    store = open_store(root)
+    store.create(VOL, LAYER, PAGE, 0, page_bytes(0), FULL)
+    store.abandon()
+    patch_file(layer_file(root, LAYER), 100, b"\xff")
+    store = open_store(root)
+    try:
+        assert store.info(LAYER, 0).state == PageState.PRESENT
+        with pytest.raises(Corrupt):
+            store.read(LAYER, 0, 0, PAGE)
+    finally:
+        await store.close()
