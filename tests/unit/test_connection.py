@@ -21,7 +21,7 @@ from lamina.errors import (
 )
 from lamina.wire import handshake as hs
 from lamina.wire import messages as m
-from lamina.wire.connection import Client, Reply, ServerConnection
+from lamina.wire.connection import MAX_WAITING_REQUESTS, Client, Reply, ServerConnection
 from lamina.wire.framing import (
     MAGIC,
     MAX_PAYLOAD,
@@ -429,3 +429,57 @@ def test_client_sees_the_close_after_an_oversize_frame() -> None:
                 await client.call(m.PingRequest())
 
     run(main())
+
+
+class GateHandler(Handler):
+    """READ waits until the test opens the gate; counts how many wait at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.waiting = 0
+        self.most_waiting = 0
+
+    def handle(
+        self, msg: m.Message, payload: bytes | bytearray
+    ) -> Reply | Coroutine[Any, Any, Reply]:
+        if isinstance(msg, m.ReadRequest):
+            return self._gated(msg)
+        return super().handle(msg, payload)
+
+    async def _gated(self, msg: m.ReadRequest) -> Reply:
+        self.waiting += 1
+        self.most_waiting = max(self.most_waiting, self.waiting)
+        try:
+            await self.gate.wait()
+        finally:
+            self.waiting -= 1
+        return m.ReadResponse(m.PageState.PRESENT, msg.page, m.FULL_MASK), page_bytes(msg)
+
+
+def test_waiting_requests_per_connection_are_bounded() -> None:
+    """A client pipelining more slow requests than MAX_WAITING_REQUESTS gets them all
+    answered, but the server never holds more than that many waiting at once."""
+    handler = GateHandler()
+    total = 3 * MAX_WAITING_REQUESTS
+
+    async def main() -> None:
+        async with serving(handler) as port, await Client.connect("127.0.0.1", port, KEY) as client:
+            reads = [
+                m.ReadRequest(1, EPOCH, 2, page, m.MIN_PAGE_SIZE, 0, 16) for page in range(total)
+            ]
+            calls = [asyncio.ensure_future(client.call_with_payload(r)) for r in reads]
+            for _ in range(200):  # let the server read all it is willing to
+                await asyncio.sleep(0.005)
+                if handler.waiting >= MAX_WAITING_REQUESTS:
+                    break
+            await asyncio.sleep(0.05)
+            assert handler.waiting == MAX_WAITING_REQUESTS
+            handler.gate.set()
+            replies = await asyncio.gather(*calls)
+            for read, (reply, payload) in zip(reads, replies, strict=True):
+                assert reply == m.ReadResponse(m.PageState.PRESENT, read.page, m.FULL_MASK)
+                assert payload == page_bytes(read)
+
+    run(main())
+    assert handler.most_waiting == MAX_WAITING_REQUESTS

@@ -50,6 +50,9 @@ from lamina.wire.framing import (
 log = logging.getLogger(__name__)
 
 Reply = tuple[m.Message, Payload]
+
+#: requests of one connection that may wait for an answer before reading pauses
+MAX_WAITING_REQUESTS = 128
 M = TypeVar("M", bound=m.Message)
 
 
@@ -84,6 +87,8 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._tasks: set[asyncio.Task[None]] = set()
         self._peer = "?"
         self._out: list[Payload] | None = None
+        self._output_full = False
+        self._reading_paused = False
 
     # -- asyncio callbacks ---------------------------------------------------------------
 
@@ -97,13 +102,32 @@ class ServerConnection(asyncio.BufferedProtocol):
         for task in self._tasks:
             task.cancel()
 
+    # Reading pauses while the peer does not drain our answers, and while too many of
+    # its requests wait (each may hold a payload of up to 16 MiB).
+
     def pause_writing(self) -> None:
-        if self._transport is not None:
-            self._transport.pause_reading()
+        self._output_full = True
+        self._update_reading()
 
     def resume_writing(self) -> None:
-        if self._transport is not None:
+        self._output_full = False
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        if self._transport is None:
+            return
+        pause = self._output_full or len(self._tasks) >= MAX_WAITING_REQUESTS
+        if pause and not self._reading_paused:
+            self._transport.pause_reading()
+        elif not pause and self._reading_paused:
             self._transport.resume_reading()
+        self._reading_paused = pause
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._reading_paused and len(self._tasks) < MAX_WAITING_REQUESTS:
+            self._process()  # frames already received but held back
+            self._update_reading()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._decoder.get_buffer(sizehint)
@@ -122,7 +146,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         out: list[Payload] = []
         self._out = out
         try:
-            while self._transport is not None:
+            while self._transport is not None and len(self._tasks) < MAX_WAITING_REQUESTS:
                 frame = self._decoder.next_frame()
                 if frame is None:
                     break
@@ -181,7 +205,9 @@ class ServerConnection(asyncio.BufferedProtocol):
         else:
             task = asyncio.ensure_future(self._finish(frame.op, frame.request_id, result))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._task_done)
+            if len(self._tasks) >= MAX_WAITING_REQUESTS:
+                self._update_reading()
 
     async def _finish(self, op: int, rid: int, pending: Awaitable[Reply]) -> None:
         try:
