@@ -614,9 +614,18 @@ class DiskPageStore(PageStore):
         self._gen += 1
         return self._gen
 
-    def _get_layer(self, volume_id: int, layer_id: int, page_size: int) -> _Layer:
-        check_layer(self, volume_id, layer_id, page_size)
+    def check_layer(self, volume_id: int, layer_id: int, page_size: int | None) -> None:
         layer = self._layers.get(layer_id)
+        if layer is not None and (
+            layer.volume_id != volume_id or (page_size is not None and layer.page_size != page_size)
+        ):
+            check_layer(self, volume_id, layer_id, page_size)  # raises, saying why
+
+    def _get_layer(self, volume_id: int, layer_id: int, page_size: int) -> _Layer:
+        layer = self._layers.get(layer_id)
+        if layer is not None and layer.volume_id == volume_id and layer.page_size == page_size:
+            return layer
+        check_layer(self, volume_id, layer_id, page_size)
         if layer is None:
             self._append([R_LAYER, layer_id, volume_id, page_size])
             fd = os.open(self._layer_path(layer_id), os.O_RDWR | os.O_CREAT, 0o600)

@@ -53,6 +53,10 @@ class PageStore(ABC):
     @abstractmethod
     def layer_volume(self, layer_id: int) -> int | None: ...
 
+    def check_layer(self, volume_id: int, layer_id: int, page_size: int | None) -> None:
+        """BadRequest unless the layer is unknown or holds pages of this volume and size."""
+        check_layer(self, volume_id, layer_id, page_size)
+
     @abstractmethod
     def read(self, layer_id: int, page: int, offset: int, length: int) -> bytes:
         """Bytes of a PRESENT page, checksums verified (Corrupt: the page is quarantined)."""

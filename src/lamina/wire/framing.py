@@ -27,8 +27,8 @@ decoder is unusable and the connection must be closed, because frame boundaries 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 from lamina.errors import FrameTooLarge, ProtocolError, UnsupportedVersion
 
@@ -50,13 +50,16 @@ class Kind(IntEnum):
     RESPONSE = 2
 
 
+_KINDS = {int(k): k for k in Kind}
+
+
 #: a payload as received: bytes, or for a large one the buffer it was received into
 Payload = bytes | bytearray
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
-    """One decoded frame; ``header`` is msgpack bytes, ``payload`` raw bytes."""
+class Frame(NamedTuple):
+    """One decoded frame; ``header`` is msgpack bytes, ``payload`` raw bytes.  (A named
+    tuple: one is built per request, and a tuple is the cheapest immutable record.)"""
 
     kind: Kind
     op: int
@@ -70,17 +73,18 @@ def encode_prefix(
     kind: Kind, op: int, status: int, request_id: int, header_len: int, payload_len: int
 ) -> bytes:
     """The 24-byte frame prefix; callers send ``prefix + header`` and ``payload`` as is."""
-    if not 0 <= op <= 255 or not 0 <= status <= 255:
-        raise ProtocolError(f"op {op} or status {status} out of range")
-    if not 0 <= request_id <= MAX_REQUEST_ID:
-        raise ProtocolError(f"request id {request_id} out of range")
     if header_len > MAX_HEADER:
         raise FrameTooLarge(f"header of {header_len} bytes exceeds {MAX_HEADER}")
     if payload_len > MAX_PAYLOAD:
         raise FrameTooLarge(f"payload of {payload_len} bytes exceeds {MAX_PAYLOAD}")
-    return PREFIX.pack(
-        MAGIC, PROTOCOL_VERSION, kind, op, status, 0, request_id, header_len, payload_len
-    )
+    try:  # struct checks the ranges of op (u8), status (u8) and request id (u64)
+        return PREFIX.pack(
+            MAGIC, PROTOCOL_VERSION, kind, op, status, 0, request_id, header_len, payload_len
+        )
+    except struct.error:
+        raise ProtocolError(
+            f"op {op}, status {status} or request id {request_id} out of range"
+        ) from None
 
 
 def encode_frame(
@@ -157,7 +161,7 @@ class FrameDecoder:
             self._filled += nbytes
             if self._filled == len(fill):
                 kind, op, status, rid, header = self._head  # type: ignore[misc]
-                self._ready = Frame(Kind(kind), op, status, rid, header, fill)
+                self._ready = Frame(_KINDS[kind], op, status, rid, header, fill)
                 self._fill = self._head = None
         else:
             self._w += nbytes
@@ -219,7 +223,7 @@ class FrameDecoder:
             self._r = end
             if end == w:
                 self._r = self._w = 0
-            return Frame(Kind(kind), op, status, rid, header, payload)
+            return Frame(_KINDS[kind], op, status, rid, header, payload)
         if plen < LARGE_PAYLOAD or w < hend:
             return None
         # A large payload: give it its own buffer now and receive the rest straight into it.
