@@ -204,6 +204,7 @@ class Message:
     __slots__ = ()
     OP: ClassVar[Op]
     _CHECKS: ClassVar[tuple[tuple[str, Check], ...]] = ()
+    _from_values: ClassVar[Callable[[tuple[Any, ...]], Any]]
 
     def __post_init__(self) -> None:  # replaced per class by _compile
         for name, check in self._CHECKS:
@@ -224,7 +225,7 @@ class Message:
     def fields(self) -> list[Any]:
         return [getattr(self, name) for name, _ in self._CHECKS]
 
-    def encode(self) -> bytes:
+    def encode(self) -> bytes:  # replaced per class by _compile
         header: bytes = msgpack.packb(self.fields(), use_bin_type=True)
         return header
 
@@ -240,31 +241,49 @@ def _register(op: Op, table: dict[int, type[Message]]) -> Callable[[type[M]], ty
         cls.OP = op
         fields = dataclasses.fields(cls)  # type: ignore[arg-type]
         cls._CHECKS = tuple((f.name, f.metadata["check"]) for f in fields)
-        cls.__post_init__ = _compile(cls.__name__, fields)  # type: ignore[method-assign,assignment]
+        post_init, from_values, encode = _compile(cls, fields)
+        cls.__post_init__ = post_init  # type: ignore[method-assign,assignment]
+        cls.encode = encode  # type: ignore[method-assign,assignment]
+        cls._from_values = staticmethod(from_values)
         table[op] = cls
         return cls
 
     return wrap
 
 
-def _compile(name: str, fields: tuple[dataclasses.Field[Any], ...]) -> Callable[[Any], None]:
-    """A ``__post_init__`` with every field's check inlined (the hot path of decoding):
-    values valid as they are cost one expression; others go through their full check,
+def _compile(
+    cls: type[Message], fields: tuple[dataclasses.Field[Any], ...]
+) -> tuple[Callable[[Any], None], Callable[[tuple[Any, ...]], Any], Callable[[Any], bytes]]:
+    """Two functions with every field's check inlined: a ``__post_init__`` for messages
+    built in code, and ``_from_values`` that builds one straight from a decoded header
+    (the hot path of decoding: no ``__init__`` storing fields only to read them back).
+    Values valid as they are cost one expression; others go through their full check,
     which converts (an IntEnum to its int, a list to a tuple) or raises ProtocolError."""
-    lines = ["def __post_init__(self):"]
-    namespace: dict[str, Any] = {"_set": object.__setattr__}
-    for f in fields:
+    namespace: dict[str, Any] = {"_set": object.__setattr__, "_new": object.__new__, "cls": cls}
+    post = ["def __post_init__(self):"]
+    build = ["def _from_values(values):", "    self = _new(cls)"]
+    for i, f in enumerate(fields):
         namespace[f"_check_{f.name}"] = f.metadata["check"]
-        lines += [
+        fast = f.metadata["fast"]
+        post += [
             f"    v = self.{f.name}",
-            f"    if not ({f.metadata['fast']}):",
+            f"    if not ({fast}):",
             f"        _set(self, {f.name!r}, _check_{f.name}(v))",
         ]
-    lines.append("    self._validate()")
-    exec("\n".join(lines), namespace)  # the code is built from our own field table
-    fn: Callable[[Any], None] = namespace["__post_init__"]
-    fn.__qualname__ = f"{name}.__post_init__"
-    return fn
+        build += [
+            f"    v = values[{i}]",
+            f"    _set(self, {f.name!r}, v if {fast} else _check_{f.name}(v))",
+        ]
+    post.append("    self._validate()")
+    build += ["    self._validate()", "    return self"]
+    values = "".join(f"self.{f.name}, " for f in fields)
+    encode = ["def encode(self):", f"    return _pack(({values}))"]
+    namespace["_pack"] = msgpack.packb  # a shared Packer would not be thread-safe
+    exec("\n".join(post + build + encode), namespace)  # built from our own field table
+    post_init: Callable[[Any], None] = namespace["__post_init__"]
+    post_init.__qualname__ = f"{cls.__name__}.__post_init__"
+    namespace["encode"].__qualname__ = f"{cls.__name__}.encode"
+    return post_init, namespace["_from_values"], namespace["encode"]
 
 
 def request(op: Op) -> Callable[[type[M]], type[M]]:
@@ -291,7 +310,8 @@ def _build(cls: type[Message], values: tuple[Any, ...]) -> Message:
             f"{cls.__name__} has {len(cls._CHECKS)} fields, header has {len(values)}"
         )
     try:
-        return cls(*values)
+        msg: Message = cls._from_values(values)
+        return msg
     except ProtocolError:
         raise
     except (TypeError, ValueError) as exc:
