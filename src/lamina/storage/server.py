@@ -28,7 +28,18 @@ log = logging.getLogger(__name__)
 async def serve(cfg: StorageConfig, ready: asyncio.Event | None = None) -> None:
     key = load_key(cfg.key)
     store = DiskPageStore(cfg.data, cfg.id, checkpoint_bytes=cfg.checkpoint_bytes)
+    started = time.monotonic()
     store.open()
+    st = store.stats()
+    log.info(
+        "page store %s open in %.2fs: incarnation %d, %d layers, %d pages, %.1f MiB of data",
+        cfg.data,
+        time.monotonic() - started,
+        store.incarnation,
+        st.layers,
+        st.pages,
+        st.used / (1 << 20),
+    )
     lease = Lease(standalone=not cfg.managers)
     service = StorageService(store, cfg.id, time.monotonic, lease)
     loop = asyncio.get_running_loop()
