@@ -483,3 +483,20 @@ def test_waiting_requests_per_connection_are_bounded() -> None:
 
     run(main())
     assert handler.most_waiting == MAX_WAITING_REQUESTS
+
+
+def test_a_peer_that_never_authenticates_is_disconnected(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection that does not complete the handshake in time is closed by the server."""
+    monkeypatch.setattr(ServerConnection, "handshake_timeout", 0.2)
+
+    async def main() -> None:
+        async with serving() as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                async with asyncio.timeout(5):
+                    assert await reader.read() == b""  # EOF: the server hung up
+            finally:
+                writer.close()
+            await ping_works(port)  # others are still served
+
+    run(main())

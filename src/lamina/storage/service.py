@@ -47,7 +47,7 @@ from lamina.wire.messages import EnumerateWhat, PageState
 
 Reply = tuple[m.Message, Payload]
 Result = Reply | Coroutine[Any, Any, Reply]
-MAX_TOKENS = 1 << 20
+MAX_TOKENS = 1 << 18  # unconfirmed writes remembered (about 40 MiB at most)
 
 
 @dataclass(slots=True)

@@ -76,6 +76,9 @@ def _nodelay(transport: asyncio.BaseTransport) -> None:
 class ServerConnection(asyncio.BufferedProtocol):
     """One accepted connection of a server role."""
 
+    #: a peer that has not authenticated by then is disconnected
+    handshake_timeout = 10.0
+
     def __init__(self, handler: RequestHandler, key: bytes) -> None:
         self._handler = handler
         self._key = key
@@ -87,6 +90,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._tasks: set[asyncio.Task[None]] = set()
         self._peer = "?"
         self._out: list[Payload] | None = None
+        self._deadline: asyncio.TimerHandle | None = None
         self._output_full = False
         self._reading_paused = False
 
@@ -96,8 +100,19 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._transport = cast(asyncio.Transport, transport)
         _nodelay(transport)
         self._peer = str(transport.get_extra_info("peername"))
+        self._deadline = asyncio.get_running_loop().call_later(
+            self.handshake_timeout, self._handshake_too_slow
+        )
+
+    def _handshake_too_slow(self) -> None:
+        if not self._authenticated:
+            log.info("closing connection from %s: no handshake within %ss", self._peer,
+                     self.handshake_timeout)  # fmt: skip
+            self._close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
         self._transport = None
         for task in self._tasks:
             task.cancel()
@@ -245,6 +260,8 @@ class ServerConnection(asyncio.BufferedProtocol):
                 self._close()
                 return
             self._authenticated = True
+            if self._deadline is not None:
+                self._deadline.cancel()
             self._decoder.max_header = FrameDecoder().max_header
             self._decoder.max_payload = FrameDecoder().max_payload
             epoch = self._handler.current_epoch()
