@@ -101,6 +101,111 @@ def storage(
 
 
 @main.command()
+@click.option("--id", "id_", help="Manager id (letters, digits, '-').")
+@click.option("--listen", help="HOST:PORT of the HTTP API (port 0: pick one). [127.0.0.1:7300]")
+@click.option("--raft", help="HOST:PORT this manager's Raft member listens on.")
+@click.option("--peers", help="Comma-separated Raft HOST:PORTs of the other managers.")
+@click.option("--data", type=click.Path(file_okay=False), help="Data directory (Raft journal).")
+@click.option("--key", type=click.Path(dir_okay=False), help="Cluster key file.")
+@click.option(
+    "--admin-token", type=click.Path(dir_okay=False),
+    help="Admin token file. [admin.token beside the key]",
+)  # fmt: skip
+@click.option("--config", type=click.Path(dir_okay=False), help="TOML config (see etc/).")
+@click.option("--port-file", type=click.Path(dir_okay=False), help="Write the API port here.")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+def manager(
+    id_: str | None,
+    listen: str | None,
+    raft: str | None,
+    peers: str | None,
+    data: str | None,
+    key: str | None,
+    admin_token: str | None,
+    config: str | None,
+    port_file: str | None,
+    log_level: str | None,
+) -> None:
+    """Run a manager: a member of the Raft group that keeps the cluster map."""
+    from lamina.config import load_manager_config
+    from lamina.mgmt import server
+
+    try:
+        cfg = load_manager_config(
+            config,
+            {
+                "id": id_,
+                "listen": listen,
+                "raft": raft,
+                "peers": [a for a in peers.split(",") if a] if peers else None,
+                "data": data,
+                "key": key,
+                "admin_token": admin_token,
+                "port_file": port_file,
+                "log_level": log_level,
+            },
+        )
+        _setup_logging(cfg.log_level)
+        server.run(cfg)
+    except LaminaError as exc:
+        _fail(exc)
+    except OSError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        sys.exit(EXIT_ERROR)
+
+
+@main.command()
+@click.option(
+    "--dir", "root", default="./lamina-data", show_default=True,
+    type=click.Path(file_okay=False), help="Where the cluster keeps its data.",
+)  # fmt: skip
+@click.option(
+    "--managers", "n_managers", default=3, show_default=True, type=click.Choice(["1", "3", "5"])
+)
+@click.option("--servers", "n_servers", default=3, show_default=True, type=click.IntRange(1, 16))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def up(root: str, n_managers: str, n_servers: int, as_json: bool) -> None:
+    """Start a local cluster on 127.0.0.1 (or the daemons of it that are not running)."""
+    from lamina.localcluster import up as start
+
+    base = Path(root).resolve()
+    try:
+        with console.status("starting the cluster...") as status:
+            report = start(base, int(n_managers), n_servers, say=status.update)
+    except LaminaError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps({"dir": str(base), **vars(report)}, indent=2))
+        return
+    if report.started:
+        console.print(f"started {', '.join(report.started)}")
+    if report.running:
+        console.print(f"already running: {', '.join(report.running)}")
+    console.print(f"leader: {report.leader}; cluster file: {base / 'cluster.toml'}")
+    console.print(f"logs in {base / 'log'}; stop with: lamina down --dir {root}")
+
+
+@main.command()
+@click.option(
+    "--dir", "root", default="./lamina-data", show_default=True,
+    type=click.Path(file_okay=False), help="The cluster's directory.",
+)  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def down(root: str, as_json: bool) -> None:
+    """Stop the daemons of the local cluster in DIR."""
+    from lamina.localcluster import down as stop
+
+    base = Path(root).resolve()
+    if not (base / "run").is_dir():
+        _fail(LaminaError(f"{base} holds no local cluster"))
+    stopped = stop(base)
+    if as_json:
+        click.echo(json.dumps({"stopped": stopped}))
+    else:
+        console.print(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@main.command()
 @click.argument("path", type=click.Path(dir_okay=False))
 def keygen(path: str) -> None:
     """Create a new cluster key file (never overwrites one)."""

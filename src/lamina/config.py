@@ -70,8 +70,16 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
 }
 
 
-def load_storage_config(path: str | None, overrides: dict[str, Any]) -> StorageConfig:
-    """The file's ``[storage]`` table (if any), then the non-None overrides."""
+def _load(
+    path: str | None,
+    table: str,
+    cls: type[Any],
+    types: dict[str, type | tuple[type, ...]],
+    lists: tuple[str, ...],
+    required: tuple[str, ...],
+    overrides: dict[str, Any],
+) -> Any:
+    """The file's ``[table]`` (if any), then the non-None overrides, type-checked."""
     values: dict[str, Any] = {}
     if path is not None:
         try:
@@ -80,27 +88,99 @@ def load_storage_config(path: str | None, overrides: dict[str, Any]) -> StorageC
             raise ConfigError(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
-        unknown_tables = set(doc) - {"storage"}
+        unknown_tables = set(doc) - {table}
         if unknown_tables:
             raise ConfigError(f"config file {path}: unknown table(s) {sorted(unknown_tables)}")
-        values = dict(doc.get("storage", {}))
-    names = {f.name for f in dataclasses.fields(StorageConfig)} - {"extra"}
+        values = dict(doc.get(table, {}))
+    names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
     unknown = set(values) - names
     if unknown:
-        raise ConfigError(f"unknown storage config key(s): {', '.join(sorted(unknown))}")
+        raise ConfigError(f"unknown {table} config key(s): {', '.join(sorted(unknown))}")
     values.update({k: v for k, v in overrides.items() if v is not None})
     for name, value in values.items():
-        expected = _TYPES[name]
+        expected = types[name]
         if isinstance(value, bool) or not isinstance(value, expected):
-            raise ConfigError(f"storage config key {name!r} has the wrong type: {value!r}")
-    if "managers" in values:
-        values["managers"] = tuple(values["managers"])
-        if not all(isinstance(a, str) for a in values["managers"]):
-            raise ConfigError("storage config key 'managers' must be a list of HOST:PORT")
-    for required in ("id", "data", "key"):
-        if required not in values:
-            raise ConfigError(f"storage config needs {required!r} (option --{required})")
+            raise ConfigError(f"{table} config key {name!r} has the wrong type: {value!r}")
+    for name in lists:
+        if name in values:
+            values[name] = tuple(values[name])
+            if not all(isinstance(a, str) for a in values[name]):
+                raise ConfigError(f"{table} config key {name!r} must be a list of HOST:PORT")
+    for name in required:
+        if name not in values:
+            opt = name.replace("_", "-")
+            raise ConfigError(f"{table} config needs {name!r} (option --{opt})")
     try:
-        return StorageConfig(**values)
+        return cls(**values)
     except TypeError as exc:
-        raise ConfigError(f"bad storage config: {exc}") from None
+        raise ConfigError(f"bad {table} config: {exc}") from None
+
+
+def load_storage_config(path: str | None, overrides: dict[str, Any]) -> StorageConfig:
+    """The file's ``[storage]`` table (if any), then the non-None overrides."""
+    cfg: StorageConfig = _load(
+        path, "storage", StorageConfig, _TYPES, ("managers",), ("id", "data", "key"), overrides
+    )
+    return cfg
+
+
+@dataclass(frozen=True)
+class ManagerConfig:
+    id: str
+    data: str
+    key: str
+    raft: str
+    listen: str = "127.0.0.1:7300"
+    peers: tuple[str, ...] = ()
+    admin_token: str | None = None
+    port_file: str | None = None
+    log_level: str = "INFO"
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.id or len(self.id) > 64 or not self.id.replace("-", "").isalnum():
+            raise ConfigError(f"manager id {self.id!r} must be 1-64 letters, digits or '-'")
+        parse_addr(self.listen, "listen address")
+        parse_addr(self.raft, "raft address")
+        for addr in self.peers:
+            parse_addr(addr, "peer address")
+        if len({*self.peers, self.raft}) not in (1, 3, 5):
+            raise ConfigError("a manager group has 1, 3 or 5 members (--raft plus --peers)")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"log_level {self.log_level!r} is not DEBUG/INFO/WARNING/ERROR")
+
+    @property
+    def listen_addr(self) -> tuple[str, int]:
+        return parse_addr(self.listen)
+
+    @property
+    def token_path(self) -> Path:
+        """The admin token file: given, or ``admin.token`` beside the cluster key."""
+        return Path(self.admin_token) if self.admin_token else Path(self.key).parent / "admin.token"
+
+
+_MANAGER_TYPES: dict[str, type | tuple[type, ...]] = {
+    "id": str,
+    "data": str,
+    "key": str,
+    "raft": str,
+    "listen": str,
+    "peers": (list, tuple),
+    "admin_token": str,
+    "port_file": str,
+    "log_level": str,
+}
+
+
+def load_manager_config(path: str | None, overrides: dict[str, Any]) -> ManagerConfig:
+    """The file's ``[manager]`` table (if any), then the non-None overrides."""
+    cfg: ManagerConfig = _load(
+        path,
+        "manager",
+        ManagerConfig,
+        _MANAGER_TYPES,
+        ("peers",),
+        ("id", "data", "key", "raft"),
+        overrides,
+    )
+    return cfg

@@ -1,0 +1,691 @@
+"""Client commands of the management cluster: ``lamina status``, ``lamina volume ...`` and
+``lamina server ...``.
+
+Theory of operation
+-------------------
+A command finds the managers through a *cluster file* (``--cluster FILE``, else the
+environment variable ``LAMINA_CLUSTER``, else ``./lamina-data/cluster.toml``; ``lamina
+up`` writes one), then calls the managers' HTTP API (:mod:`lamina.mgmt.http`) with the
+standard library only.  :class:`ManagerClient` tries the managers in the file's order
+until one answers: a manager that cannot be reached (connection refused, timeout) is
+skipped, while an HTTP error answer is final and is turned back into the
+:class:`~lamina.errors.LaminaError` it stands for, so the CLI prints one line and exits
+with the code of that error (see ``docs/cli.md``).  Changes carry the admin token
+(``Authorization: Bearer TOKEN``) read from the file the cluster file names; a change
+whose manager took the request but never answered is not sent again elsewhere, because
+it may have been applied.
+
+Arguments lamina checks itself (sizes, the cluster file) are checked before anything is
+sent; everything else (names, ranges, placement) is left to the managers, whose reasons
+come back in the error message.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.client
+import json
+import os
+import re
+import socket
+import tomllib
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import click
+from rich.table import Table
+
+from lamina.errors import (
+    ErrorCode,
+    InternalError,
+    LaminaError,
+    LocalError,
+    Unavailable,
+    error_from_code,
+)
+
+#: the environment variable naming the cluster file when --cluster is not given
+CLUSTER_ENV = "LAMINA_CLUSTER"
+#: the cluster file used when neither --cluster nor LAMINA_CLUSTER is given
+DEFAULT_CLUSTER_FILE = Path("lamina-data") / "cluster.toml"
+#: seconds to wait for a manager to accept a connection, and again for its answer
+TIMEOUT = 10.0
+API_PREFIX = "/api/v1"
+#: an answer longer than this is not a manager's (the whole map is far smaller)
+MAX_ANSWER = 64 << 20
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
+_SIZE_RE = re.compile(r"\s*([0-9]+)\s*([KMGT]?)(?:I?B)?\s*", re.IGNORECASE)
+_HTTP_CODES = {
+    400: ErrorCode.BAD_REQUEST,
+    401: ErrorCode.AUTH_FAILED,
+    403: ErrorCode.AUTH_FAILED,
+    404: ErrorCode.NOT_FOUND,
+    409: ErrorCode.CONFLICT,
+    503: ErrorCode.UNAVAILABLE,
+    507: ErrorCode.NO_SPACE,
+}
+
+
+# --- sizes -------------------------------------------------------------------------------
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """``"10G"`` -> bytes: a whole number with an optional K/M/G/T suffix (powers of 1024;
+    ``KiB``/``KB`` style spellings and a bare ``B`` are accepted too)."""
+    m = _SIZE_RE.fullmatch(text)
+    if m is None:
+        raise LocalError(
+            f"{what} {text!r:.40} is not a size: a whole number of bytes with an optional "
+            "K, M, G or T suffix (powers of 1024), e.g. 10G, 512M, 64K"
+        )
+    return int(m.group(1)) << (10 * _UNITS[m.group(2).upper()])
+
+
+def format_size(n: int) -> str:
+    """Bytes for people: ``10 GiB``, ``1.5 MiB``, ``1000 B``."""
+    for power, unit in ((4, "TiB"), (3, "GiB"), (2, "MiB"), (1, "KiB")):
+        scale = 1 << (10 * power)
+        if n >= scale:
+            return f"{n // scale} {unit}" if n % scale == 0 else f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+# --- the cluster file --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClusterFile:
+    """A parsed cluster file; ``key`` and ``admin_token`` are resolved against its
+    directory."""
+
+    path: Path
+    managers: tuple[str, ...]
+    key: Path
+    admin_token: Path
+
+    def token(self) -> str:
+        """The admin token (read when a change needs it, so reads work without it)."""
+        try:
+            token = self.admin_token.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            raise LocalError(
+                f"admin token file {self.admin_token} does not exist (changes need it)"
+            ) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or exc
+            raise LocalError(
+                f"admin token file {self.admin_token} is unreadable: {reason}"
+            ) from None
+        if not token or any(c.isspace() for c in token):
+            raise LocalError(f"admin token file {self.admin_token} holds no valid token")
+        return token
+
+
+_CLUSTER_KEYS = {"managers", "key", "admin_token"}
+
+
+def _manager_url(value: Any, where: str) -> str:
+    bad = LocalError(
+        f"{where}: manager {value!r:.60} must be an http:// or https:// URL such as "
+        "http://127.0.0.1:7301"
+    )
+    if type(value) is not str:
+        raise bad
+    try:
+        parts = urllib.parse.urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise bad from None
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.username is not None
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+    ):
+        raise bad
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def load_cluster_file(path: str | os.PathLike[str]) -> ClusterFile:
+    """Parse a cluster file; unknown tables or keys and bad values are LocalErrors with a
+    one-line message naming the file."""
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        raise LocalError(f"cluster file {p} does not exist") from None
+    except OSError as exc:
+        raise LocalError(f"cluster file {p} is unreadable: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise LocalError(f"cluster file {p}: {exc}") from None
+    except UnicodeDecodeError:
+        raise LocalError(f"cluster file {p} is not UTF-8 text") from None
+    unknown_tables = sorted(set(doc) - {"cluster"})
+    if unknown_tables:
+        raise LocalError(f"cluster file {p}: unknown table or key(s) {unknown_tables}")
+    table = doc.get("cluster")
+    if not isinstance(table, dict):
+        raise LocalError(f"cluster file {p} has no [cluster] table")
+    unknown = sorted(set(table) - _CLUSTER_KEYS)
+    if unknown:
+        raise LocalError(f"cluster file {p}: unknown key(s) in [cluster]: {', '.join(unknown)}")
+    raw = table.get("managers")
+    if not isinstance(raw, list) or not raw:
+        raise LocalError(f"cluster file {p}: 'managers' must be a non-empty list of URLs")
+    managers = tuple(_manager_url(v, f"cluster file {p}") for v in raw)
+    if len(set(managers)) != len(managers):
+        raise LocalError(f"cluster file {p}: a manager is listed twice")
+    files: dict[str, Path] = {}
+    for name, default in (("key", "cluster.key"), ("admin_token", "admin.token")):
+        value = table.get(name, default)
+        if type(value) is not str or not value:
+            raise LocalError(f"cluster file {p}: {name!r} must be a file name, not {value!r:.40}")
+        files[name] = p.parent / value
+    return ClusterFile(p, managers, files["key"], files["admin_token"])
+
+
+def find_cluster_file(option: str | None) -> ClusterFile:
+    """The cluster file named by ``--cluster``, else ``$LAMINA_CLUSTER``, else the default."""
+    if option:
+        path, origin = Path(option), "given by --cluster"
+    elif os.environ.get(CLUSTER_ENV):
+        path, origin = Path(os.environ[CLUSTER_ENV]), f"from {CLUSTER_ENV}"
+    else:
+        path, origin = DEFAULT_CLUSTER_FILE, "the default"
+    if not path.exists():
+        hint = "" if option else f"; give --cluster FILE or set {CLUSTER_ENV}"
+        raise LocalError(f"no cluster file {path} ({origin}{hint})")
+    return load_cluster_file(path)
+
+
+# --- the HTTP client ---------------------------------------------------------------------
+
+
+class ManagerUnreachable(Unavailable):
+    """A manager gave no answer: ``sent`` is True when it may have taken the request."""
+
+    def __init__(self, url: str, reason: str, sent: bool) -> None:
+        super().__init__(f"{url}: {reason}")
+        self.url = url
+        self.reason = reason
+        self.sent = sent
+
+
+def _reason(exc: BaseException | str, timeout: float) -> str:
+    if isinstance(exc, str):
+        return exc
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {timeout:g} s"
+    if isinstance(exc, socket.gaierror):
+        return "unknown host"
+    if isinstance(exc, http.client.RemoteDisconnected | ConnectionResetError):
+        return "connection closed before an answer"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
+
+
+def _http_error(url: str, err: urllib.error.HTTPError) -> LaminaError:
+    """The lamina error an HTTP error answer stands for."""
+    try:
+        body = json.loads(err.read(MAX_ANSWER))
+    except (OSError, ValueError, http.client.HTTPException):
+        body = None
+    fallback = _HTTP_CODES.get(err.code, ErrorCode.INTERNAL)
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        name = body.get("error")
+        code = ErrorCode.__members__.get(name, fallback) if isinstance(name, str) else fallback
+        return error_from_code(code, body["message"])
+    return error_from_code(fallback, f"{url} answered HTTP {err.code} {err.reason}")
+
+
+class ManagerClient:
+    """Calls the managers of one cluster file (``/api/v1`` paths, JSON in and out)."""
+
+    def __init__(self, cluster: ClusterFile, timeout: float = TIMEOUT) -> None:
+        self.cluster = cluster
+        self.timeout = timeout
+        # managers are reached directly: a proxy from the environment has no business here
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def call_one(
+        self, url: str, method: str, path: str, body: Any = None, token: str | None = None
+    ) -> Any:
+        """One request to the manager at ``url``: its decoded answer, the LaminaError of
+        an error answer, or :class:`ManagerUnreachable`."""
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(url + API_PREFIX + path, data=data, method=method)
+        req.add_header("Accept", "application/json")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        if token is not None:
+            req.add_header("Authorization", f"Bearer {token}")
+        try:
+            with self._opener.open(req, timeout=self.timeout) as resp:
+                raw = resp.read(MAX_ANSWER)
+        except urllib.error.HTTPError as err:
+            raise _http_error(url, err) from None
+        except urllib.error.URLError as err:  # no connection: the request never arrived
+            raise ManagerUnreachable(url, _reason(err.reason, self.timeout), False) from None
+        except (OSError, http.client.HTTPException) as exc:  # sent, but no (whole) answer
+            raise ManagerUnreachable(url, _reason(exc, self.timeout), True) from None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise InternalError(f"{url} answered {path} with something not JSON") from None
+
+    def call(self, method: str, path: str, body: Any = None, *, admin: bool = False) -> Any:
+        """Ask the managers in order until one answers.  ``admin``: a change, sent with
+        the admin token and never repeated to another manager once one may have taken it."""
+        token = self.cluster.token() if admin else None
+        failed: list[ManagerUnreachable] = []
+        for url in self.cluster.managers:
+            try:
+                return self.call_one(url, method, path, body, token)
+            except ManagerUnreachable as exc:
+                if admin and exc.sent:
+                    raise Unavailable(
+                        f"{url} took the change but gave no answer ({exc.reason}); it may "
+                        "or may not be applied: check with `lamina status`"
+                    ) from None
+                failed.append(exc)
+        raise no_manager_reachable(failed)
+
+    def get(self, path: str) -> Any:
+        return self.call("GET", path)
+
+
+def no_manager_reachable(failed: list[ManagerUnreachable]) -> Unavailable:
+    reasons = {exc.reason for exc in failed}
+    if len(reasons) == 1:
+        urls = ", ".join(exc.url for exc in failed)
+        return Unavailable(f"no manager reachable: {urls} ({reasons.pop()})")
+    return Unavailable("no manager reachable: " + "; ".join(str(exc.message) for exc in failed))
+
+
+def _path(*parts: str) -> str:
+    return "".join("/" + urllib.parse.quote(part, safe="") for part in parts)
+
+
+# --- status ------------------------------------------------------------------------------
+
+
+def cluster_status(client: ManagerClient) -> dict[str, Any]:
+    """What ``lamina status --json`` prints: every manager's view, and the map as the
+    leader (or, without a reachable leader, the first manager that answers) has it."""
+    managers: list[dict[str, Any]] = []
+    answers: dict[str, dict[str, Any]] = {}
+    failed: list[ManagerUnreachable] = []
+    for url in client.cluster.managers:
+        entry: dict[str, Any] = {"url": url, "reachable": False}
+        try:
+            st = client.call_one(url, "GET", "/status")
+            raft = st["raft"]
+            entry.update(
+                reachable=True,
+                id=st["manager"],
+                raft=raft["self_addr"],
+                leader=raft["leader"],
+                term=raft["term"],
+                is_leader=raft["is_leader"],
+                has_quorum=raft["has_quorum"],
+                epoch=st["epoch"],
+            )
+            answers[url] = st
+        except ManagerUnreachable as exc:
+            entry["error"] = exc.reason
+            failed.append(exc)
+        except (LaminaError, KeyError, TypeError) as exc:
+            reason = exc.message if isinstance(exc, LaminaError) else "a malformed status"
+            entry["error"] = reason
+            failed.append(ManagerUnreachable(url, reason, False))
+        managers.append(entry)
+    if not answers:
+        raise no_manager_reachable(failed)
+    leaders = sorted(
+        (m for m in managers if m.get("is_leader")), key=lambda m: m["term"], reverse=True
+    )
+    leader = leaders[0] if leaders else None
+    source = leader["url"] if leader is not None else next(iter(answers))
+    st = answers[source]
+    try:
+        volumes = client.call_one(source, "GET", "/volumes")
+    except ManagerUnreachable:
+        volumes = client.get("/volumes")
+    problems = [f"manager {m['url']} unreachable ({m['error']})" for m in managers if "error" in m]
+    problems += [
+        f"manager {m.get('id')} ({m['url']}) has no quorum"
+        for m in managers
+        if m["reachable"] and not m["has_quorum"]
+    ]
+    if leader is None:
+        problems.append("no raft leader among the reachable managers")
+    problems += [f"server {s['id']} is {s['state']}" for s in st["servers"] if s["state"] != "up"]
+    return {
+        "managers": managers,
+        "leader": None if leader is None else {"id": leader["id"], "url": leader["url"]},
+        "source": source,
+        "epoch": st["epoch"],
+        "published_epoch": st["published_epoch"],
+        "servers": st["servers"],
+        "volumes": [
+            {k: v[k] for k in ("name", "id", "size", "replicas", "stripe", "page_size")}
+            for v in volumes
+        ],
+        "problems": problems,
+    }
+
+
+# --- plumbing shared by the commands -------------------------------------------------------
+
+
+def _fail(exc: LaminaError) -> None:
+    from lamina import cli
+
+    cli._fail(exc)
+
+
+def _print(*objects: Any) -> None:
+    from lamina.cli import console
+
+    console.print(*objects, soft_wrap=True, highlight=False)
+
+
+def _emit_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2))
+
+
+def _reports_errors(f: Callable[P, None]) -> Callable[P, None]:
+    """Run a command body; a LaminaError becomes one line on stderr and an exit code."""
+
+    @functools.wraps(f)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            f(*args, **kwargs)
+        except LaminaError as exc:
+            _fail(exc)
+
+    return wrapper
+
+
+def _client(cluster: str | None) -> ManagerClient:
+    return ManagerClient(find_cluster_file(cluster))
+
+
+_cluster_option = click.option(
+    "--cluster",
+    "cluster",
+    metavar="FILE",
+    type=click.Path(dir_okay=False),
+    help=f"Cluster file. [${CLUSTER_ENV}, else {DEFAULT_CLUSTER_FILE}]",
+)
+_json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+def _common(f: Callable[P, None]) -> Callable[P, None]:
+    """--cluster, --json and one-line error reporting."""
+    return _cluster_option(_json_option(_reports_errors(f)))
+
+
+def _table(title: str | None, *columns: str) -> Table:
+    table = Table(title=title, title_justify="left", title_style="bold")
+    for col in columns:
+        table.add_column(col)
+    return table
+
+
+# --- lamina status -------------------------------------------------------------------------
+
+
+@click.command()
+@_common
+def status(cluster: str | None, as_json: bool) -> None:
+    """Show the managers, the Raft leader, epochs, storage servers and volumes.
+
+    Exits 0 as long as one manager answers; what is degraded is highlighted (and listed
+    under "problems" in --json).
+    """
+    report = cluster_status(_client(cluster))
+    if as_json:
+        _emit_json(report)
+        return
+    table = _table("managers", "url", "id", "role", "term", "quorum")
+    for m in report["managers"]:
+        if not m["reachable"]:
+            table.add_row(m["url"], "", f"[red]unreachable: {m['error']}[/]", "", "")
+            continue
+        role = "leader" if m["is_leader"] else "follower" if m["leader"] else "[red]no leader[/]"
+        quorum = "yes" if m["has_quorum"] else "[red]no[/]"
+        table.add_row(m["url"], m["id"], role, str(m["term"]), quorum)
+    _print(table)
+    behind = report["published_epoch"] < report["epoch"]
+    published = f"[yellow]{report['published_epoch']}[/]" if behind else report["published_epoch"]
+    leader = report["leader"]
+    _print(
+        f"epoch {report['epoch']} (published {published}), leader "
+        + (f"{leader['id']}" if leader else "[red]none[/]")
+    )
+    _servers_table(report["servers"])
+    _volumes_table(report["volumes"])
+    if report["problems"]:
+        _print("[bold red]degraded:[/] " + "; ".join(report["problems"]))
+    else:
+        _print("[green]healthy[/]")
+
+
+def _servers_table(servers: list[dict[str, Any]], copies: dict[str, int] | None = None) -> None:
+    if not servers:
+        _print("[dim]no storage servers[/]")
+        return
+    cols = ["id", "addr", "state", "capacity", "zone"] + (["copies"] if copies is not None else [])
+    table = _table("storage servers", *cols)
+    for s in servers:
+        state = s["state"] if s["state"] == "up" else f"[red]{s['state']}[/]"
+        row = [s["id"], s["addr"], state, format_size(s["capacity"]), s.get("zone") or ""]
+        if copies is not None:
+            row.append(str(copies.get(s["id"], 0)))
+        table.add_row(*row)
+    _print(table)
+
+
+def _volumes_table(volumes: list[dict[str, Any]]) -> None:
+    if not volumes:
+        _print("[dim]no volumes[/]")
+        return
+    table = _table("volumes", "name", "id", "size", "replicas", "stripe", "page size")
+    for v in volumes:
+        table.add_row(
+            v["name"], str(v["id"]), format_size(v["size"]), str(v["replicas"]),
+            str(v["stripe"]), format_size(v["page_size"]),
+        )  # fmt: skip
+    _print(table)
+
+
+# --- lamina volume ... -----------------------------------------------------------------------
+
+
+@click.group()
+def volume() -> None:
+    """Create, list, inspect, grow and delete volumes."""
+
+
+@volume.command("create")
+@click.argument("name")
+@click.option("--size", required=True, help="Size, e.g. 10G (K/M/G/T: powers of 1024).")
+@click.option("--replicas", type=int, help="Copies of every partition (1-8). [2]")
+@click.option("--stripe", type=int, help="Partitions the volume is striped over (1-64). [4]")
+@click.option("--page-size", help="Page size, a power of two in 64K..16M. [1M]")
+@_common
+def volume_create(
+    name: str,
+    size: str,
+    replicas: int | None,
+    stripe: int | None,
+    page_size: str | None,
+    cluster: str | None,
+    as_json: bool,
+) -> None:
+    """Create volume NAME, placed over the storage servers that are up."""
+    body: dict[str, Any] = {"name": name, "size": parse_size(size)}
+    if replicas is not None:
+        body["replicas"] = replicas
+    if stripe is not None:
+        body["stripe"] = stripe
+    if page_size is not None:
+        body["page_size"] = parse_size(page_size, "page size")
+    v = _client(cluster).call("POST", "/volumes", body, admin=True)
+    if as_json:
+        _emit_json(v)
+        return
+    _print(
+        f"created volume {v['name']} (id {v['id']}): {format_size(v['size'])}, "
+        f"{v['replicas']} replicas, stripe {v['stripe']}, {format_size(v['page_size'])} pages "
+        f"[dim](epoch {v['fence_epoch']})[/]"
+    )
+
+
+@volume.command("list")
+@_common
+def volume_list(cluster: str | None, as_json: bool) -> None:
+    """List the volumes."""
+    volumes = _client(cluster).get("/volumes")
+    if as_json:
+        _emit_json(volumes)
+        return
+    _volumes_table(volumes)
+
+
+@volume.command("info")
+@click.argument("name")
+@_common
+def volume_info(name: str, cluster: str | None, as_json: bool) -> None:
+    """Show volume NAME with its layers and where their partitions are."""
+    v = _client(cluster).get(_path("volumes", name))
+    if as_json:
+        _emit_json(v)
+        return
+    _print(
+        f"volume {v['name']} (id {v['id']}): {format_size(v['size'])} ({v['size']} bytes), "
+        f"{v['replicas']} replicas, stripe {v['stripe']}, {format_size(v['page_size'])} pages, "
+        f"fence epoch {v['fence_epoch']}"
+    )
+    table = _table("layers", "layer", "role", "partition", "copies on")
+    for layer in v["layers"]:
+        role = layer["role"]
+        if layer.get("migrates_to") is not None:
+            role += f" -> layer {layer['migrates_to']}"
+        for i, part in enumerate(layer["placement"]):
+            first = i == 0
+            table.add_row(
+                str(layer["id"]) if first else "", role if first else "", str(i), ", ".join(part)
+            )
+    _print(table)
+
+
+@volume.command("resize")
+@click.argument("name")
+@click.option("--size", required=True, help="New size, e.g. 20G (volumes only grow).")
+@_common
+def volume_resize(name: str, size: str, cluster: str | None, as_json: bool) -> None:
+    """Grow volume NAME to --size."""
+    body = {"size": parse_size(size)}
+    v = _client(cluster).call("PATCH", _path("volumes", name), body, admin=True)
+    if as_json:
+        _emit_json(v)
+        return
+    _print(f"volume {v['name']} is now {format_size(v['size'])} [dim](epoch {v['fence_epoch']})[/]")
+
+
+@volume.command("delete")
+@click.argument("name")
+@_common
+def volume_delete(name: str, cluster: str | None, as_json: bool) -> None:
+    """Delete volume NAME from the cluster map."""
+    out = _client(cluster).call("DELETE", _path("volumes", name), admin=True)
+    if as_json:
+        _emit_json(out)
+        return
+    _print(f"deleted volume {out['name']} [dim](epoch {out['epoch']})[/]")
+
+
+# --- lamina server ... -----------------------------------------------------------------------
+
+
+@click.group()
+def server() -> None:
+    """Add, list and remove storage servers in the cluster map."""
+
+
+@server.command("list")
+@_common
+def server_list(cluster: str | None, as_json: bool) -> None:
+    """List the storage servers and how many partition copies each holds."""
+    cmap = _client(cluster).get("/map")
+    copies: dict[str, int] = {}
+    for layer in cmap["layers"].values():
+        for part in layer["placement"]:
+            for sid in part:
+                copies[sid] = copies.get(sid, 0) + 1
+    servers = [{"id": sid, **s, "copies": copies.get(sid, 0)} for sid, s in cmap["servers"].items()]
+    if as_json:
+        _emit_json(servers)
+        return
+    _servers_table(servers, copies)
+
+
+@server.command("add")
+@click.argument("server_id", metavar="ID")
+@click.option("--addr", required=True, help="HOST:PORT the storage server listens on.")
+@click.option("--capacity", default="1T", show_default=True, help="Capacity, e.g. 500G.")
+@click.option("--zone", help="Failure zone: copies of a partition go to distinct zones.")
+@_common
+def server_add(
+    server_id: str,
+    addr: str,
+    capacity: str,
+    zone: str | None,
+    cluster: str | None,
+    as_json: bool,
+) -> None:
+    """Admit storage server ID at --addr; it starts up."""
+    body: dict[str, Any] = {"id": server_id, "addr": addr, "capacity": parse_size(capacity)}
+    if zone is not None:
+        body["zone"] = zone
+    out = _client(cluster).call("POST", "/servers", body, admin=True)
+    if as_json:
+        _emit_json(out)
+        return
+    _print(
+        f"added server {out['id']} at {addr} ({format_size(body['capacity'])}) "
+        f"[dim](epoch {out['epoch']})[/]"
+    )
+
+
+@server.command("remove")
+@click.argument("server_id", metavar="ID")
+@_common
+def server_remove(server_id: str, cluster: str | None, as_json: bool) -> None:
+    """Remove storage server ID (only once it holds no partition copy)."""
+    out = _client(cluster).call("DELETE", _path("servers", server_id), admin=True)
+    if as_json:
+        _emit_json(out)
+        return
+    _print(f"removed server {out['id']} [dim](epoch {out['epoch']})[/]")
+
+
+#: the commands to register on ``lamina.cli.main``
+COMMANDS: list[click.Command] = [status, volume, server]

@@ -1,0 +1,884 @@
+"""The cluster map and the commands that change it, as pure code [0030][0031].
+
+Theory of operation
+-------------------
+The managers replicate one :class:`ClusterMap`.  Every change is a *command*: a frozen
+dataclass, validated when built, that travels through the Raft log as bytes
+(:func:`encode_command` / :func:`decode_command`).  On applying a log entry each manager
+runs ``validate(map, cmd)``.  ``None`` means the command applies, and every manager then
+computes the same ``apply(map, cmd)``; a string is the reason it is rejected, the same on
+every manager, so the Raft majority is the vote and the proposer gets the reason.  Both
+are pure functions of (map, command): no clock, no randomness, no I/O, and wherever order
+matters the code iterates in sorted order, so replicas that apply one log (or restore a
+snapshot made by :func:`map_to_dict`) reach equal maps.  ``apply`` checks the command
+again and raises :class:`InvalidCommand` rather than build a broken map.
+
+Epochs and fences (DESIGN section 6): every applied command except :class:`Publish`
+raises ``epoch`` by one.  A command that affects a volume (:func:`affected_volumes`)
+sets that volume's ``fence_epoch`` to the new epoch: CreateVolume and ResizeVolume their
+volume, SetServerState and RemoveServer every volume with a layer on that server (a
+server is removed only once it holds nothing, so in practice none).  DeleteVolume drops
+the volume and its layers.  The leader sends SET_EPOCH to :func:`affected_servers` and,
+once each acknowledged (or its lease expired), proposes ``Publish(e)``, which raises
+``published_epoch`` to ``e``; it needs ``published_epoch < e <= epoch``.
+
+Volume ids and layer ids come from counters in the map that only grow, so no id is ever
+reused, not even after a delete.  A new volume gets one ``live`` layer placed by
+:func:`lamina.mgmt.placement.place` over the ``up`` servers, weighed by the copies every
+server already holds; when any ``up`` server has a zone, the copies of a partition sit in
+distinct zones (the zone ``""`` then counts as one zone).
+
+Server states
+-------------
+A new server starts ``up``.  The legal transitions (:data:`TRANSITIONS`); every other,
+staying in the same state included, is rejected::
+
+    from         to           allowed when
+    up           down         always (its lease expired, or a failure was reported)
+    up           out          it holds no partition copy
+    down         recovering   always (it is back; the worker resyncs its pages)
+    down         out          it holds no partition copy
+    recovering   up           always (the worker found nothing dirty involving it)
+    recovering   down         always
+    recovering   out          it holds no partition copy
+    out          up           always (it holds nothing, so there is nothing to resync)
+
+``down -> up`` is missing on purpose: a server that was down may have missed writes, and
+only the resync of ``recovering`` makes it a trustworthy copy again.  RemoveServer is
+allowed in any state once the server holds no partition copy.
+
+Field rules (checked when a command is built; :class:`lamina.errors.BadRequest`):
+server ids, volume names and zones are 1-64 letters, digits, ``-`` or ``_`` (a zone may
+also be empty); addresses are ``HOST:PORT``; capacities are positive; a volume size is a
+positive multiple of 4096 up to 16 TiB; a page size a power of two in 64 KiB..16 MiB;
+replicas 1..8; stripe 1..64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum, StrEnum
+from types import MappingProxyType
+from typing import Any, ClassVar, NoReturn, TypeAlias, TypeVar, assert_never
+
+import msgpack
+
+from lamina.errors import BadRequest, ErrorCode, LaminaError, ProtocolError
+from lamina.mgmt.placement import PlacementError, check_feasible, place, zones_in_force
+from lamina.wire.messages import MAX_LAYER_BYTES, MAX_PAGE_SIZE, MIN_PAGE_SIZE
+
+MAX_ID_LEN = 64
+SIZE_ALIGN = 4096
+MAX_VOLUME_SIZE = MAX_LAYER_BYTES
+DEFAULT_PAGE_SIZE = 1 << 20
+MAX_REPLICAS = 8
+MAX_STRIPE = 64
+MAX_INT = (1 << 63) - 1
+#: version of the command encoding (first item of every encoded command)
+COMMAND_FORMAT = 1
+#: version of the map's dict form (its "format" key)
+MAP_FORMAT = 1
+#: an encoded command is far smaller than this; anything longer is refused unread
+MAX_COMMAND_BYTES = 4096
+
+_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_HOST_RE = re.compile(
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+_PORT_RE = re.compile(r"[0-9]{1,5}")
+_LAYER_KEY_RE = re.compile(r"[1-9][0-9]{0,18}")
+
+
+class ServerState(StrEnum):
+    UP = "up"
+    RECOVERING = "recovering"
+    DOWN = "down"
+    OUT = "out"
+
+
+class LayerRole(StrEnum):
+    LIVE = "live"
+    SNAPSHOT = "snapshot"
+    MIGRATION_SOURCE = "migration_source"
+    MIGRATION_TARGET = "migration_target"
+
+
+class InvalidCommand(LaminaError, ValueError):
+    """``apply`` was given a command that ``validate`` rejects; the message is the reason."""
+
+    code = ErrorCode.BAD_REQUEST
+
+
+# --- the map -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    id: str
+    addr: str
+    state: ServerState
+    capacity: int
+    zone: str
+
+
+@dataclass(frozen=True, slots=True)
+class Volume:
+    name: str
+    id: int
+    size: int
+    page_size: int
+    replicas: int
+    stripe: int
+    layers: tuple[int, ...]  # bottom -> top
+    fence_epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Layer:
+    id: int
+    volume_id: int
+    placement: tuple[tuple[str, ...], ...]  # partitions: the ordered ids holding the copies
+    role: LayerRole
+    migrates_to: int | None
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _frozen(d: dict[K, V]) -> Mapping[K, V]:
+    """A read-only view of ``d``; the caller hands ``d`` over and never touches it again."""
+    return MappingProxyType(d)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterMap:
+    """One version of the replicated state.  Immutable: a change builds a new map that
+    shares every unchanged entry with this one.  Not hashable (its mappings are not)."""
+
+    epoch: int
+    published_epoch: int
+    servers: Mapping[str, Server]
+    volumes: Mapping[str, Volume]
+    layers: Mapping[int, Layer]
+    next_volume_id: int
+    next_layer_id: int
+
+    def __post_init__(self) -> None:
+        # a plain dict from a caller is copied, so no one can change the map under us
+        for name in ("servers", "volumes", "layers"):
+            value = getattr(self, name)
+            if type(value) is not MappingProxyType:
+                object.__setattr__(self, name, MappingProxyType(dict(value)))
+
+    def up_servers(self) -> list[Server]:
+        return [
+            self.servers[k] for k in sorted(self.servers) if self.servers[k].state is ServerState.UP
+        ]
+
+    def layers_on(self, server_id: str) -> list[Layer]:
+        """The layers with a partition copy on ``server_id``, by id."""
+        return [
+            self.layers[lid]
+            for lid in sorted(self.layers)
+            if any(server_id in part for part in self.layers[lid].placement)
+        ]
+
+    def volume_by_id(self, volume_id: int) -> Volume | None:
+        for volume in self.volumes.values():
+            if volume.id == volume_id:
+                return volume
+        return None
+
+    def copies_per_server(self) -> dict[str, int]:
+        """Partition copies each server holds, over every layer."""
+        copies: dict[str, int] = {}
+        for layer in self.layers.values():
+            for part in layer.placement:
+                for sid in part:
+                    copies[sid] = copies.get(sid, 0) + 1
+        return copies
+
+
+def empty_map() -> ClusterMap:
+    """The map a new cluster starts from: epoch 0, nothing in it."""
+    return ClusterMap(0, 0, _frozen({}), _frozen({}), _frozen({}), 1, 1)
+
+
+# --- field checks --------------------------------------------------------------------
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, list | tuple | dict):
+        return f"a {type(v).__name__} of {len(v)} items"
+    return f"{v!r:.40}"
+
+
+def check_id(what: str, v: Any) -> None:
+    if type(v) is not str or not _ID_RE.fullmatch(v):
+        raise BadRequest(f"{what} must be 1-{MAX_ID_LEN} letters, digits, - or _, not {_show(v)}")
+
+
+def check_zone(v: Any) -> None:
+    if v != "":
+        check_id("zone", v)
+
+
+def check_addr(v: Any) -> None:
+    bad = BadRequest(f"address must be HOST:PORT, not {_show(v)}")
+    if type(v) is not str or len(v) > 260:
+        raise bad
+    host, sep, port = v.rpartition(":")
+    if not sep or not _PORT_RE.fullmatch(port) or not 1 <= int(port) <= 65535:
+        raise bad
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise bad from None
+    elif len(host) > 253 or not _HOST_RE.fullmatch(host):
+        raise bad
+
+
+def check_int(what: str, v: Any, lo: int, hi: int = MAX_INT) -> None:
+    if type(v) is not int or not lo <= v <= hi:
+        raise BadRequest(f"{what} must be an integer in {lo}..{hi}, not {_show(v)}")
+
+
+def check_size(v: Any) -> None:
+    check_int("volume size", v, SIZE_ALIGN, MAX_VOLUME_SIZE)
+    if v % SIZE_ALIGN:
+        raise BadRequest(f"volume size must be a multiple of {SIZE_ALIGN}, not {v}")
+
+
+def check_page_size(v: Any) -> None:
+    if type(v) is not int or not MIN_PAGE_SIZE <= v <= MAX_PAGE_SIZE or v & (v - 1):
+        raise BadRequest(f"page size must be a power of two in 64 KiB..16 MiB, not {_show(v)}")
+
+
+def check_enum(what: str, v: Any, enum: type[Enum]) -> None:
+    if type(v) is not enum:
+        raise BadRequest(f"{what} must be a {enum.__name__}, not {_show(v)}")
+
+
+# --- commands ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AddServer:
+    """Admit a storage server; it starts ``up``.  ``capacity`` is in bytes (placement only
+    uses its ratio to the other servers' capacities)."""
+
+    TAG: ClassVar[str] = "add_server"
+    id: str
+    addr: str
+    capacity: int
+    zone: str = ""
+
+    def __post_init__(self) -> None:
+        check_id("server id", self.id)
+        check_addr(self.addr)
+        check_int("capacity", self.capacity, 1)
+        check_zone(self.zone)
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveServer:
+    TAG: ClassVar[str] = "remove_server"
+    id: str
+
+    def __post_init__(self) -> None:
+        check_id("server id", self.id)
+
+
+@dataclass(frozen=True, slots=True)
+class SetServerState:
+    TAG: ClassVar[str] = "set_server_state"
+    id: str
+    state: ServerState = field(metadata={"enum": ServerState})
+
+    def __post_init__(self) -> None:
+        check_id("server id", self.id)
+        check_enum("state", self.state, ServerState)
+
+
+@dataclass(frozen=True, slots=True)
+class CreateVolume:
+    TAG: ClassVar[str] = "create_volume"
+    name: str
+    size: int
+    replicas: int = 2
+    stripe: int = 4
+    page_size: int = DEFAULT_PAGE_SIZE
+
+    def __post_init__(self) -> None:
+        check_id("volume name", self.name)
+        check_size(self.size)
+        check_int("replicas", self.replicas, 1, MAX_REPLICAS)
+        check_int("stripe", self.stripe, 1, MAX_STRIPE)
+        check_page_size(self.page_size)
+
+
+@dataclass(frozen=True, slots=True)
+class ResizeVolume:
+    TAG: ClassVar[str] = "resize_volume"
+    name: str
+    size: int
+
+    def __post_init__(self) -> None:
+        check_id("volume name", self.name)
+        check_size(self.size)
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteVolume:
+    TAG: ClassVar[str] = "delete_volume"
+    name: str
+
+    def __post_init__(self) -> None:
+        check_id("volume name", self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """Raise ``published_epoch`` to ``epoch`` (the only command that keeps ``epoch``)."""
+
+    TAG: ClassVar[str] = "publish"
+    epoch: int
+
+    def __post_init__(self) -> None:
+        check_int("epoch", self.epoch, 0)
+
+
+Command: TypeAlias = (
+    AddServer | RemoveServer | SetServerState | CreateVolume | ResizeVolume | DeleteVolume | Publish
+)
+COMMAND_TYPES: tuple[type[Command], ...] = (
+    AddServer,
+    RemoveServer,
+    SetServerState,
+    CreateVolume,
+    ResizeVolume,
+    DeleteVolume,
+    Publish,
+)
+_BY_TAG: dict[str, type[Command]] = {cls.TAG: cls for cls in COMMAND_TYPES}
+
+
+# --- server states -------------------------------------------------------------------
+
+
+class When(Enum):
+    """The condition a server-state transition needs."""
+
+    ALWAYS = "always"
+    HOLDS_NOTHING = "it holds no partition copy"
+
+
+_S = ServerState
+#: every legal (from, to) server-state transition and its condition (the module docstring
+#: shows the same table)
+TRANSITIONS: Mapping[tuple[ServerState, ServerState], When] = MappingProxyType(
+    {
+        (_S.UP, _S.DOWN): When.ALWAYS,
+        (_S.UP, _S.OUT): When.HOLDS_NOTHING,
+        (_S.DOWN, _S.RECOVERING): When.ALWAYS,
+        (_S.DOWN, _S.OUT): When.HOLDS_NOTHING,
+        (_S.RECOVERING, _S.UP): When.ALWAYS,
+        (_S.RECOVERING, _S.DOWN): When.ALWAYS,
+        (_S.RECOVERING, _S.OUT): When.HOLDS_NOTHING,
+        (_S.OUT, _S.UP): When.ALWAYS,
+    }
+)
+
+
+# --- validate ------------------------------------------------------------------------
+
+
+def validate(cmap: ClusterMap, cmd: Command) -> str | None:
+    """``None`` if ``cmd`` may apply to ``cmap``, else the reason it is rejected."""
+    if type(cmd) not in COMMAND_TYPES:
+        return f"not a command: {type(cmd).__name__}"
+    match cmd:
+        case AddServer():
+            return _check_add_server(cmap, cmd)
+        case RemoveServer():
+            if cmd.id not in cmap.servers:
+                return f"unknown server {cmd.id}"
+            return _holdings(cmap, cmd.id)
+        case SetServerState():
+            return _check_set_state(cmap, cmd)
+        case CreateVolume():
+            return _check_create(cmap, cmd)
+        case ResizeVolume():
+            volume = cmap.volumes.get(cmd.name)
+            if volume is None:
+                return f"unknown volume {cmd.name}"
+            if cmd.size < volume.size:
+                return (
+                    f"volume {cmd.name} is {volume.size} bytes: volumes only grow, "
+                    f"shrinking it to {cmd.size} would drop data"
+                )
+            if cmd.size == volume.size:
+                return f"volume {cmd.name} is already {cmd.size} bytes"
+            return None
+        case DeleteVolume():
+            return None if cmd.name in cmap.volumes else f"unknown volume {cmd.name}"
+        case Publish():
+            if cmd.epoch > cmap.epoch:
+                return f"cannot publish epoch {cmd.epoch}: the map is at epoch {cmap.epoch}"
+            if cmd.epoch <= cmap.published_epoch:
+                return f"epoch {cmd.epoch} is not above the published epoch {cmap.published_epoch}"
+            return None
+    assert_never(cmd)
+
+
+def _check_add_server(cmap: ClusterMap, cmd: AddServer) -> str | None:
+    if cmd.id in cmap.servers:
+        return f"server {cmd.id} already exists"
+    addr = cmd.addr.lower()
+    for sid in sorted(cmap.servers):
+        if cmap.servers[sid].addr.lower() == addr:
+            return f"address {cmd.addr} is already used by server {sid}"
+    return None
+
+
+def _holdings(cmap: ClusterMap, server_id: str) -> str | None:
+    """Why ``server_id`` may not be emptied of data yet, or ``None`` if it holds nothing."""
+    layers = cmap.layers_on(server_id)
+    if not layers:
+        return None
+    first = layers[0]
+    volume = cmap.volume_by_id(first.volume_id)
+    name = volume.name if volume is not None else f"#{first.volume_id}"
+    more = f" and {len(layers) - 1} more layer(s)" if len(layers) > 1 else ""
+    return f"{server_id} holds copies of layer {first.id} (volume {name}){more}: drain it first"
+
+
+def _check_set_state(cmap: ClusterMap, cmd: SetServerState) -> str | None:
+    server = cmap.servers.get(cmd.id)
+    if server is None:
+        return f"unknown server {cmd.id}"
+    if server.state == cmd.state:
+        return f"server {cmd.id} is already {cmd.state}"
+    when = TRANSITIONS.get((server.state, cmd.state))
+    if when is None:
+        allowed = ", ".join(to for (frm, to) in TRANSITIONS if frm == server.state)
+        return (
+            f"server {cmd.id} cannot go from {server.state} to {cmd.state} "
+            f"(from {server.state} it may go to: {allowed})"
+        )
+    if when is When.HOLDS_NOTHING:
+        return _holdings(cmap, cmd.id)
+    return None
+
+
+def _check_create(cmap: ClusterMap, cmd: CreateVolume) -> str | None:
+    if cmd.name in cmap.volumes:
+        return f"volume {cmd.name} already exists"
+    up = cmap.up_servers()
+    copies = f"{cmd.replicas} copies of each partition"
+    if cmd.replicas > len(up):
+        return f"volume {cmd.name} needs {cmd.replicas} up servers for {copies}, {len(up)} are up"
+    if zones_in_force(up):
+        zones = sorted({s.zone for s in up})
+        if cmd.replicas > len(zones):
+            return (
+                f"volume {cmd.name} needs {cmd.replicas} zones for {copies}, the up servers "
+                f"span {len(zones)} ({', '.join(repr(z) for z in zones)})"
+            )
+    try:
+        check_feasible(up, cmd.replicas)  # the same rule, as placement states it
+    except PlacementError as exc:
+        return f"volume {cmd.name}: {exc.message}"
+    return None
+
+
+# --- apply ---------------------------------------------------------------------------
+
+
+def apply(cmap: ClusterMap, cmd: Command) -> ClusterMap:
+    """The map after ``cmd``.  Raises :class:`InvalidCommand` if ``validate`` rejects it."""
+    reason = validate(cmap, cmd)
+    if reason is not None:
+        raise InvalidCommand(reason)
+    epoch = cmap.epoch + 1
+    replace = dataclasses.replace
+    match cmd:
+        case Publish():
+            return replace(cmap, published_epoch=cmd.epoch)
+        case AddServer():
+            server = Server(cmd.id, cmd.addr, ServerState.UP, cmd.capacity, cmd.zone)
+            return replace(cmap, epoch=epoch, servers=_frozen({**cmap.servers, cmd.id: server}))
+        case RemoveServer():
+            kept = {k: v for k, v in cmap.servers.items() if k != cmd.id}
+            volumes = _fenced(cmap, _affected(cmap, cmd), epoch)
+            return replace(cmap, epoch=epoch, servers=_frozen(kept), volumes=volumes)
+        case SetServerState():
+            server = replace(cmap.servers[cmd.id], state=cmd.state)
+            volumes = _fenced(cmap, _affected(cmap, cmd), epoch)
+            servers = _frozen({**cmap.servers, cmd.id: server})
+            return replace(cmap, epoch=epoch, servers=servers, volumes=volumes)
+        case CreateVolume():
+            placement = place(cmap.up_servers(), cmd.stripe, cmd.replicas, cmap.copies_per_server())
+            vid, lid = cmap.next_volume_id, cmap.next_layer_id
+            layer = Layer(lid, vid, placement, LayerRole.LIVE, None)
+            volume = Volume(
+                cmd.name, vid, cmd.size, cmd.page_size, cmd.replicas, cmd.stripe, (lid,), epoch
+            )
+            return replace(
+                cmap,
+                epoch=epoch,
+                volumes=_frozen({**cmap.volumes, cmd.name: volume}),
+                layers=_frozen({**cmap.layers, lid: layer}),
+                next_volume_id=vid,
+                next_layer_id=lid + 1,
+            )
+        case ResizeVolume():
+            volume = replace(cmap.volumes[cmd.name], size=cmd.size, fence_epoch=epoch)
+            return replace(cmap, epoch=epoch, volumes=_frozen({**cmap.volumes, cmd.name: volume}))
+        case DeleteVolume():
+            gone = cmap.volumes[cmd.name]
+            volumes = {k: v for k, v in cmap.volumes.items() if k != cmd.name}
+            layers = {k: v for k, v in cmap.layers.items() if v.volume_id != gone.id}
+            return replace(cmap, epoch=epoch, volumes=_frozen(volumes), layers=_frozen(layers))
+    assert_never(cmd)
+
+
+def _fenced(cmap: ClusterMap, volume_ids: Iterable[int], epoch: int) -> Mapping[str, Volume]:
+    """``cmap.volumes`` with the fence of every volume in ``volume_ids`` set to ``epoch``."""
+    ids = set(volume_ids)
+    if not ids:
+        return cmap.volumes
+    return _frozen(
+        {
+            name: dataclasses.replace(v, fence_epoch=epoch) if v.id in ids else v
+            for name, v in cmap.volumes.items()
+        }
+    )
+
+
+# --- what a command affects ------------------------------------------------------------
+
+
+def affected_volumes(cmap: ClusterMap, cmd: Command) -> frozenset[int]:
+    """Ids of the volumes ``cmd`` changes when applied to ``cmap`` (the map *before* it);
+    a rejected command affects nothing.  All but a deleted volume get a new fence epoch."""
+    if validate(cmap, cmd) is not None:
+        return frozenset()
+    return _affected(cmap, cmd)
+
+
+def _affected(cmap: ClusterMap, cmd: Command) -> frozenset[int]:
+    match cmd:
+        case AddServer() | Publish():
+            return frozenset()
+        case RemoveServer() | SetServerState():
+            return frozenset(layer.volume_id for layer in cmap.layers_on(cmd.id))
+        case CreateVolume():
+            return frozenset({cmap.next_volume_id})
+        case ResizeVolume() | DeleteVolume():
+            return frozenset({cmap.volumes[cmd.name].id})
+    assert_never(cmd)
+
+
+def affected_servers(cmap: ClusterMap, cmd: Command) -> set[str]:
+    """Storage servers holding a layer of a volume ``cmd`` affects, before or after it
+    applies to ``cmap`` (the map before it): the leader sends them SET_EPOCH before it
+    publishes the new epoch.  A rejected command affects nothing."""
+    volume_ids = affected_volumes(cmap, cmd)
+    if not volume_ids:
+        return set()
+    servers: set[str] = set()
+    for m in (cmap, apply(cmap, cmd)):
+        for layer in m.layers.values():
+            if layer.volume_id in volume_ids:
+                for part in layer.placement:
+                    servers.update(part)
+    return servers
+
+
+def fences(cmap: ClusterMap) -> list[tuple[int, int]]:
+    """(volume id, fence epoch) of every volume, by volume id (SET_EPOCH carries them)."""
+    return sorted((v.id, v.fence_epoch) for v in cmap.volumes.values())
+
+
+# --- commands as bytes -----------------------------------------------------------------
+
+
+def encode_command(cmd: Command) -> bytes:
+    """``cmd`` as msgpack: ``[COMMAND_FORMAT, tag, field, ...]`` in declaration order."""
+    if type(cmd) not in COMMAND_TYPES:
+        raise BadRequest(f"not a command: {type(cmd).__name__}")
+    values = [getattr(cmd, f.name) for f in dataclasses.fields(cmd)]
+    plain = [v.value if isinstance(v, Enum) else v for v in values]
+    return msgpack.packb([COMMAND_FORMAT, cmd.TAG, *plain], use_bin_type=True)
+
+
+def decode_command(data: bytes | bytearray | memoryview) -> Command:
+    """The command ``encode_command`` made; raises ProtocolError on anything else."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ProtocolError(f"a command is bytes, not {type(data).__name__}")
+    if len(data) > MAX_COMMAND_BYTES:
+        raise ProtocolError(f"command of {len(data)} bytes exceeds {MAX_COMMAND_BYTES}")
+    try:
+        values = msgpack.unpackb(data, use_list=False, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises many types on garbage
+        raise ProtocolError(f"undecodable command: {exc.__class__.__name__}") from None
+    if type(values) is not tuple or len(values) < 2:
+        raise ProtocolError("a command is a msgpack array [format, tag, fields...]")
+    version, tag, *args = values
+    if type(version) is not int or version != COMMAND_FORMAT:
+        raise ProtocolError(f"unsupported command format {_show(version)}")
+    cls = _BY_TAG.get(tag) if type(tag) is str else None
+    if cls is None:
+        raise ProtocolError(f"unknown command {_show(tag)}")
+    fields = dataclasses.fields(cls)
+    if len(args) != len(fields):
+        raise ProtocolError(f"{cls.__name__} has {len(fields)} fields, got {len(args)}")
+    for i, f in enumerate(fields):
+        enum = f.metadata.get("enum")
+        if enum is not None:
+            try:
+                args[i] = enum(args[i])
+            except (TypeError, ValueError):
+                raise ProtocolError(f"bad {f.name} {_show(args[i])}") from None
+    try:
+        return cls(*args)
+    except ProtocolError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"bad {cls.__name__}: {exc}") from None
+
+
+# --- the map as a dict -------------------------------------------------------------------
+
+
+def map_to_dict(cmap: ClusterMap) -> dict[str, Any]:
+    """The map as JSON-ready plain data in a stable key order (entries sorted by key)."""
+    return {
+        "format": MAP_FORMAT,
+        "epoch": cmap.epoch,
+        "published_epoch": cmap.published_epoch,
+        "next_volume_id": cmap.next_volume_id,
+        "next_layer_id": cmap.next_layer_id,
+        "servers": {
+            sid: {
+                "addr": s.addr,
+                "state": s.state.value,
+                "capacity": s.capacity,
+                "zone": s.zone,
+            }
+            for sid, s in sorted(cmap.servers.items())
+        },
+        "volumes": {
+            name: {
+                "id": v.id,
+                "size": v.size,
+                "page_size": v.page_size,
+                "replicas": v.replicas,
+                "stripe": v.stripe,
+                "layers": list(v.layers),
+                "fence_epoch": v.fence_epoch,
+            }
+            for name, v in sorted(cmap.volumes.items())
+        },
+        "layers": {
+            str(lid): {
+                "volume_id": layer.volume_id,
+                "placement": [list(part) for part in layer.placement],
+                "role": layer.role.value,
+                "migrates_to": layer.migrates_to,
+            }
+            for lid, layer in sorted(cmap.layers.items())
+        },
+    }
+
+
+_MAP_KEYS = (
+    "format",
+    "epoch",
+    "published_epoch",
+    "next_volume_id",
+    "next_layer_id",
+    "servers",
+    "volumes",
+    "layers",
+)
+_SERVER_KEYS = ("addr", "state", "capacity", "zone")
+_VOLUME_KEYS = ("id", "size", "page_size", "replicas", "stripe", "layers", "fence_epoch")
+_LAYER_KEYS = ("volume_id", "placement", "role", "migrates_to")
+
+
+def _record(v: Any, what: str, keys: Sequence[str]) -> Mapping[str, Any]:
+    if not isinstance(v, Mapping):
+        raise ProtocolError(f"{what} must be an object, not {_show(v)}")
+    have = set(v)
+    if have != set(keys):
+        missing = sorted(set(keys) - have)
+        extra = sorted(repr(k) for k in have - set(keys))
+        raise ProtocolError(f"{what}: missing keys {missing}, unexpected keys {extra}")
+    return v
+
+
+def _list(v: Any, what: str, max_len: int) -> Sequence[Any]:
+    if type(v) not in (list, tuple) or len(v) > max_len:
+        raise ProtocolError(f"{what} must be a list of at most {max_len} items, not {_show(v)}")
+    seq: Sequence[Any] = v
+    return seq
+
+
+def _int(v: Any, what: str, lo: int = 0) -> int:
+    check_int(what, v, lo)
+    value: int = v
+    return value
+
+
+def _enum(v: Any, what: str, enum: type[StrEnum]) -> Any:
+    if type(v) is not str:
+        raise ProtocolError(f"{what} must be a string, not {_show(v)}")
+    try:
+        return enum(v)
+    except ValueError:
+        raise ProtocolError(f"unknown {what} {_show(v)}") from None
+
+
+def map_from_dict(data: Mapping[str, Any]) -> ClusterMap:
+    """The map ``map_to_dict`` made; raises ProtocolError on anything malformed or
+    inconsistent (see :func:`check_map`)."""
+    d = _record(data, "cluster map", _MAP_KEYS)
+    if d["format"] != MAP_FORMAT or type(d["format"]) is not int:
+        raise ProtocolError(f"unsupported map format {_show(d['format'])}")
+    servers: dict[str, Server] = {}
+    raw_servers = d["servers"]
+    if not isinstance(raw_servers, Mapping):
+        raise ProtocolError("servers must be an object")
+    for sid, raw in raw_servers.items():
+        check_id("server id", sid)
+        r = _record(raw, f"server {sid}", _SERVER_KEYS)
+        state = _enum(r["state"], f"state of server {sid}", ServerState)
+        servers[sid] = Server(sid, r["addr"], state, r["capacity"], r["zone"])
+    volumes: dict[str, Volume] = {}
+    raw_volumes = d["volumes"]
+    if not isinstance(raw_volumes, Mapping):
+        raise ProtocolError("volumes must be an object")
+    for name, raw in raw_volumes.items():
+        check_id("volume name", name)
+        r = _record(raw, f"volume {name}", _VOLUME_KEYS)
+        stack = tuple(_list(r["layers"], f"layers of volume {name}", 1 << 16))
+        volumes[name] = Volume(
+            name, r["id"], r["size"], r["page_size"], r["replicas"], r["stripe"], stack,
+            r["fence_epoch"],
+        )  # fmt: skip
+    layers: dict[int, Layer] = {}
+    raw_layers = d["layers"]
+    if not isinstance(raw_layers, Mapping):
+        raise ProtocolError("layers must be an object")
+    for key, raw in raw_layers.items():
+        if type(key) is not str or not _LAYER_KEY_RE.fullmatch(key):
+            raise ProtocolError(f"layer id {_show(key)} is not a positive decimal integer")
+        lid = int(key)
+        r = _record(raw, f"layer {lid}", _LAYER_KEYS)
+        parts = _list(r["placement"], f"placement of layer {lid}", MAX_STRIPE)
+        placement = tuple(
+            tuple(_list(part, f"partition of layer {lid}", MAX_REPLICAS)) for part in parts
+        )
+        role = _enum(r["role"], f"role of layer {lid}", LayerRole)
+        layers[lid] = Layer(lid, r["volume_id"], placement, role, r["migrates_to"])
+    cmap = ClusterMap(
+        _int(d["epoch"], "epoch"),
+        _int(d["published_epoch"], "published epoch"),
+        _frozen(servers),
+        _frozen(volumes),
+        _frozen(layers),
+        _int(d["next_volume_id"], "next volume id", 1),
+        _int(d["next_layer_id"], "next layer id", 1),
+    )
+    check_map(cmap)
+    return cmap
+
+
+def check_map(cmap: ClusterMap) -> None:
+    """Raise ProtocolError unless every entry of ``cmap`` is well formed and every
+    reference in it holds (what ``apply`` keeps true and a loaded map must satisfy)."""
+    try:
+        _check_map(cmap)
+    except BadRequest as exc:
+        raise ProtocolError(f"inconsistent map: {exc.message}") from None
+
+
+def _check_map(cmap: ClusterMap) -> None:
+    def fail(message: str) -> NoReturn:
+        raise BadRequest(message)
+
+    check_int("epoch", cmap.epoch, 0)
+    check_int("published epoch", cmap.published_epoch, 0, cmap.epoch)
+    check_int("next volume id", cmap.next_volume_id, 1)
+    check_int("next layer id", cmap.next_layer_id, 1)
+    for sid, s in cmap.servers.items():
+        check_id("server id", sid)
+        if s.id != sid:
+            fail(f"server {sid} is filed as {s.id}")
+        check_addr(s.addr)
+        check_enum("state", s.state, ServerState)
+        check_int("capacity", s.capacity, 1)
+        check_zone(s.zone)
+    owner: dict[int, str] = {}  # layer id -> volume name
+    volume_ids: dict[int, str] = {}
+    for name, v in cmap.volumes.items():
+        if v.name != name:
+            fail(f"volume {name} is filed as {v.name}")
+        check_int(f"id of volume {name}", v.id, 1)
+        if v.id >= cmap.next_volume_id:
+            fail(f"volume {name} has id {v.id}, not below the next volume id")
+        if v.id in volume_ids:
+            fail(f"volumes {volume_ids[v.id]} and {name} share id {v.id}")
+        volume_ids[v.id] = name
+        check_size(v.size)
+        check_page_size(v.page_size)
+        check_int("replicas", v.replicas, 1, MAX_REPLICAS)
+        check_int("stripe", v.stripe, 1, MAX_STRIPE)
+        check_int(f"fence epoch of volume {name}", v.fence_epoch, 0, cmap.epoch)
+        if type(v.layers) is not tuple or not v.layers:
+            fail(f"volume {name} has no layer stack")
+        for lid in v.layers:
+            layer = cmap.layers.get(lid) if type(lid) is int else None
+            if layer is None:
+                fail(f"volume {name} stacks unknown layer {_show(lid)}")
+            elif layer.volume_id != v.id:
+                fail(f"volume {name} stacks layer {lid} of volume #{layer.volume_id}")
+            elif lid in owner:
+                fail(f"layer {lid} is stacked twice")
+            owner[lid] = name
+    for lid, layer in cmap.layers.items():
+        if layer.id != lid:
+            fail(f"layer {lid} is filed as {layer.id}")
+        check_int("layer id", lid, 1)
+        if lid >= cmap.next_layer_id:
+            fail(f"layer {lid} is not below the next layer id {cmap.next_layer_id}")
+        if lid not in owner:
+            fail(f"layer {lid} is in no volume's stack")
+        check_enum(f"role of layer {lid}", layer.role, LayerRole)
+        if not 1 <= len(layer.placement) <= MAX_STRIPE:
+            fail(f"layer {lid} has {len(layer.placement)} partitions")
+        for part in layer.placement:
+            if not 1 <= len(part) <= MAX_REPLICAS:
+                fail(f"layer {lid} has a partition of {_show(part)}")
+            for sid in part:
+                if type(sid) is not str or sid not in cmap.servers:
+                    fail(f"layer {lid} places a copy on unknown server {_show(sid)}")
+            if len(set(part)) != len(part):
+                fail(f"layer {lid} has two copies of a partition on one server")
+        target = layer.migrates_to
+        if target is not None and (
+            type(target) is not int
+            or target == lid
+            or target not in cmap.layers
+            or cmap.layers[target].volume_id != layer.volume_id
+        ):
+            fail(f"layer {lid} migrates to {_show(target)}, not another layer of its volume")

@@ -1,0 +1,332 @@
+"""The manager's HTTP API (aiohttp): JSON under versioned paths ``/api/v1/...``.
+
+Theory of operation
+-------------------
+Handlers only decode, call and encode: a request body is checked against a small schema
+(unknown fields, wrong types and missing fields are 400 with the reason), turned into a
+command of :mod:`lamina.mgmt.clustermap` (whose own checks also answer 400), submitted
+through :class:`~lamina.mgmt.service.ManagerService`, and the outcome is encoded.
+Changes need the admin token (``Authorization: Bearer TOKEN``; 401 without it).  Errors
+are converted to HTTP statuses in one place, :func:`_error_response`.  Any manager
+answers: changes go through Raft from wherever they arrive (PySyncObj forwards them to
+the leader), reads are served from this manager's copy of the map.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from lamina import __version__
+from lamina.errors import AuthFailed, BadRequest, ErrorCode, LaminaError, NotFound
+from lamina.mgmt import clustermap as cm
+from lamina.mgmt.service import ManagerService
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SERVICE = web.AppKey("service", ManagerService)
+TOKEN = web.AppKey("token", str)
+StatusFn = Callable[[], dict[str, Any]]
+STATUS: web.AppKey[StatusFn] = web.AppKey("status")
+
+_HTTP_STATUS = {
+    ErrorCode.BAD_REQUEST: 400,
+    ErrorCode.AUTH_FAILED: 401,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.CONFLICT: 409,
+    ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.NO_SPACE: 507,
+}
+MAX_BODY = 64 * 1024
+
+
+def _error_response(exc: LaminaError) -> web.Response:
+    status = _HTTP_STATUS.get(exc.code, 500)
+    body = {"error": exc.code.name, "message": exc.message}
+    return web.json_response(body, status=status)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except LaminaError as exc:
+        return _error_response(exc)
+    except web.HTTPException:
+        raise
+    except Exception as exc:
+        log.exception("internal error on %s %s", request.method, request.path)
+        return web.json_response({"error": "INTERNAL", "message": repr(exc)}, status=500)
+
+
+def _require_admin(request: web.Request) -> None:
+    got = request.headers.get("Authorization", "")
+    expected = "Bearer " + request.app[TOKEN]
+    if not hmac.compare_digest(got.encode(), expected.encode()):
+        raise AuthFailed("this change needs the admin token (Authorization: Bearer TOKEN)")
+
+
+Schema = dict[str, tuple[type, bool]]  # field -> (type, required)
+
+
+async def _body(request: web.Request, schema: Schema) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise BadRequest(f"request body over {MAX_BODY} bytes")
+    raw = await request.read()
+    if len(raw) > MAX_BODY:
+        raise BadRequest(f"request body over {MAX_BODY} bytes")
+    try:
+        data = json.loads(raw or b"{}")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the request body must be a JSON object")
+    unknown = sorted(set(data) - set(schema))
+    if unknown:
+        raise BadRequest(f"unknown field(s): {', '.join(unknown)}")
+    for name, (typ, required) in schema.items():
+        if name not in data:
+            if required:
+                raise BadRequest(f"missing field {name!r}")
+            continue
+        value = data[name]
+        if (isinstance(value, bool) and typ is not bool) or not isinstance(value, typ):
+            raise BadRequest(f"field {name!r} must be {typ.__name__}, not {value!r:.40}")
+    return data
+
+
+def _volume_json(cmap: cm.ClusterMap, name: str) -> dict[str, Any]:
+    volume = cmap.volumes.get(name)
+    if volume is None:
+        raise NotFound(f"no volume {name!r}")
+    d = cm.map_to_dict(cmap)
+    out: dict[str, Any] = {"name": name, **d["volumes"][name]}
+    out["layers"] = [{"id": lid, **d["layers"][str(lid)]} for lid in volume.layers]
+    return out
+
+
+def _servers_json(cmap: cm.ClusterMap) -> list[dict[str, Any]]:
+    return [{"id": sid, **s} for sid, s in cm.map_to_dict(cmap)["servers"].items()]
+
+
+# --- handlers ------------------------------------------------------------------------
+
+
+async def get_status(request: web.Request) -> web.Response:
+    svc = request.app[SERVICE]
+    cmap = svc.map
+    return web.json_response(
+        {
+            "manager": svc.manager_id,
+            "version": __version__,
+            "raft": request.app[STATUS](),
+            "epoch": cmap.epoch,
+            "published_epoch": cmap.published_epoch,
+            "servers": _servers_json(cmap),
+            "volumes": sorted(cmap.volumes),
+        }
+    )
+
+
+async def get_map(request: web.Request) -> web.Response:
+    return web.json_response(cm.map_to_dict(request.app[SERVICE].map))
+
+
+async def list_servers(request: web.Request) -> web.Response:
+    return web.json_response(_servers_json(request.app[SERVICE].map))
+
+
+async def add_server(request: web.Request) -> web.Response:
+    _require_admin(request)
+    body = await _body(
+        request,
+        {"id": (str, True), "addr": (str, True), "capacity": (int, True), "zone": (str, False)},
+    )
+    outcome = await request.app[SERVICE].submit(cm.AddServer(**body))
+    return web.json_response({"id": body["id"], "epoch": outcome.epoch}, status=201)
+
+
+async def remove_server(request: web.Request) -> web.Response:
+    _require_admin(request)
+    sid = request.match_info["id"]
+    if sid not in request.app[SERVICE].map.servers:
+        raise NotFound(f"no server {sid!r}")
+    outcome = await request.app[SERVICE].submit(cm.RemoveServer(sid))
+    return web.json_response({"id": sid, "epoch": outcome.epoch})
+
+
+async def list_volumes(request: web.Request) -> web.Response:
+    cmap = request.app[SERVICE].map
+    return web.json_response([_volume_json(cmap, name) for name in sorted(cmap.volumes)])
+
+
+async def get_volume(request: web.Request) -> web.Response:
+    return web.json_response(_volume_json(request.app[SERVICE].map, request.match_info["name"]))
+
+
+async def create_volume(request: web.Request) -> web.Response:
+    _require_admin(request)
+    body = await _body(
+        request,
+        {
+            "name": (str, True),
+            "size": (int, True),
+            "replicas": (int, False),
+            "stripe": (int, False),
+            "page_size": (int, False),
+        },
+    )
+    svc = request.app[SERVICE]
+    await svc.submit(cm.CreateVolume(**body))
+    return web.json_response(_volume_json(svc.map, body["name"]), status=201)
+
+
+async def resize_volume(request: web.Request) -> web.Response:
+    _require_admin(request)
+    name = request.match_info["name"]
+    body = await _body(request, {"size": (int, True)})
+    svc = request.app[SERVICE]
+    if name not in svc.map.volumes:
+        raise NotFound(f"no volume {name!r}")
+    await svc.submit(cm.ResizeVolume(name, body["size"]))
+    return web.json_response(_volume_json(svc.map, name))
+
+
+async def delete_volume(request: web.Request) -> web.Response:
+    _require_admin(request)
+    name = request.match_info["name"]
+    svc = request.app[SERVICE]
+    if name not in svc.map.volumes:
+        raise NotFound(f"no volume {name!r}")
+    outcome = await svc.submit(cm.DeleteVolume(name))
+    return web.json_response({"name": name, "epoch": outcome.epoch})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(OPENAPI)
+
+
+def make_app(
+    service: ManagerService, token: str, status: Callable[[], dict[str, Any]]
+) -> web.Application:
+    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
+    app[SERVICE] = service
+    app[TOKEN] = token
+    app[STATUS] = status
+    app.router.add_get("/api/v1/status", get_status)
+    app.router.add_get("/api/v1/map", get_map)
+    app.router.add_get("/api/v1/servers", list_servers)
+    app.router.add_post("/api/v1/servers", add_server)
+    app.router.add_delete("/api/v1/servers/{id}", remove_server)
+    app.router.add_get("/api/v1/volumes", list_volumes)
+    app.router.add_post("/api/v1/volumes", create_volume)
+    app.router.add_get("/api/v1/volumes/{name}", get_volume)
+    app.router.add_patch("/api/v1/volumes/{name}", resize_volume)
+    app.router.add_delete("/api/v1/volumes/{name}", delete_volume)
+    app.router.add_get("/api/v1/openapi.json", openapi)
+    return app
+
+
+_ERR = {"$ref": "#/components/schemas/Error"}
+
+
+def _op(summary: str, ok: str, *, admin: bool = False, body: str | None = None) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "responses": {
+            ok: {"description": "success"},
+            "400": {
+                "description": "bad request",
+                "content": {"application/json": {"schema": _ERR}},
+            },
+            "404": {
+                "description": "unknown name",
+                "content": {"application/json": {"schema": _ERR}},
+            },
+        },
+    }
+    if admin:
+        op["security"] = [{"admin": []}]
+        op["responses"]["401"] = {"description": "admin token missing or wrong"}
+        op["responses"]["409"] = {
+            "description": "the managers rejected the change (the reason is in the message)",
+            "content": {"application/json": {"schema": _ERR}},
+        }
+        op["responses"]["503"] = {"description": "no quorum of managers"}
+    if body:
+        op["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}},
+        }
+    return op
+
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {"title": "lamina manager API", "version": "1"},
+    "paths": {
+        "/api/v1/status": {"get": _op("manager, raft and cluster summary", "200")},
+        "/api/v1/map": {"get": _op("the whole cluster map", "200")},
+        "/api/v1/servers": {
+            "get": _op("storage servers", "200"),
+            "post": _op("add a storage server", "201", admin=True, body="NewServer"),
+        },
+        "/api/v1/servers/{id}": {
+            "delete": _op("remove a storage server that holds nothing", "200", admin=True)
+        },
+        "/api/v1/volumes": {
+            "get": _op("volumes", "200"),
+            "post": _op("create a volume", "201", admin=True, body="NewVolume"),
+        },
+        "/api/v1/volumes/{name}": {
+            "get": _op("one volume with its layers", "200"),
+            "patch": _op("grow a volume", "200", admin=True, body="Resize"),
+            "delete": _op("delete a volume", "200", admin=True),
+        },
+    },
+    "components": {
+        "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}},
+        "schemas": {
+            "Error": {
+                "type": "object",
+                "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
+                "required": ["error", "message"],
+            },
+            "NewServer": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["id", "addr", "capacity"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "addr": {"type": "string", "description": "HOST:PORT"},
+                    "capacity": {"type": "integer", "minimum": 1},
+                    "zone": {"type": "string"},
+                },
+            },
+            "NewVolume": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["name", "size"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "size": {"type": "integer", "description": "bytes, a multiple of 4096"},
+                    "replicas": {"type": "integer", "minimum": 1, "maximum": 8},
+                    "stripe": {"type": "integer", "minimum": 1, "maximum": 64},
+                    "page_size": {"type": "integer"},
+                },
+            },
+            "Resize": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["size"],
+                "properties": {"size": {"type": "integer"}},
+            },
+        },
+    },
+}

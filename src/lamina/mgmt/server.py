@@ -1,0 +1,96 @@
+"""The `lamina manager` daemon: a Raft member serving the HTTP API.
+
+It wires the pieces together: the cluster key (which is also the Raft password), the
+admin token, the replicated log (:mod:`lamina.mgmt.raft`) applying committed commands to
+the :class:`~lamina.mgmt.service.ManagerService`, and the aiohttp API.  SIGTERM/SIGINT
+stop it cleanly; the Raft journal under ``DATA/raft`` survives kill -9.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+from pathlib import Path
+
+from aiohttp import web
+
+from lamina.config import ConfigError, ManagerConfig
+from lamina.mgmt.http import make_app
+from lamina.mgmt.raft import ReplicatedLog
+from lamina.mgmt.service import ManagerService
+from lamina.wire.handshake import load_key
+
+log = logging.getLogger(__name__)
+
+
+def load_token(path: Path) -> str:
+    try:
+        token = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        raise ConfigError(f"admin token file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"admin token file {path} is unreadable: {exc}") from None
+    if len(token) < 16:
+        raise ConfigError(f"admin token in {path} is shorter than 16 characters")
+    return token
+
+
+async def serve(cfg: ManagerConfig) -> None:
+    key = load_key(cfg.key)
+    token = load_token(cfg.token_path)
+    data = Path(cfg.data)
+    os.makedirs(data, exist_ok=True)
+    service = ManagerService(cfg.id)
+    rlog = ReplicatedLog(
+        cfg.raft,
+        list(cfg.peers),
+        data / "raft",
+        key.hex(),
+        service.apply_entry,
+        service.dump,
+        service.load,
+    )
+    service.log = rlog
+    app = make_app(service, token, lambda: dataclasses.asdict(rlog.status()))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    host, port = cfg.listen_addr
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as exc:
+        rlog.close()
+        raise ConfigError(f"cannot listen on {cfg.listen}: {exc.strerror or exc}") from None
+    if cfg.port_file:
+        bound = runner.addresses[0][1]
+        tmp = cfg.port_file + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{bound}\n")
+        os.replace(tmp, cfg.port_file)
+        port = bound
+    log.info("manager %s: API on %s:%d, raft %s, peers %s", cfg.id, host, port, cfg.raft,
+             ",".join(cfg.peers) or "none")  # fmt: skip
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("manager %s stopping", cfg.id)
+        await runner.cleanup()
+        rlog.close()
+        log.info("manager %s stopped cleanly", cfg.id)
+
+
+def run(cfg: ManagerConfig) -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        pass
+    asyncio.run(serve(cfg))

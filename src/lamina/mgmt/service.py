@@ -1,0 +1,81 @@
+"""The manager service: the cluster map behind the Raft log, as the API sees it.
+
+Theory of operation
+-------------------
+Every manager holds the map its Raft member built by applying the committed log
+(:meth:`ManagerService.apply_entry`, called on PySyncObj's thread, in log order, on
+every member).  A change is proposed from any manager (:meth:`submit`): the command is
+encoded, committed through Raft, and every member runs the same ``validate``/``apply``;
+the proposer gets back either the new epoch or the reason the managers refused it
+[0030].  Readers on the event loop see the map through one attribute that the apply
+thread replaces as a whole, so a reader never sees half a change.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import msgpack
+
+from lamina.errors import Conflict, LaminaError
+from lamina.mgmt import clustermap as cm
+
+log = logging.getLogger(__name__)
+
+
+class Log(Protocol):
+    """What the service needs from the replicated log (lamina.mgmt.raft.ReplicatedLog)."""
+
+    async def propose(self, command: bytes, timeout: float = 5.0) -> Any: ...
+
+
+class Rejected(Conflict):
+    """The managers refused a proposal; the message is their reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    epoch: int
+
+
+class ManagerService:
+    def __init__(self, manager_id: str) -> None:
+        self.manager_id = manager_id
+        self.map: cm.ClusterMap = cm.empty_map()
+        self.log: Log | None = None
+        self.applied = 0
+
+    # -- the state machine side (PySyncObj's thread) -------------------------------------
+
+    def apply_entry(self, data: bytes) -> tuple[bool, str | int]:
+        """Apply one committed entry: (True, new epoch) or (False, the reason)."""
+        self.applied += 1
+        try:
+            cmd = cm.decode_command(data)
+        except LaminaError as exc:  # never committed by a correct member; refuse it alike
+            return False, f"undecodable command: {exc.message}"
+        reason = cm.validate(self.map, cmd)
+        if reason is not None:
+            return False, reason
+        self.map = cm.apply(self.map, cmd)
+        return True, self.map.epoch
+
+    def dump(self) -> bytes:
+        data: bytes = msgpack.packb(cm.map_to_dict(self.map), use_bin_type=True)
+        return data
+
+    def load(self, data: bytes) -> None:
+        self.map = cm.map_from_dict(msgpack.unpackb(data, raw=False, strict_map_key=False))
+
+    # -- the API side (the event loop) ---------------------------------------------------
+
+    async def submit(self, cmd: cm.Command, timeout: float = 5.0) -> Outcome:
+        """Commit a change; its new epoch, or Rejected with the managers' reason."""
+        assert self.log is not None, "the replicated log is not attached"
+        ok, value = await self.log.propose(cm.encode_command(cmd), timeout)
+        if not ok:
+            raise Rejected(str(value))
+        assert isinstance(value, int)
+        return Outcome(value)

@@ -1,0 +1,198 @@
+"""Hypothesis strategies for the management cluster: servers, placements, commands, logs.
+
+Server ids, volume names, addresses and zones come from small pools so that generated
+logs collide often (a duplicate id or address, a command on an unknown or deleted
+volume, an illegal state change, a publication out of range).  A log is drawn command
+by command against the map it has built so far, so most kinds of command apply often
+enough while a good share is still rejected: ``validate`` is exercised as much as
+``apply``.  Every value drawn here
+passes the commands' field checks; tests of those checks build bad values by hand.
+"""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+
+from lamina.mgmt.clustermap import (
+    MAX_REPLICAS,
+    SIZE_ALIGN,
+    TRANSITIONS,
+    AddServer,
+    ClusterMap,
+    Command,
+    CreateVolume,
+    DeleteVolume,
+    Publish,
+    RemoveServer,
+    ResizeVolume,
+    Server,
+    ServerState,
+    SetServerState,
+    apply,
+    empty_map,
+    validate,
+)
+
+SERVER_IDS = tuple(f"s{i}" for i in range(1, 7))
+VOLUME_NAMES = ("db", "logs", "vm-1")
+ZONES = ("a", "b", "c")
+HOSTS = ("10.0.0.1", "store-a", "[::1]")
+PAGE_SIZES = tuple(1 << shift for shift in range(16, 25))  # 64 KiB .. 16 MiB
+#: ids for placement inputs, deliberately not in sorted order
+PLACEMENT_IDS = ("m", "c", "x", "a", "q", "b9", "b10", "z", "k-1", "k_2", "e", "p")
+
+server_ids = st.sampled_from(SERVER_IDS)
+volume_names = st.sampled_from(VOLUME_NAMES)
+addrs = st.builds("{}:{}".format, st.sampled_from(HOSTS), st.integers(7000, 7003))
+capacities = st.integers(1, 4)
+sizes = st.integers(1, 512).map(lambda n: n * SIZE_ALIGN)
+page_sizes = st.sampled_from(PAGE_SIZES)
+states = st.sampled_from(ServerState)
+
+
+def commands(zoned: bool) -> st.SearchStrategy[Command]:
+    """Commands over the small pools; with ``zoned``, new servers get a zone or ``""``."""
+    zones = st.sampled_from(("", *ZONES)) if zoned else st.just("")
+    add = st.builds(AddServer, server_ids, addrs, capacities, zones)
+    set_state = st.builds(SetServerState, server_ids, states)
+    create = st.builds(
+        CreateVolume,
+        volume_names,
+        sizes,
+        replicas=st.integers(1, 4),
+        stripe=st.integers(1, 6),
+        page_size=page_sizes,
+    )
+    options: list[st.SearchStrategy[Command]] = [
+        add,
+        add,
+        add,
+        set_state,
+        set_state,
+        set_state,
+        create,
+        create,
+        st.builds(RemoveServer, server_ids),
+        st.builds(ResizeVolume, volume_names, sizes),
+        st.builds(DeleteVolume, volume_names),
+        st.builds(Publish, st.integers(0, 40)),
+        st.builds(Publish, st.integers(0, 40)),
+    ]
+    return st.one_of(options)
+
+
+any_commands = st.booleans().flatmap(commands)
+
+
+#: one step of a log before it meets a map: (kind, a, b, c, d), see :func:`command_for`
+Choice = tuple[int, int, int, int, int]
+KINDS = 12
+choices = st.tuples(st.integers(0, KINDS - 1), *[st.integers(0, 255)] * 4)
+
+
+def command_for(cmap: ClusterMap, zoned: bool, choice: Choice) -> Command:
+    """The command ``choice`` stands for, aimed at ``cmap``.
+
+    Ids, names and epochs are mostly ones ``cmap`` holds (so that state changes, resizes,
+    deletes and publications apply often enough), mixed with the rest of the pools.  Logs
+    are drawn as plain integer tuples and turned into commands here, against the map the
+    log has built so far: one cheap draw per log, and hypothesis shrinks the integers.
+    """
+    kind, a, b, c, d = choice
+    known = sorted(cmap.servers)
+    volumes = sorted(cmap.volumes)
+
+    def pick(pool: list[str], x: int) -> str:
+        return pool[x % len(pool)]
+
+    sid = pick([*known, *known, *SERVER_IDS], a)
+    name = pick([*volumes, *volumes, *volumes, *VOLUME_NAMES], a)
+    if kind in {0, 1}:
+        zone = ("", *ZONES)[d // 4 % 4] if zoned else ""
+        addr = f"{HOSTS[b % len(HOSTS)]}:{7000 + c % 4}"
+        return AddServer(SERVER_IDS[a % len(SERVER_IDS)], addr, 1 + d % 4, zone)
+    if kind == 2 or (kind == 3 and not known):
+        return SetServerState(sid, list(ServerState)[b % 4])
+    if kind == 3:
+        here = cmap.servers[pick(known, a)]
+        targets = sorted(to for (frm, to) in TRANSITIONS if frm == here.state)
+        return SetServerState(here.id, targets[b % len(targets)])
+    if kind in {4, 5, 11}:
+        up = sum(s.state == "up" for s in cmap.servers.values())
+        return CreateVolume(
+            name,
+            (1 + b % 512) * SIZE_ALIGN,
+            replicas=1 + c % min(up + 1, MAX_REPLICAS),
+            stripe=1 + d % 6,
+            page_size=PAGE_SIZES[d // 6 % len(PAGE_SIZES)],
+        )
+    if kind == 6:
+        return RemoveServer(sid)
+    if kind == 7:
+        volume = cmap.volumes.get(name)
+        base = volume.size if volume is not None else SIZE_ALIGN
+        return ResizeVolume(name, max(SIZE_ALIGN, base + (b % 67 - 2) * SIZE_ALIGN))
+    if kind == 8:
+        return DeleteVolume(name)
+    if kind == 9:
+        low = max(0, cmap.published_epoch - 1)
+        return Publish(low + a % (cmap.epoch + 2 - low))
+    if kind == 10:
+        return Publish(a % 41)
+    raise AssertionError(f"no command kind {kind}")
+
+
+@st.composite
+def command_logs(draw: st.DrawFn, max_size: int = 30) -> list[Command]:
+    """A log of commands, zoned or not as a whole, each aimed at the map the log so far
+    builds (see :func:`command_for`); most logs start by adding a few servers, and a good
+    share of every log is still rejected."""
+    zoned = draw(st.booleans())
+    first_servers = draw(st.integers(0, 4))
+    size = draw(st.integers(0, max_size))
+    steps = draw(st.lists(choices, min_size=size, max_size=size))
+    cmap = empty_map()
+    log: list[Command] = []
+    for i, drawn in enumerate(steps):
+        # the first servers get distinct ids and addresses
+        choice = (0, i, i, i // len(HOSTS), drawn[4]) if i < first_servers else drawn
+        cmd = command_for(cmap, zoned, choice)
+        log.append(cmd)
+        if validate(cmap, cmd) is None:
+            cmap = apply(cmap, cmd)
+    return log
+
+
+@st.composite
+def server_lists(
+    draw: st.DrawFn,
+    min_size: int = 0,
+    max_size: int = 8,
+    zones: tuple[str, ...] = ("",),
+    capacity: st.SearchStrategy[int] = capacities,
+) -> list[Server]:
+    """Servers with distinct ids (in no particular order), each in one of ``zones``."""
+    ids = draw(st.lists(st.sampled_from(PLACEMENT_IDS), min_size=min_size, max_size=max_size,
+                        unique=True))  # fmt: skip
+    return [
+        Server(
+            sid,
+            f"10.0.0.{i}:7000",
+            ServerState.UP,
+            draw(capacity),
+            draw(st.sampled_from(zones)),
+        )
+        for i, sid in enumerate(ids)
+    ]
+
+
+def zone_choices() -> st.SearchStrategy[tuple[str, ...]]:
+    """The zones servers may be in: none at all, or a few (``""`` among them or not)."""
+    return st.sampled_from([("",), ("a", "b"), ("a", "b", "c"), ("", "a", "b")])
+
+
+def loads(servers: list[Server]) -> st.SearchStrategy[dict[str, int]]:
+    """Copies each server already holds (some servers missing, meaning none)."""
+    if not servers:
+        return st.just({})
+    return st.dictionaries(st.sampled_from([s.id for s in servers]), st.integers(0, 12))
