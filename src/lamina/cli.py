@@ -391,3 +391,14 @@ async def _demo_io(procs: list[Any], key: bytes) -> list[tuple[Any, ...]]:
         finally:
             client.close()
     return rows
+
+
+def _register_cluster_commands() -> None:
+    """`status`, `volume ...` and `server ...` live in lamina.clusterctl."""
+    from lamina import clusterctl
+
+    for cmd in clusterctl.COMMANDS:
+        main.add_command(cmd)
+
+
+_register_cluster_commands()

@@ -33,9 +33,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec
 
 import click
 from rich.table import Table
@@ -60,10 +61,9 @@ API_PREFIX = "/api/v1"
 MAX_ANSWER = 64 << 20
 
 P = ParamSpec("P")
-R = TypeVar("R")
 
 _UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
-_SIZE_RE = re.compile(r"\s*([0-9]+)\s*([KMGT]?)(?:I?B)?\s*", re.IGNORECASE)
+_SIZE_RE = re.compile(r"\s*([0-9]+)\s*(?:([KMGT])(?:I?B)?|B)?\s*", re.IGNORECASE)
 _HTTP_CODES = {
     400: ErrorCode.BAD_REQUEST,
     401: ErrorCode.AUTH_FAILED,
@@ -84,10 +84,10 @@ def parse_size(text: str, what: str = "size") -> int:
     m = _SIZE_RE.fullmatch(text)
     if m is None:
         raise LocalError(
-            f"{what} {text!r:.40} is not a size: a whole number of bytes with an optional "
+            f"bad {what} {text!r:.40}: give a whole number of bytes with an optional "
             "K, M, G or T suffix (powers of 1024), e.g. 10G, 512M, 64K"
         )
-    return int(m.group(1)) << (10 * _UNITS[m.group(2).upper()])
+    return int(m.group(1)) << (10 * _UNITS[(m.group(2) or "").upper()])
 
 
 def format_size(n: int) -> str:
@@ -324,36 +324,45 @@ def _path(*parts: str) -> str:
 # --- status ------------------------------------------------------------------------------
 
 
+def _manager_status(client: ManagerClient, url: str) -> tuple[dict[str, Any], Any]:
+    """One manager's line of ``lamina status`` and its whole status answer (None when it
+    gave none)."""
+    entry: dict[str, Any] = {"url": url, "reachable": False}
+    try:
+        st = client.call_one(url, "GET", "/status")
+        raft = st["raft"]
+        entry.update(
+            reachable=True,
+            id=st["manager"],
+            raft=raft["self_addr"],
+            leader=raft["leader"],
+            term=raft["term"],
+            is_leader=raft["is_leader"],
+            has_quorum=raft["has_quorum"],
+            epoch=st["epoch"],
+        )
+    except ManagerUnreachable as exc:
+        entry["error"] = exc.reason
+        return entry, None
+    except LaminaError as exc:
+        entry["error"] = exc.message
+        return entry, None
+    except (KeyError, TypeError):
+        entry["error"] = "a malformed status answer"
+        return entry, None
+    return entry, st
+
+
 def cluster_status(client: ManagerClient) -> dict[str, Any]:
     """What ``lamina status --json`` prints: every manager's view, and the map as the
-    leader (or, without a reachable leader, the first manager that answers) has it."""
-    managers: list[dict[str, Any]] = []
-    answers: dict[str, dict[str, Any]] = {}
-    failed: list[ManagerUnreachable] = []
-    for url in client.cluster.managers:
-        entry: dict[str, Any] = {"url": url, "reachable": False}
-        try:
-            st = client.call_one(url, "GET", "/status")
-            raft = st["raft"]
-            entry.update(
-                reachable=True,
-                id=st["manager"],
-                raft=raft["self_addr"],
-                leader=raft["leader"],
-                term=raft["term"],
-                is_leader=raft["is_leader"],
-                has_quorum=raft["has_quorum"],
-                epoch=st["epoch"],
-            )
-            answers[url] = st
-        except ManagerUnreachable as exc:
-            entry["error"] = exc.reason
-            failed.append(exc)
-        except (LaminaError, KeyError, TypeError) as exc:
-            reason = exc.message if isinstance(exc, LaminaError) else "a malformed status"
-            entry["error"] = reason
-            failed.append(ManagerUnreachable(url, reason, False))
-        managers.append(entry)
+    leader (or, without a reachable leader, the first manager that answers) has it.
+    The managers are asked at once, so an unresponsive one costs one timeout."""
+    urls = client.cluster.managers
+    with ThreadPoolExecutor(max_workers=len(urls)) as pool:
+        results = list(pool.map(functools.partial(_manager_status, client), urls))
+    managers = [entry for entry, _ in results]
+    answers = {entry["url"]: st for entry, st in results if st is not None}
+    failed = [ManagerUnreachable(m["url"], m["error"], False) for m in managers if "error" in m]
     if not answers:
         raise no_manager_reachable(failed)
     leaders = sorted(
@@ -662,7 +671,11 @@ def server_add(
     as_json: bool,
 ) -> None:
     """Admit storage server ID at --addr; it starts up."""
-    body: dict[str, Any] = {"id": server_id, "addr": addr, "capacity": parse_size(capacity)}
+    body: dict[str, Any] = {
+        "id": server_id,
+        "addr": addr,
+        "capacity": parse_size(capacity, "capacity"),
+    }
     if zone is not None:
         body["zone"] = zone
     out = _client(cluster).call("POST", "/servers", body, admin=True)

@@ -85,7 +85,7 @@ MAP_FORMAT = 1
 #: an encoded command is far smaller than this; anything longer is refused unread
 MAX_COMMAND_BYTES = 4096
 
-_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_ID_RE = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_ID_LEN}}}")
 _HOST_RE = re.compile(
     r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
@@ -159,7 +159,9 @@ def _frozen(d: dict[K, V]) -> Mapping[K, V]:
 @dataclass(frozen=True, slots=True)
 class ClusterMap:
     """One version of the replicated state.  Immutable: a change builds a new map that
-    shares every unchanged entry with this one.  Not hashable (its mappings are not)."""
+    shares every unchanged entry (and every unchanged mapping) with this one.  Mappings
+    given to the constructor are copied, except a ``MappingProxyType``, which is taken as
+    it is (whoever built it hands its dict over).  Not hashable (its mappings are not)."""
 
     epoch: int
     published_epoch: int
@@ -536,7 +538,7 @@ def apply(cmap: ClusterMap, cmd: Command) -> ClusterMap:
                 epoch=epoch,
                 volumes=_frozen({**cmap.volumes, cmd.name: volume}),
                 layers=_frozen({**cmap.layers, lid: layer}),
-                next_volume_id=vid,
+                next_volume_id=vid + 1,
                 next_layer_id=lid + 1,
             )
         case ResizeVolume():
