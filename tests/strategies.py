@@ -145,6 +145,13 @@ def _set_epoch_requests(draw: st.DrawFn) -> m.Message:
     return m.SetEpochRequest(epoch, tuple(fences))
 
 
+@st.composite
+def _lease_responses(draw: st.DrawFn) -> m.Message:
+    epoch = draw(u64)
+    fences = draw(st.lists(st.tuples(u64, st.integers(0, epoch)), max_size=LIST_SIZE))
+    return m.LeaseResponse(draw(u32), epoch, tuple(fences))
+
+
 _status_entries = st.lists(st.tuples(u64, page_states, u32, u64), max_size=LIST_SIZE)
 
 _OVERRIDES: dict[type[m.Message], Callable[[], MessageStrategy]] = {
@@ -154,6 +161,7 @@ _OVERRIDES: dict[type[m.Message], Callable[[], MessageStrategy]] = {
     m.TombstoneRequest: lambda: _paged_requests(m.TombstoneRequest),
     m.EnumerateRequest: _enumerate_requests,
     m.SetEpochRequest: _set_epoch_requests,
+    m.LeaseResponse: _lease_responses,
     m.ReadResponse: lambda: st.builds(m.ReadResponse, state=page_states, generation=u64, mask=u32),
     m.StatusResponse: lambda: st.builds(m.StatusResponse, entries=_status_entries.map(tuple)),
 }

@@ -111,6 +111,8 @@ def storage(
     "--admin-token", type=click.Path(dir_okay=False),
     help="Admin token file. [admin.token beside the key]",
 )  # fmt: skip
+@click.option("--storage-listen", help="HOST:PORT where storage servers ask for leases.")
+@click.option("--lease-duration", type=float, help="Storage-server lease in seconds. [3]")
 @click.option("--config", type=click.Path(dir_okay=False), help="TOML config (see etc/).")
 @click.option("--port-file", type=click.Path(dir_okay=False), help="Write the API port here.")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
@@ -122,6 +124,8 @@ def manager(
     data: str | None,
     key: str | None,
     admin_token: str | None,
+    storage_listen: str | None,
+    lease_duration: float | None,
     config: str | None,
     port_file: str | None,
     log_level: str | None,
@@ -141,6 +145,8 @@ def manager(
                 "data": data,
                 "key": key,
                 "admin_token": admin_token,
+                "storage_listen": storage_listen,
+                "lease_duration": lease_duration,
                 "port_file": port_file,
                 "log_level": log_level,
             },

@@ -133,6 +133,8 @@ class ManagerConfig:
     listen: str = "127.0.0.1:7300"
     peers: tuple[str, ...] = ()
     admin_token: str | None = None
+    storage_listen: str = "127.0.0.1:7350"
+    lease_duration: float = 3.0
     port_file: str | None = None
     log_level: str = "INFO"
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -141,6 +143,9 @@ class ManagerConfig:
         if not self.id or len(self.id) > 64 or not self.id.replace("-", "").isalnum():
             raise ConfigError(f"manager id {self.id!r} must be 1-64 letters, digits or '-'")
         parse_addr(self.listen, "listen address")
+        parse_addr(self.storage_listen, "storage listen address")
+        if not 0.5 <= self.lease_duration <= 60:
+            raise ConfigError("lease_duration must be within 0.5..60 seconds")
         parse_addr(self.raft, "raft address")
         for addr in self.peers:
             parse_addr(addr, "peer address")
@@ -167,6 +172,8 @@ _MANAGER_TYPES: dict[str, type | tuple[type, ...]] = {
     "listen": str,
     "peers": (list, tuple),
     "admin_token": str,
+    "storage_listen": str,
+    "lease_duration": (int, float),
     "port_file": str,
     "log_level": str,
 }

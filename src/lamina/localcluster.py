@@ -102,6 +102,8 @@ class ManagerProcess:
     port_file: Path
     raft: str
     peers: list[str]
+    storage_listen: str = ""  # where storage servers ask for leases (wire protocol)
+    lease_duration: float = 3.0
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
     detach: bool = False  # its own session: it outlives the command that started it
@@ -119,7 +121,10 @@ class ManagerProcess:
             "--id", self.id, "--listen", f"127.0.0.1:{self.port}", "--raft", self.raft,
             "--peers", ",".join(self.peers), "--data", str(self.data),
             "--key", str(self.key), "--port-file", str(self.port_file),
+            "--lease-duration", str(self.lease_duration),
         ]  # fmt: skip
+        if self.storage_listen:
+            args += ["--storage-listen", self.storage_listen]
         with open(self.log, "ab") as logf:
             self.proc = subprocess.Popen(
                 args, stdout=logf, stderr=subprocess.STDOUT, start_new_session=self.detach
@@ -178,9 +183,11 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def managers(root: Path, count: int) -> list[ManagerProcess]:
+def managers(root: Path, count: int, lease_duration: float = 3.0) -> list[ManagerProcess]:
     """Descriptions of ``count`` managers m1..mN under ``root`` (not started)."""
-    raft = [f"127.0.0.1:{p}" for p in free_ports(count)]
+    ports = free_ports(2 * count)
+    raft = [f"127.0.0.1:{p}" for p in ports[:count]]
+    storage = [f"127.0.0.1:{p}" for p in ports[count:]]
     return [
         ManagerProcess(
             id=f"m{i}",
@@ -190,6 +197,8 @@ def managers(root: Path, count: int) -> list[ManagerProcess]:
             port_file=root / "run" / f"m{i}.port",
             raft=raft[i - 1],
             peers=raft,
+            storage_listen=storage[i - 1],
+            lease_duration=lease_duration,
         )
         for i in range(1, count + 1)
     ]
@@ -258,7 +267,7 @@ class Layout:
     """Which daemons a local cluster has and where they listen (kept in run/layout.json,
     so a second `lamina up` restarts them on the same addresses)."""
 
-    managers: tuple[tuple[str, int, str], ...]  # id, API port, raft address
+    managers: tuple[tuple[str, int, str, int], ...]  # id, API port, raft address, lease port
     servers: tuple[tuple[str, int], ...]  # id, port
 
     def to_json(self) -> str:
@@ -274,7 +283,7 @@ class Layout:
         try:
             d = json.loads(text)
             return cls(
-                tuple((str(i), int(p), str(r)) for i, p, r in d["managers"]),
+                tuple((str(i), int(p), str(r), int(w)) for i, p, r, w in d["managers"]),
                 tuple((str(i), int(p)) for i, p in d["servers"]),
             )
         except (ValueError, KeyError, TypeError) as exc:
@@ -282,11 +291,12 @@ class Layout:
 
     @classmethod
     def new(cls, n_managers: int, n_servers: int) -> Layout:
-        ports = free_ports(2 * n_managers + n_servers)
+        ports = free_ports(3 * n_managers + n_servers)
         raft = [f"127.0.0.1:{p}" for p in ports[n_managers : 2 * n_managers]]
+        lease = ports[2 * n_managers : 3 * n_managers]
         return cls(
-            tuple((f"m{i + 1}", ports[i], raft[i]) for i in range(n_managers)),
-            tuple((f"s{i + 1}", ports[2 * n_managers + i]) for i in range(n_servers)),
+            tuple((f"m{i + 1}", ports[i], raft[i], lease[i]) for i in range(n_managers)),
+            tuple((f"s{i + 1}", ports[3 * n_managers + i]) for i in range(n_servers)),
         )
 
 
@@ -349,16 +359,16 @@ def up(
         layout_path.write_text(layout.to_json())
     started: list[str] = []
     running: list[str] = []
-    raft_peers = [r for _, _, r in layout.managers]
-    urls = [f"http://127.0.0.1:{port}" for _, port, _ in layout.managers]
-    for mid, port, raft in layout.managers:
+    raft_peers = [r for _, _, r, _ in layout.managers]
+    urls = [f"http://127.0.0.1:{port}" for _, port, _, _ in layout.managers]
+    for mid, port, raft, lease_port in layout.managers:
         if _pid_alive(root / "run" / f"{mid}.pid", mid):
             running.append(mid)
             continue
         mp = ManagerProcess(
             id=mid, data=root / mid, key=root / "cluster.key", log=root / "log" / f"{mid}.log",
             port_file=root / "run" / f"{mid}.port", raft=raft, peers=raft_peers, port=port,
-            detach=True,
+            storage_listen=f"127.0.0.1:{lease_port}", detach=True,
         )  # fmt: skip
         say(f"starting manager {mid} (API {mp.url}, raft {raft})")
         mp.start()
@@ -367,7 +377,7 @@ def up(
         started.append(mid)
     leader = _wait_leader(urls, timeout=30.0)
     say(f"managers agree on leader {leader}")
-    manager_addrs = ",".join(u.removeprefix("http://") for u in urls)
+    manager_addrs = ",".join(f"127.0.0.1:{lease_port}" for *_, lease_port in layout.managers)
     for sid, port in layout.servers:
         if _pid_alive(root / "run" / f"{sid}.pid", sid):
             running.append(sid)
@@ -385,10 +395,22 @@ def up(
     registered = _register_servers(urls, token, layout, root)
     for sid in registered:
         say(f"registered storage server {sid} with the managers")
-    for _, port in layout.servers:
-        asyncio.run(ping(f"127.0.0.1:{port}", key))
+    for sid, port in layout.servers:
+        _wait_lease(sid, f"127.0.0.1:{port}", key, timeout=20.0)
+        say(f"storage server {sid} holds a lease")
     _write_cluster_file(root, urls)
     return UpReport(started, running, registered, leader)
+
+
+def _wait_lease(sid: str, addr: str, key: bytes, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = asyncio.run(ping(addr, key))
+        if reply.lease_valid:
+            return
+        if time.monotonic() > deadline:
+            raise Unavailable(f"storage server {sid} got no lease within {timeout:.0f}s")
+        time.sleep(0.1)
 
 
 def _wait_leader(urls: list[str], timeout: float) -> str:

@@ -81,7 +81,7 @@ def leader_of(group: Managers) -> ManagerProcess | None:
 def group(tmp_path: Path) -> Iterator[Managers]:
     ensure_key(tmp_path / "cluster.key")
     token = ensure_token(tmp_path / "admin.token")
-    procs = managers(tmp_path, 3)
+    procs = managers(tmp_path, 3, lease_duration=60)  # the servers here are only names
     try:
         for p in procs:
             p.start()

@@ -35,6 +35,7 @@ staying in the same state included, is rejected::
 
     from         to           allowed when
     up           down         always (its lease expired, or a failure was reported)
+    up           recovering   always (it restarted: its pending episodes are gone)
     up           out          it holds no partition copy
     down         recovering   always (it is back; the worker resyncs its pages)
     down         out          it holds no partition copy
@@ -388,6 +389,7 @@ _S = ServerState
 TRANSITIONS: Mapping[tuple[ServerState, ServerState], When] = MappingProxyType(
     {
         (_S.UP, _S.DOWN): When.ALWAYS,
+        (_S.UP, _S.RECOVERING): When.ALWAYS,
         (_S.UP, _S.OUT): When.HOLDS_NOTHING,
         (_S.DOWN, _S.RECOVERING): When.ALWAYS,
         (_S.DOWN, _S.OUT): When.HOLDS_NOTHING,

@@ -13,14 +13,17 @@ import dataclasses
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 from aiohttp import web
 
-from lamina.config import ConfigError, ManagerConfig
+from lamina.config import ConfigError, ManagerConfig, parse_addr
 from lamina.mgmt.http import make_app
+from lamina.mgmt.leader import LeaderDuties
 from lamina.mgmt.raft import ReplicatedLog
 from lamina.mgmt.service import ManagerService
+from lamina.wire.connection import ServerConnection
 from lamina.wire.handshake import load_key
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,17 @@ async def serve(cfg: ManagerConfig) -> None:
         service.load,
     )
     service.log = rlog
+    duties = LeaderDuties(
+        service, lambda: rlog.status().is_leader, time.monotonic, cfg.lease_duration
+    )
+    loop = asyncio.get_running_loop()
+    shost, sport = parse_addr(cfg.storage_listen)
+    try:
+        wire = await loop.create_server(lambda: ServerConnection(duties, key), shost, sport)
+    except OSError as exc:
+        rlog.close()
+        raise ConfigError(f"cannot listen on {cfg.storage_listen}: {exc.strerror or exc}") from None
+    duty_task = asyncio.ensure_future(duties.run())
     app = make_app(service, token, lambda: dataclasses.asdict(rlog.status()))
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -62,6 +76,8 @@ async def serve(cfg: ManagerConfig) -> None:
     try:
         await site.start()
     except OSError as exc:
+        duty_task.cancel()
+        wire.close()
         rlog.close()
         raise ConfigError(f"cannot listen on {cfg.listen}: {exc.strerror or exc}") from None
     if cfg.port_file:
@@ -71,16 +87,18 @@ async def serve(cfg: ManagerConfig) -> None:
             f.write(f"{bound}\n")
         os.replace(tmp, cfg.port_file)
         port = bound
-    log.info("manager %s: API on %s:%d, raft %s, peers %s", cfg.id, host, port, cfg.raft,
-             ",".join(cfg.peers) or "none")  # fmt: skip
+    log.info("manager %s: API on %s:%d, storage servers on %s, raft %s, peers %s", cfg.id,
+             host, port, cfg.storage_listen, cfg.raft, ",".join(cfg.peers) or "none")  # fmt: skip
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
     finally:
         log.info("manager %s stopping", cfg.id)
+        duty_task.cancel()
+        await duties.close()
+        wire.close()
         await runner.cleanup()
         rlog.close()
         log.info("manager %s stopped cleanly", cfg.id)

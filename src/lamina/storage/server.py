@@ -18,6 +18,7 @@ import time
 
 from lamina.config import StorageConfig
 from lamina.storage.diskstore import DiskPageStore
+from lamina.storage.lease import LeaseKeeper
 from lamina.storage.service import Lease, StorageService
 from lamina.wire.connection import ServerConnection
 from lamina.wire.handshake import load_key
@@ -57,8 +58,15 @@ async def serve(cfg: StorageConfig, ready: asyncio.Event | None = None) -> None:
         port = bound
     mode = "standalone" if lease.standalone else f"managed by {','.join(cfg.managers)}"
     log.info("storage server %s listening on %s:%d (%s)", cfg.id, host, port, mode)
+    keeper_task = None
     if not lease.standalone:
-        log.warning("no manager grants leases yet: data requests are refused NO_LEASE")
+        keeper = LeaseKeeper(service, list(cfg.managers), key, store.incarnation)
+        keeper_task = asyncio.ensure_future(keeper.run())
+
+        async def catch_up(epoch: int) -> None:  # a request saw a newer map: ask now
+            await keeper.renew_once()
+
+        service.catch_up = catch_up
     if ready is not None:
         ready.set()
 
@@ -75,9 +83,11 @@ async def serve(cfg: StorageConfig, ready: asyncio.Event | None = None) -> None:
         await stop.wait()
     finally:
         log.info("storage server %s stopping", cfg.id)
-        duty.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await duty
+        for task in (duty, keeper_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         server.close()
         await store.close()
         log.info("storage server %s stopped cleanly", cfg.id)

@@ -76,7 +76,7 @@ class StorageService:
         self.lease = lease or Lease()
         self.epoch = 0
         self.fences: dict[int, int] = {}
-        self._catch_up = catch_up
+        self.catch_up = catch_up
         self._episodes: dict[tuple[int, int], syncmask.Episode] = {}
         self._tokens: dict[int, tuple[int, int]] = {}
         self._token_ids = itertools.count((secrets.randbits(23) + 1) << 40)
@@ -134,15 +134,15 @@ class StorageService:
                 f"{self.fences.get(msg.volume_id, 0)}",
                 self.epoch,
             )
-        if self._catch_up is None:
+        if self.catch_up is None:
             self.epoch = msg.epoch  # standalone: nobody to ask, the peer is authenticated
             return
         self._start_catch_up(msg.epoch)
         raise Unavailable(f"server at epoch {self.epoch} is catching up to {msg.epoch}")
 
     def _start_catch_up(self, epoch: int) -> None:
-        assert self._catch_up is not None
-        task = asyncio.ensure_future(self._catch_up(epoch))
+        assert self.catch_up is not None
+        task = asyncio.ensure_future(self.catch_up(epoch))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def _confirm(self, tokens: Sequence[int]) -> int:

@@ -52,6 +52,7 @@ class Op(IntEnum):
     DELETE_LAYER = 18
     SET_EPOCH = 19
     FLUSH = 20
+    LEASE = 30
 
 
 class PageState(IntEnum):
@@ -660,6 +661,36 @@ class FlushRequest(DataRequest):
 @dataclass(frozen=True, slots=True)
 class FlushResponse(Message):
     pass
+
+
+@request(Op.LEASE)
+@dataclass(frozen=True, slots=True)
+class LeaseRequest(Message):
+    """A storage server asks the manager leader for its lease; ``epoch`` is the latest
+    epoch it knows (the leader reads it as the acknowledgement of that epoch)."""
+
+    server_id: str = w_text()
+    epoch: int = w_u64()
+    incarnation: int = w_u64()  # bumped at every start: a change tells a restart
+
+
+@response(Op.LEASE)
+@dataclass(frozen=True, slots=True)
+class LeaseResponse(Message):
+    """The lease lasts ``duration_ms`` from the moment the server *sent* its request; the
+    map's epoch and the fence epochs of the volumes with a layer on the server come along,
+    so the server knows them before it serves anything."""
+
+    duration_ms: int = w_u32()
+    epoch: int = w_u64()
+    fences: tuple[Fence, ...] = w_records(_U64, _U64, max_len=MAX_FENCES)
+
+    def _validate(self) -> None:
+        for volume_id, fence in self.fences:
+            if fence > self.epoch:
+                raise ProtocolError(
+                    f"fence epoch {fence} of volume {volume_id} above epoch {self.epoch}"
+                )
 
 
 def restore_tokens(msg: Message) -> Sequence[int]:

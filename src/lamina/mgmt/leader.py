@@ -1,0 +1,154 @@
+"""What the manager leader does for storage servers: leases, failure marking, publication.
+
+Theory of operation
+-------------------
+Storage servers ask for their leases over the wire protocol (LEASE, see
+:mod:`lamina.mgmt.leases` for why the *server* asks).  Only the leader grants; any
+other manager answers UNAVAILABLE and the server tries the next one.  A grant carries
+the map's epoch and the fence epochs of the volumes on that server, so a server knows
+them before it serves (DESIGN section 6).
+
+Once a second or so the leader's duty loop (:meth:`LeaderDuties.run_once`):
+- marks ``down`` every ``up``/``recovering`` server whose lease is certainly over;
+- moves a server that asked for a lease while ``down``, or that restarted, to
+  ``recovering`` (only the resync makes it ``up`` again);
+- publishes the current epoch once every server holding a layer of a volume fenced since
+  the last publication has acknowledged it (by asking for a lease with that epoch) or has
+  certainly lost its lease: the publication rule, with leases as the channel.
+Every change goes through Raft like any other; a new leader resumes from the map.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from lamina.errors import BadRequest, LaminaError, NotFound, Unavailable
+from lamina.mgmt import clustermap as cm
+from lamina.mgmt.leases import LeaseTable
+from lamina.mgmt.service import ManagerService
+from lamina.wire import messages as m
+from lamina.wire.framing import Payload
+
+log = logging.getLogger(__name__)
+Reply = tuple[m.Message, Payload]
+
+
+def fences_of(cmap: cm.ClusterMap, server_id: str) -> tuple[tuple[int, int], ...]:
+    """(volume id, fence epoch) of every volume with a layer copy on ``server_id``."""
+    volume_ids = {
+        layer.volume_id
+        for layer in cmap.layers.values()
+        if any(server_id in part for part in layer.placement)
+    }
+    return tuple(
+        (v.id, v.fence_epoch) for v in sorted(cmap.volumes.values(), key=lambda v: v.id)
+        if v.id in volume_ids
+    )  # fmt: skip
+
+
+def publication_waits_for(cmap: cm.ClusterMap) -> set[str]:
+    """The servers that must acknowledge ``cmap.epoch`` before it is published."""
+    fenced = {v.id for v in cmap.volumes.values() if v.fence_epoch > cmap.published_epoch}
+    return {
+        sid
+        for layer in cmap.layers.values()
+        if layer.volume_id in fenced
+        for part in layer.placement
+        for sid in part
+    }
+
+
+class LeaderDuties:
+    """The storage-facing side of a manager: a RequestHandler for LEASE, and the loop."""
+
+    def __init__(
+        self,
+        service: ManagerService,
+        is_leader: Callable[[], bool],
+        clock: Callable[[], float],
+        lease_duration: float = 3.0,
+    ) -> None:
+        self.service = service
+        self.server_id = service.manager_id
+        self.is_leader = is_leader
+        self.clock = clock
+        self.table = LeaseTable(lease_duration)
+        self._proposing: set[cm.Command] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- RequestHandler ----------------------------------------------------------------
+
+    def current_epoch(self) -> int:
+        return self.service.map.epoch
+
+    def handle(self, msg: m.Message, payload: Payload) -> Reply:
+        if not isinstance(msg, m.LeaseRequest):
+            raise BadRequest(f"{type(msg).__name__} is not a manager operation")
+        if not self.table.leading:
+            raise Unavailable(f"manager {self.server_id} is not the leader")
+        cmap = self.service.map
+        server = cmap.servers.get(msg.server_id)
+        if server is None or server.state == cm.ServerState.OUT:
+            raise NotFound(f"storage server {msg.server_id} is not a member of the cluster")
+        restarted = self.table.grant(msg.server_id, self.clock(), msg.epoch, msg.incarnation)
+        if server.state == cm.ServerState.DOWN or (restarted and server.state == cm.ServerState.UP):
+            self._propose(cm.SetServerState(msg.server_id, cm.ServerState.RECOVERING))
+        duration_ms = int(self.table.duration * 1000)
+        return m.LeaseResponse(duration_ms, cmap.epoch, fences_of(cmap, msg.server_id)), b""
+
+    # -- the duty loop -------------------------------------------------------------------
+
+    def run_once(self) -> None:
+        now = self.clock()
+        if not self.is_leader():
+            if self.table.leading:
+                log.info("manager %s is no longer the leader", self.server_id)
+                self.table.step_down()
+            return
+        if not self.table.leading:
+            log.info("manager %s leads: waiting one lease before judging servers", self.server_id)
+            self.table.become_leader(now)
+        cmap = self.service.map
+        for sid, server in sorted(cmap.servers.items()):
+            if server.state in (cm.ServerState.UP, cm.ServerState.RECOVERING) and (
+                self.table.expired(sid, now)
+            ):
+                log.warning("storage server %s: lease over, marking it down", sid)
+                self._propose(cm.SetServerState(sid, cm.ServerState.DOWN))
+        if cmap.published_epoch < cmap.epoch and self.table.may_publish(
+            cmap.epoch, publication_waits_for(cmap), now
+        ):
+            self._propose(cm.Publish(cmap.epoch))
+
+    async def run(self, period: float = 0.2) -> None:
+        while True:
+            try:
+                self.run_once()
+            except Exception:
+                log.exception("leader duties failed; trying again")
+            await asyncio.sleep(period)
+
+    def _propose(self, cmd: cm.Command) -> None:
+        if cmd in self._proposing:
+            return
+        self._proposing.add(cmd)
+        task = asyncio.ensure_future(self._submit(cmd))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _submit(self, cmd: cm.Command) -> None:
+        try:
+            await self.service.submit(cmd)
+        except LaminaError as exc:
+            log.info("%s not applied: %s", cmd, exc.message)
+        finally:
+            self._proposing.discard(cmd)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -1,0 +1,68 @@
+"""The leader's view of storage-server leases."""
+
+from __future__ import annotations
+
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from lamina.mgmt.leases import DRIFT, SLACK, LeaseTable
+
+D = 3.0
+OVER = D * (1 + DRIFT) + SLACK
+
+
+@given(st.floats(0, 1000), st.floats(0, 10 * D))
+def test_a_lease_is_over_only_after_its_duration_and_margin(start: float, later: float) -> None:
+    """A server granted at t is expired exactly from t + d(1 + drift) + slack on."""
+    table = LeaseTable(D)
+    table.become_leader(start)
+    table.grant("s1", start, epoch=1, incarnation=1)
+    assume(abs(later - OVER) > 1e-6)  # float sums may round either way at the very edge
+    assert table.expired("s1", start + later) == (later > OVER)
+
+
+@given(st.floats(0, 1000), st.floats(0, 10 * D))
+def test_a_new_leader_waits_a_full_lease_for_servers_it_never_granted(
+    start: float, later: float
+) -> None:
+    """Grants of an earlier leader are unknown: nobody is expired before d after election."""
+    table = LeaseTable(D)
+    table.become_leader(start)
+    assume(abs(later - OVER) > 1e-6)
+    assert table.expired("s9", start + later) == (later > OVER)
+
+
+def test_not_leading_judges_nothing_and_stepping_down_forgets_grants() -> None:
+    """A follower never declares a lease over; a leader that steps down starts afresh."""
+    table = LeaseTable(D)
+    assert not table.expired("s1", 1e9)
+    table.become_leader(0.0)
+    table.grant("s1", 0.0, 5, 1)
+    table.step_down()
+    assert not table.expired("s1", 1e9)
+    table.become_leader(100.0)
+    assert not table.expired("s1", 100.0 + OVER / 2)
+    assert table.expired("s1", 100.0 + OVER)
+
+
+def test_publication_waits_for_acknowledgement_or_expiry() -> None:
+    """An epoch may be published once every affected server reported it or lost its lease."""
+    table = LeaseTable(D)
+    table.become_leader(0.0)
+    table.grant("s1", 0.0, epoch=4, incarnation=1)
+    table.grant("s2", 0.0, epoch=3, incarnation=1)
+    assert not table.may_publish(4, ["s1", "s2"], 1.0)
+    table.grant("s2", 1.0, epoch=4, incarnation=1)
+    assert table.may_publish(4, ["s1", "s2"], 1.0)
+    assert not table.may_publish(5, ["s1", "s2"], 2.0)
+    assert table.may_publish(5, ["s1", "s2"], 1.0 + OVER)  # both leases over by then
+    assert table.may_publish(5, [], 0.0)
+
+
+def test_a_changed_incarnation_reports_a_restart() -> None:
+    """The first grant is no restart; a later grant with another incarnation is."""
+    table = LeaseTable(D)
+    table.become_leader(0.0)
+    assert not table.grant("s1", 0.0, 1, incarnation=7)
+    assert not table.grant("s1", 1.0, 1, incarnation=7)
+    assert table.grant("s1", 2.0, 1, incarnation=8)
