@@ -17,7 +17,7 @@ help:
 	@echo "  make deps   install missing system packages (qemu-utils, fio, nbdkit, ...)"
 	@echo "  make lint   ruff check, ruff format --check, mypy"
 	@echo "  make test   deps + venv + lint + pytest"
-	@echo "  make up     run the local demo cluster"
+	@echo "  make up     start the local cluster, create a demo volume, show the status"
 	@echo "  make bench  run the storage benchmark"
 	@echo "  make clean  remove the venv, build artifacts and caches"
 
@@ -51,7 +51,9 @@ test: deps venv lint
 	$(BIN)/pytest -q
 
 up: venv
-	$(BIN)/lamina demo
+	$(BIN)/lamina up
+	$(BIN)/lamina volume info demo >/dev/null 2>&1 || $(BIN)/lamina volume create demo --size 1G --replicas 2 --stripe 3
+	$(BIN)/lamina status
 
 bench: venv
 	$(BIN)/python bench/storage.py

@@ -307,7 +307,7 @@ def _ping_table(rows: list[dict[str, Any]]) -> None:
 
 @main.command()
 @click.option(
-    "--dir", "root", default="./lamina-data", show_default=True,
+    "--dir", "root", default="./lamina-demo", show_default=True,
     type=click.Path(file_okay=False), help="Where the demo keeps its data.",
 )  # fmt: skip
 @click.option("--servers", default=2, show_default=True, type=click.IntRange(1, 8))

@@ -643,7 +643,7 @@ def server() -> None:
 @_common
 def server_list(cluster: str | None, as_json: bool) -> None:
     """List the storage servers and how many partition copies each holds."""
-    cmap = _client(cluster).get("/map")
+    cmap = _client(cluster).get("/map?current=1")  # administrators see every change
     copies: dict[str, int] = {}
     for layer in cmap["layers"].values():
         for part in layer["placement"]:

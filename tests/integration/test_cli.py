@@ -78,7 +78,7 @@ class Env:
         return self.group.procs[0].url
 
     def map(self) -> Any:
-        return api(self.url, "GET", "/api/v1/map")[1]
+        return api(self.url, "GET", "/api/v1/map?current=1")[1]
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from lamina.wire import messages as m
 from tests.integration.support import PAGE_SIZE, connect, run
 
 pytestmark = pytest.mark.integration
-LEASE = 1.5
+LEASE = 2.5
 GiB = 1 << 30
 
 
@@ -45,7 +45,7 @@ class Managed:
     def map(self) -> dict[str, Any]:
         for p in self.managers:
             if p.alive():
-                status, body = http_json(p.url, "GET", "/api/v1/map")
+                status, body = http_json(p.url, "GET", "/api/v1/map?current=1")
                 if status == 200:
                     return dict(body)
         raise AssertionError("no manager answers")
@@ -113,11 +113,11 @@ def test_a_leased_server_serves_and_learns_the_epoch(cluster: Managed) -> None:
         {"name": "db", "size": GiB, "replicas": 2, "stripe": 2}, cluster.token,
     )  # fmt: skip
     assert status == 201, vol
-    epoch = vol["fence_epoch"]
+    wait_for(lambda: (x := cluster.map())["published_epoch"] == x["epoch"], "publication")
+    epoch = cluster.map()["volumes"]["db"]["fence_epoch"]  # the latest fence of the volume
     s1 = cluster.servers[0]
     reply = wait_for(lambda: (r := run(ping(s1.addr, cluster.key))).epoch >= epoch and r, "epoch")
     assert reply.lease_valid
-    wait_for(lambda: cluster.map()["published_epoch"] >= epoch, "publication of the epoch")
 
     async def io() -> bytes:
         client = await connect(s1, cluster.key)
@@ -182,3 +182,34 @@ def test_a_server_cut_off_from_the_managers_refuses_io_once_its_lease_lapses(
             assert p.proc is not None
             p.proc.send_signal(signal.SIGCONT)
     wait_for(lambda: leased(s1, cluster.key), "a new lease", timeout=30)
+
+
+def test_publication_waits_for_a_paused_server_until_its_lease_is_over(cluster: Managed) -> None:
+    """A change to a volume on a SIGSTOPped storage server is not published (clients keep
+    the older map) until that server's lease is certainly over; then it is."""
+    status, vol = http_json(
+        cluster.url, "POST", "/api/v1/volumes",
+        {"name": "v", "size": GiB, "replicas": 2, "stripe": 2}, cluster.token,
+    )  # fmt: skip
+    assert status == 201, vol
+    wait_for(lambda: (x := cluster.map())["published_epoch"] == x["epoch"], "first publication")
+    s2 = cluster.servers[1]
+    assert s2.proc is not None
+    s2.proc.send_signal(signal.SIGSTOP)
+    paused = time.monotonic()
+    status, grown = http_json(
+        cluster.url, "PATCH", "/api/v1/volumes/v", {"size": 2 * GiB}, cluster.token
+    )
+    assert status == 200, grown
+    changed = grown["fence_epoch"]
+    while time.monotonic() < paused + LEASE * 0.5:  # s2 may still hold its lease
+        _, published = http_json(cluster.url, "GET", "/api/v1/map")
+        assert published["published_epoch"] < changed
+        assert published["volumes"]["v"]["size"] == GiB  # clients still see the old map
+        status, _ = http_json(cluster.url, "GET", f"/api/v1/map?min_epoch={changed}")
+        assert status == 503
+        time.sleep(0.05)
+    wait_for(lambda: cluster.map()["published_epoch"] >= changed, "publication without s2")
+    assert time.monotonic() - paused >= LEASE * 0.6
+    _, published = http_json(cluster.url, "GET", f"/api/v1/map?min_epoch={changed}")
+    assert published["volumes"]["v"]["size"] == 2 * GiB

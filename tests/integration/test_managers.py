@@ -111,7 +111,9 @@ def test_changes_through_any_manager_reach_every_manager(group: Managers) -> Non
     epoch = vol["fence_epoch"]
     for p in group.procs:
         got = wait_for(
-            lambda p=p: (m := api(p.url, "GET", "/api/v1/map")[1])["epoch"] >= epoch and m,
+            lambda p=p: (
+                (m := api(p.url, "GET", "/api/v1/map?current=1")[1])["epoch"] >= epoch and m
+            ),
             f"{p.id} to apply epoch {epoch}",
         )
         assert set(got["servers"]) == {"s1", "s2"}
@@ -147,14 +149,18 @@ def test_leader_kill_9_elects_a_new_leader_and_loses_nothing(group: Managers) ->
     assert status == 201, body
     for p in group.alive():
         names = wait_for(
-            lambda p=p: (v := api(p.url, "GET", "/api/v1/map")[1]["volumes"]) and len(v) == 2 and v,
+            lambda p=p: (
+                (v := api(p.url, "GET", "/api/v1/map?current=1")[1]["volumes"])
+                and len(v) == 2
+                and v
+            ),
             f"{p.id} to see both volumes",
         )
         assert sorted(names) == ["v1", "v2"]
     assert new.alive()
     old.start()  # it comes back and catches up from the journal and the leader
     wait_for(
-        lambda: len(api(old.url, "GET", "/api/v1/map")[1]["volumes"]) == 2,
+        lambda: len(api(old.url, "GET", "/api/v1/map?current=1")[1]["volumes"]) == 2,
         "the old leader to catch up",
     )
 
@@ -170,7 +176,7 @@ def test_bad_requests_get_clear_http_errors_and_change_nothing(group: Managers) 
         {"id": "s1", "addr": "127.0.0.1:9001", "capacity": GiB},
         group.token,
     )
-    _, before = api(url, "GET", "/api/v1/map")
+    _, before = api(url, "GET", "/api/v1/map?current=1")
     cases: list[tuple[int, str, str, Any, str | None, bytes | None]] = [
         (401, "POST", "/api/v1/volumes", {"name": "v", "size": GiB}, None, None),
         (
@@ -218,7 +224,7 @@ def test_bad_requests_get_clear_http_errors_and_change_nothing(group: Managers) 
         status, answer = api(url, method, path, body, token, raw)
         assert status == expected, (method, path, body, answer)
         assert answer["message"], answer
-    _, after = api(url, "GET", "/api/v1/map")
+    _, after = api(url, "GET", "/api/v1/map?current=1")
     assert after == before
     status, spec = api(url, "GET", "/api/v1/openapi.json")
     assert status == 200

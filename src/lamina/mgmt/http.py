@@ -23,7 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from lamina import __version__
-from lamina.errors import AuthFailed, BadRequest, ErrorCode, LaminaError, NotFound
+from lamina.errors import AuthFailed, BadRequest, ErrorCode, LaminaError, NotFound, Unavailable
 from lamina.mgmt import clustermap as cm
 from lamina.mgmt.service import ManagerService
 
@@ -135,7 +135,25 @@ async def get_status(request: web.Request) -> web.Response:
 
 
 async def get_map(request: web.Request) -> web.Response:
-    return web.json_response(cm.map_to_dict(request.app[SERVICE].map))
+    """The published map (what clients may use); ``?current=1``: the latest committed one.
+    ``?min_epoch=N``: 503 unless this manager's published epoch is at least N, so a
+    client never gets a map older than one it has already seen."""
+    svc = request.app[SERVICE]
+    if request.query.get("current") in ("1", "true"):
+        return web.json_response(cm.map_to_dict(svc.map))
+    try:
+        min_epoch = int(request.query.get("min_epoch", "0"))
+    except ValueError:
+        raise BadRequest("min_epoch must be an integer") from None
+    published = svc.published
+    if published is None:
+        raise Unavailable(f"manager {svc.manager_id} has no published map yet")
+    if published.published_epoch < min_epoch:
+        raise Unavailable(
+            f"manager {svc.manager_id} has published epoch {published.published_epoch}, "
+            f"behind {min_epoch}"
+        )
+    return web.json_response(cm.map_to_dict(published))
 
 
 async def list_servers(request: web.Request) -> web.Response:
@@ -272,7 +290,13 @@ OPENAPI: dict[str, Any] = {
     "info": {"title": "lamina manager API", "version": "1"},
     "paths": {
         "/api/v1/status": {"get": _op("manager, raft and cluster summary", "200")},
-        "/api/v1/map": {"get": _op("the whole cluster map", "200")},
+        "/api/v1/map": {
+            "get": _op(
+                "the published cluster map (?current=1: the latest committed; "
+                "?min_epoch=N: 503 unless published at least N)",
+                "200",
+            )
+        },
         "/api/v1/servers": {
             "get": _op("storage servers", "200"),
             "post": _op("add a storage server", "201", admin=True, body="NewServer"),

@@ -13,6 +13,7 @@ thread replaces as a whole, so a reader never sees half a change.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -44,6 +45,10 @@ class ManagerService:
     def __init__(self, manager_id: str) -> None:
         self.manager_id = manager_id
         self.map: cm.ClusterMap = cm.empty_map()
+        # Clients only ever get published maps (DESIGN section 6): the map as it was at
+        # the published epoch, kept from the maps of the epochs not yet published.
+        self.published: cm.ClusterMap | None = self.map
+        self._unpublished: dict[int, cm.ClusterMap] = {}
         self.log: Log | None = None
         self.applied = 0
 
@@ -60,6 +65,17 @@ class ManagerService:
         if reason is not None:
             return False, reason
         self.map = cm.apply(self.map, cmd)
+        if isinstance(cmd, cm.Publish):
+            seen = self._unpublished.get(cmd.epoch)
+            if seen is not None:
+                self.published = dataclasses.replace(seen, published_epoch=cmd.epoch)
+            elif self.map.epoch == cmd.epoch:
+                self.published = self.map
+            else:  # restored from a snapshot taken between the change and its publication
+                self.published = None
+            self._unpublished = {e: m for e, m in self._unpublished.items() if e > cmd.epoch}
+        else:
+            self._unpublished[self.map.epoch] = self.map
         return True, self.map.epoch
 
     def dump(self) -> bytes:
@@ -68,6 +84,9 @@ class ManagerService:
 
     def load(self, data: bytes) -> None:
         self.map = cm.map_from_dict(msgpack.unpackb(data, raw=False, strict_map_key=False))
+        self._unpublished = {self.map.epoch: self.map}
+        published = self.map.epoch == self.map.published_epoch
+        self.published = self.map if published else None
 
     # -- the API side (the event loop) ---------------------------------------------------
 

@@ -1,0 +1,56 @@
+"""The manager service's state machine side: apply, reasons, the published view."""
+
+from __future__ import annotations
+
+from lamina.mgmt import clustermap as cm
+from lamina.mgmt.service import ManagerService
+
+GiB = 1 << 30
+
+
+def apply(svc: ManagerService, cmd: cm.Command) -> tuple[bool, str | int]:
+    return svc.apply_entry(cm.encode_command(cmd))
+
+
+def test_clients_see_the_map_as_it_was_at_the_published_epoch() -> None:
+    """The published view is the map at the published epoch, not the latest one."""
+    svc = ManagerService("m1")
+    assert apply(svc, cm.AddServer("s1", "127.0.0.1:1", GiB)) == (True, 1)
+    assert apply(svc, cm.AddServer("s2", "127.0.0.1:2", GiB)) == (True, 2)
+    assert apply(svc, cm.CreateVolume("db", GiB)) == (True, 3)
+    assert svc.published is not None
+    assert svc.published.epoch == 0
+    assert apply(svc, cm.Publish(2)) == (True, 3)
+    assert svc.published.epoch == 2
+    assert svc.published.published_epoch == 2
+    assert set(svc.published.servers) == {"s1", "s2"}
+    assert "db" not in svc.published.volumes  # created at epoch 3, not published yet
+    assert apply(svc, cm.Publish(3)) == (True, 3)
+    assert "db" in svc.published.volumes
+    assert svc.published == svc.map
+
+
+def test_rejected_and_undecodable_entries_change_nothing() -> None:
+    """A rejected command returns its reason and an undecodable entry is refused alike."""
+    svc = ManagerService("m1")
+    before = svc.map
+    ok, reason = apply(svc, cm.RemoveServer("nope"))
+    assert not ok
+    assert "nope" in str(reason)
+    ok, reason = svc.apply_entry(b"\xc1garbage")
+    assert not ok
+    assert "undecodable" in str(reason)
+    assert svc.map is before
+
+
+def test_a_snapshot_restores_the_map_and_knows_when_it_cannot_serve_a_published_view() -> None:
+    """dump/load round-trips the map; a snapshot taken before a publication has no
+    published view until the next Publish."""
+    svc = ManagerService("m1")
+    apply(svc, cm.AddServer("s1", "127.0.0.1:1", GiB))
+    other = ManagerService("m2")
+    other.load(svc.dump())
+    assert other.map == svc.map
+    assert other.published is None  # epoch 1 not published when the snapshot was made
+    assert apply(other, cm.Publish(1)) == (True, 1)
+    assert other.published == other.map
