@@ -213,3 +213,38 @@ def test_publication_waits_for_a_paused_server_until_its_lease_is_over(cluster: 
     assert time.monotonic() - paused >= LEASE * 0.6
     _, published = http_json(cluster.url, "GET", f"/api/v1/map?min_epoch={changed}")
     assert published["volumes"]["v"]["size"] == 2 * GiB
+
+
+def test_deleting_a_volume_reclaims_its_space_and_fences_late_writers(cluster: Managed) -> None:
+    """After `volume delete`, the leader has every storage server drop the volume's layer
+    (its file goes) and a writer still using the old map is refused STALE."""
+    status, vol = http_json(
+        cluster.url, "POST", "/api/v1/volumes",
+        {"name": "gone", "size": GiB, "replicas": 2, "stripe": 1}, cluster.token,
+    )  # fmt: skip
+    assert status == 201, vol
+    wait_for(lambda: (x := cluster.map())["published_epoch"] == x["epoch"], "publication")
+    epoch = cluster.map()["volumes"]["gone"]["fence_epoch"]
+    layer = vol["layers"][0]["id"]
+    s1 = cluster.servers[0]
+    wait_for(lambda: run(ping(s1.addr, cluster.key)).epoch >= epoch, "the epoch at s1")
+    write = m.WriteRequest(
+        vol["id"], epoch, layer, 0, PAGE_SIZE, 0, m.FULL_MASK, m.FULL_MASK, False
+    )
+
+    async def send() -> None:
+        client = await connect(s1, cluster.key)
+        try:
+            await client.call(write, b"y" * PAGE_SIZE)
+        finally:
+            client.close()
+
+    run(send())
+    data_file = s1.data / "layers" / f"{layer}.data"
+    assert data_file.exists()
+    status, _ = http_json(cluster.url, "DELETE", "/api/v1/volumes/gone", token=cluster.token)
+    assert status == 200
+    wait_for(lambda: not data_file.exists(), "the layer file to be removed", timeout=20)
+    with pytest.raises(StaleEpoch):
+        run(send())
+    assert not data_file.exists()

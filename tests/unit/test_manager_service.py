@@ -54,3 +54,27 @@ def test_a_snapshot_restores_the_map_and_knows_when_it_cannot_serve_a_published_
     assert other.published is None  # epoch 1 not published when the snapshot was made
     assert apply(other, cm.Publish(1)) == (True, 1)
     assert other.published == other.map
+
+
+def test_deleted_volumes_leave_layers_to_reclaim_until_every_server_confirmed() -> None:
+    """DeleteVolume lists its layers with the servers holding them; each confirmation
+    removes one server; the list survives a snapshot."""
+    svc = ManagerService("m1")
+    for i in (1, 2, 3):
+        apply(svc, cm.AddServer(f"s{i}", f"127.0.0.1:{i}", GiB))
+    apply(svc, cm.CreateVolume("db", GiB, replicas=2, stripe=3))
+    (lid,) = svc.map.volumes["db"].layers
+    vid = svc.map.volumes["db"].id
+    assert svc.reclaim == {}
+    assert apply(svc, cm.DeleteVolume("db"))[0]
+    assert svc.reclaim == {lid: (vid, ("s1", "s2", "s3"))}
+    copy = ManagerService("m2")
+    copy.load(svc.dump())
+    assert copy.reclaim == svc.reclaim
+    svc.reclaimed(lid, "s2")
+    assert svc.reclaim == {lid: (vid, ("s1", "s3"))}
+    svc.reclaimed(lid, "s1")
+    svc.reclaimed(lid, "s3")
+    assert svc.reclaim == {}
+    svc.reclaimed(lid, "s3")  # a late confirmation changes nothing
+    assert svc.reclaim == {}

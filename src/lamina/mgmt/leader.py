@@ -14,7 +14,9 @@ Once a second or so the leader's duty loop (:meth:`LeaderDuties.run_once`):
   ``recovering`` (only the resync makes it ``up`` again);
 - publishes the current epoch once every server holding a layer of a volume fenced since
   the last publication has acknowledged it (by asking for a lease with that epoch) or has
-  certainly lost its lease: the publication rule, with leases as the channel.
+  certainly lost its lease: the publication rule, with leases as the channel;
+- reclaims the space of deleted volumes: DELETE_LAYER to every server that may hold one
+  of their layers, until each confirmed.
 Every change goes through Raft like any other; a new leader resumes from the map.
 """
 
@@ -25,11 +27,13 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from lamina.config import parse_addr
 from lamina.errors import BadRequest, LaminaError, NotFound, Unavailable
 from lamina.mgmt import clustermap as cm
 from lamina.mgmt.leases import LeaseTable
 from lamina.mgmt.service import ManagerService
 from lamina.wire import messages as m
+from lamina.wire.connection import Client
 from lamina.wire.framing import Payload
 
 log = logging.getLogger(__name__)
@@ -70,8 +74,11 @@ class LeaderDuties:
         is_leader: Callable[[], bool],
         clock: Callable[[], float],
         lease_duration: float = 3.0,
+        key: bytes | None = None,
     ) -> None:
         self.service = service
+        self.key = key
+        self._reclaiming: asyncio.Task[None] | None = None
         self.server_id = service.manager_id
         self.is_leader = is_leader
         self.clock = clock
@@ -122,6 +129,40 @@ class LeaderDuties:
             cmap.epoch, publication_waits_for(cmap), now
         ):
             self._propose(cm.Publish(cmap.epoch))
+        if (
+            self.service.reclaim
+            and self.key is not None
+            and (self._reclaiming is None or self._reclaiming.done())
+        ):
+            self._reclaiming = asyncio.ensure_future(self.reclaim_once())
+
+    async def reclaim_once(self) -> None:
+        """Ask every server that may hold a layer of a deleted volume to drop it (DELETE_LAYER
+        at the current epoch, which also fences the volume there); retried until each did."""
+        assert self.key is not None
+        cmap = self.service.map
+        for lid, (vid, servers) in list(self.service.reclaim.items()):
+            for sid in servers:
+                server = cmap.servers.get(sid)
+                if server is None:  # removed from the cluster: nothing to ask
+                    self.service.reclaimed(lid, sid)
+                    continue
+                try:
+                    host, port = parse_addr(server.addr)
+                    client = await Client.connect(
+                        host, port, self.key, peer=f"manager/{self.server_id}", timeout=2.0
+                    )
+                    try:
+                        async with asyncio.timeout(5.0):
+                            reply = await client.call(m.DeleteLayerRequest(vid, cmap.epoch, lid))
+                    finally:
+                        client.close()
+                except (LaminaError, OSError, TimeoutError) as exc:
+                    log.info("reclaiming layer %d on %s: %s; will retry", lid, sid, exc)
+                    continue
+                assert isinstance(reply, m.DeleteLayerResponse)
+                log.info("reclaimed layer %d on %s (%d pages)", lid, sid, reply.pages_removed)
+                self.service.reclaimed(lid, sid)
 
     async def run(self, period: float = 0.2) -> None:
         while True:
@@ -148,6 +189,8 @@ class LeaderDuties:
             self._proposing.discard(cmd)
 
     async def close(self) -> None:
+        if self._reclaiming is not None:
+            self._reclaiming.cancel()
         for task in list(self._tasks):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

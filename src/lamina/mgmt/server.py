@@ -58,7 +58,7 @@ async def serve(cfg: ManagerConfig) -> None:
     )
     service.log = rlog
     duties = LeaderDuties(
-        service, lambda: rlog.status().is_leader, time.monotonic, cfg.lease_duration
+        service, lambda: rlog.status().is_leader, time.monotonic, cfg.lease_duration, key
     )
     loop = asyncio.get_running_loop()
     shost, sport = parse_addr(cfg.storage_listen)

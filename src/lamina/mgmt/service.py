@@ -51,6 +51,10 @@ class ManagerService:
         self._unpublished: dict[int, cm.ClusterMap] = {}
         self.log: Log | None = None
         self.applied = 0
+        # Layers of deleted volumes whose space the leader still has to reclaim:
+        # layer id -> (volume id, servers that may hold its pages).  Built by applying
+        # the log, so every manager has it and a new leader carries on.
+        self.reclaim: dict[int, tuple[int, tuple[str, ...]]] = {}
 
     # -- the state machine side (PySyncObj's thread) -------------------------------------
 
@@ -64,6 +68,11 @@ class ManagerService:
         reason = cm.validate(self.map, cmd)
         if reason is not None:
             return False, reason
+        if isinstance(cmd, cm.DeleteVolume):
+            gone = self.map.volumes[cmd.name]
+            for lid in gone.layers:
+                servers = sorted({s for part in self.map.layers[lid].placement for s in part})
+                self.reclaim[lid] = (gone.id, tuple(servers))
         self.map = cm.apply(self.map, cmd)
         if isinstance(cmd, cm.Publish):
             seen = self._unpublished.get(cmd.epoch)
@@ -79,16 +88,35 @@ class ManagerService:
         return True, self.map.epoch
 
     def dump(self) -> bytes:
-        data: bytes = msgpack.packb(cm.map_to_dict(self.map), use_bin_type=True)
+        state = {
+            "map": cm.map_to_dict(self.map),
+            "reclaim": [[lid, vid, list(servers)] for lid, (vid, servers) in self.reclaim.items()],
+        }
+        data: bytes = msgpack.packb(state, use_bin_type=True)
         return data
 
     def load(self, data: bytes) -> None:
-        self.map = cm.map_from_dict(msgpack.unpackb(data, raw=False, strict_map_key=False))
+        state = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        self.map = cm.map_from_dict(state["map"])
+        self.reclaim = {
+            int(lid): (int(vid), tuple(servers)) for lid, vid, servers in state["reclaim"]
+        }
         self._unpublished = {self.map.epoch: self.map}
         published = self.map.epoch == self.map.published_epoch
         self.published = self.map if published else None
 
     # -- the API side (the event loop) ---------------------------------------------------
+
+    def reclaimed(self, layer_id: int, server_id: str) -> None:
+        """``server_id`` confirmed it holds nothing of ``layer_id`` any more."""
+        entry = self.reclaim.get(layer_id)
+        if entry is None:
+            return
+        left = tuple(s for s in entry[1] if s != server_id)
+        if left:
+            self.reclaim[layer_id] = (entry[0], left)
+        else:
+            del self.reclaim[layer_id]
 
     async def submit(self, cmd: cm.Command, timeout: float = 5.0) -> Outcome:
         """Commit a change; its new epoch, or Rejected with the managers' reason."""

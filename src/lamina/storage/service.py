@@ -328,6 +328,10 @@ class StorageService:
     def delete_layer(self, msg: m.DeleteLayerRequest, payload: Payload) -> Result:
         self._admit(msg)
         self.store.check_layer(msg.volume_id, msg.layer_id, None)
+        # Deleting fences the volume at this epoch: a writer still using an older map
+        # cannot bring the layer back.
+        if msg.epoch > self.fences.get(msg.volume_id, 0):
+            self.fences[msg.volume_id] = msg.epoch
         self._drop_episodes(msg.layer_id)
         return m.DeleteLayerResponse(self.store.delete_layer(msg.layer_id)), b""
 
