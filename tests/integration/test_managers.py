@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -176,7 +177,13 @@ def test_bad_requests_get_clear_http_errors_and_change_nothing(group: Managers) 
         {"id": "s1", "addr": "127.0.0.1:9001", "capacity": GiB},
         group.token,
     )
-    _, before = api(url, "GET", "/api/v1/map?current=1")
+    before = wait_for(  # once published, nothing but a change moves the map
+        lambda: (
+            (x := api(url, "GET", "/api/v1/map?current=1")[1])["published_epoch"] == x["epoch"]
+            and x
+        ),
+        "publication of s1",
+    )
     cases: list[tuple[int, str, str, Any, str | None, bytes | None]] = [
         (401, "POST", "/api/v1/volumes", {"name": "v", "size": GiB}, None, None),
         (
@@ -263,3 +270,57 @@ def test_manager_bad_arguments_are_one_line_errors(
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, done.stderr
     assert needle in lines[0]
+
+
+def test_a_paused_manager_never_serves_a_map_behind_what_clients_have_seen(
+    group: Managers,
+) -> None:
+    """A leader paused with SIGSTOP loses its role; changes go on through the others; once
+    resumed it answers a client that has seen epoch N either 503 or a map at least that
+    new, never an older one, and what it commits is what the majority has."""
+    old = leader_of(group)
+    assert old is not None
+    assert old.proc is not None
+    old.proc.send_signal(signal.SIGSTOP)
+    try:
+        others = [p for p in group.procs if p is not old]
+        wait_for(lambda: api(others[0].url, "GET", "/api/v1/status")[1]["raft"]["is_leader"]
+                 or api(others[1].url, "GET", "/api/v1/status")[1]["raft"]["is_leader"],
+                 "a leader among the others")  # fmt: skip
+        for i in (1, 2, 3):
+            status, body = api(
+                others[0].url, "POST", "/api/v1/servers",
+                {"id": f"s{i}", "addr": f"127.0.0.1:{9100 + i}", "capacity": GiB}, group.token,
+            )  # fmt: skip
+            assert status == 201, body
+        seen = wait_for(
+            lambda: (
+                (x := api(others[0].url, "GET", "/api/v1/map")[1])["published_epoch"] >= 3
+                and x["published_epoch"]
+            ),
+            "publication of the new servers",
+        )
+    finally:
+        old.proc.send_signal(signal.SIGCONT)
+    deadline = time.monotonic() + 10
+    answered = False
+    while time.monotonic() < deadline:
+        status, body = api(old.url, "GET", f"/api/v1/map?min_epoch={seen}")
+        if status == 200:
+            assert body["published_epoch"] >= seen
+            assert set(body["servers"]) == {"s1", "s2", "s3"}
+            answered = True
+            break
+        assert status == 503, body
+        time.sleep(0.05)
+    assert answered, "the resumed manager never caught up"
+    status, body = api(
+        old.url, "POST", "/api/v1/servers",
+        {"id": "s4", "addr": "127.0.0.1:9104", "capacity": GiB}, group.token,
+    )  # fmt: skip
+    assert status == 201, body  # committed through the current leader
+    for p in others:
+        wait_for(
+            lambda p=p: "s4" in api(p.url, "GET", "/api/v1/map?current=1")[1]["servers"],
+            f"{p.id} to have s4",
+        )
