@@ -29,43 +29,29 @@ from lamina.wire.connection import Client
 from lamina.wire.handshake import load_key, write_new_key
 
 
-@dataclass
-class StorageProcess:
-    """One `lamina storage` process and where to find it."""
+class _Daemon:
+    """Starting, signalling and stopping one daemon process (shared by both kinds)."""
 
     id: str
-    data: Path
-    key: Path
     log: Path
     port_file: Path
-    extra_args: list[str] = field(default_factory=list)
-    proc: subprocess.Popen[bytes] | None = None
-    port: int = 0
-    detach: bool = False  # its own session: it outlives the command that started it
+    proc: subprocess.Popen[bytes] | None
+    port: int
+    detach: bool  # its own session: it outlives the command that started it
 
-    @property
-    def addr(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 15.0) -> None:
-        """Start the process and return once it listens (its port file appeared)."""
+    def _launch(self, args: list[str], what: str, timeout: float) -> None:
+        """Start ``python -m lamina ARGS`` and return once its port file appeared."""
         self.port_file.unlink(missing_ok=True)
         self.port_file.parent.mkdir(parents=True, exist_ok=True)
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        listen = f"127.0.0.1:{self.port}"
-        args = [
-            sys.executable, "-m", "lamina", "storage",
-            "--id", self.id, "--listen", listen, "--data", str(self.data),
-            "--key", str(self.key), "--port-file", str(self.port_file),
-            *self.extra_args,
-        ]  # fmt: skip
         with open(self.log, "ab") as logf:
             self.proc = subprocess.Popen(
-                args, stdout=logf, stderr=subprocess.STDOUT, start_new_session=self.detach
+                [sys.executable, "-m", "lamina", *args],
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=self.detach,
             )
-        _wait_for_port_file(
-            self.proc, self.port_file, self.log, f"storage server {self.id}", timeout
-        )
+        _wait_for_port_file(self.proc, self.port_file, self.log, what, timeout)
         self.port = int(self.port_file.read_text())
 
     def alive(self) -> bool:
@@ -92,7 +78,35 @@ class StorageProcess:
 
 
 @dataclass
-class ManagerProcess:
+class StorageProcess(_Daemon):
+    """One `lamina storage` process and where to find it."""
+
+    id: str
+    data: Path
+    key: Path
+    log: Path
+    port_file: Path
+    extra_args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+    port: int = 0
+    detach: bool = False
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Start the process and return once it listens (its port file appeared)."""
+        args = [
+            "storage", "--id", self.id, "--listen", f"127.0.0.1:{self.port}",
+            "--data", str(self.data), "--key", str(self.key),
+            "--port-file", str(self.port_file), *self.extra_args,
+        ]  # fmt: skip
+        self._launch(args, f"storage server {self.id}", timeout)
+
+
+@dataclass
+class ManagerProcess(_Daemon):
     """One `lamina manager` process: its HTTP API port comes through a port file."""
 
     id: str
@@ -106,52 +120,22 @@ class ManagerProcess:
     lease_duration: float = 3.0
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
-    detach: bool = False  # its own session: it outlives the command that started it
+    detach: bool = False
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 20.0) -> None:
-        self.port_file.unlink(missing_ok=True)
-        self.port_file.parent.mkdir(parents=True, exist_ok=True)
-        self.log.parent.mkdir(parents=True, exist_ok=True)
         args = [
-            sys.executable, "-m", "lamina", "manager",
-            "--id", self.id, "--listen", f"127.0.0.1:{self.port}", "--raft", self.raft,
-            "--peers", ",".join(self.peers), "--data", str(self.data),
+            "manager", "--id", self.id, "--listen", f"127.0.0.1:{self.port}",
+            "--raft", self.raft, "--peers", ",".join(self.peers), "--data", str(self.data),
             "--key", str(self.key), "--port-file", str(self.port_file),
             "--lease-duration", str(self.lease_duration),
         ]  # fmt: skip
         if self.storage_listen:
             args += ["--storage-listen", self.storage_listen]
-        with open(self.log, "ab") as logf:
-            self.proc = subprocess.Popen(
-                args, stdout=logf, stderr=subprocess.STDOUT, start_new_session=self.detach
-            )
-        _wait_for_port_file(self.proc, self.port_file, self.log, f"manager {self.id}", timeout)
-        self.port = int(self.port_file.read_text())
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=10)
-
-    def stop(self, timeout: float = 15.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        self._launch(args, f"manager {self.id}", timeout)
 
 
 def _wait_for_port_file(

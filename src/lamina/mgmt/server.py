@@ -18,7 +18,9 @@ from pathlib import Path
 
 from aiohttp import web
 
+from lamina import daemon
 from lamina.config import ConfigError, ManagerConfig, parse_addr
+from lamina.daemon import write_port_file
 from lamina.mgmt.http import make_app
 from lamina.mgmt.leader import LeaderDuties
 from lamina.mgmt.raft import ReplicatedLog
@@ -81,12 +83,8 @@ async def serve(cfg: ManagerConfig) -> None:
         rlog.close()
         raise ConfigError(f"cannot listen on {cfg.listen}: {exc.strerror or exc}") from None
     if cfg.port_file:
-        bound = runner.addresses[0][1]
-        tmp = cfg.port_file + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{bound}\n")
-        os.replace(tmp, cfg.port_file)
-        port = bound
+        port = runner.addresses[0][1]
+        write_port_file(cfg.port_file, port)
     log.info("manager %s: API on %s:%d, storage servers on %s, raft %s, peers %s", cfg.id,
              host, port, cfg.storage_listen, cfg.raft, ",".join(cfg.peers) or "none")  # fmt: skip
     stop = asyncio.Event()
@@ -105,10 +103,4 @@ async def serve(cfg: ManagerConfig) -> None:
 
 
 def run(cfg: ManagerConfig) -> None:
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        pass
-    asyncio.run(serve(cfg))
+    daemon.run(serve(cfg))

@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import time
 
+from lamina import daemon
 from lamina.config import StorageConfig
+from lamina.daemon import write_port_file
 from lamina.storage.diskstore import DiskPageStore
 from lamina.storage.lease import LeaseKeeper
 from lamina.storage.service import Lease, StorageService
@@ -50,12 +51,8 @@ async def serve(cfg: StorageConfig, ready: asyncio.Event | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if cfg.port_file:
-        bound = server.sockets[0].getsockname()[1]
-        tmp = cfg.port_file + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{bound}\n")
-        os.replace(tmp, cfg.port_file)
-        port = bound
+        port = server.sockets[0].getsockname()[1]
+        write_port_file(cfg.port_file, port)
     mode = "standalone" if lease.standalone else f"managed by {','.join(cfg.managers)}"
     log.info("storage server %s listening on %s:%d (%s)", cfg.id, host, port, mode)
     keeper_task = None
@@ -94,10 +91,4 @@ async def serve(cfg: StorageConfig, ready: asyncio.Event | None = None) -> None:
 
 
 def run(cfg: StorageConfig) -> None:
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        pass
-    asyncio.run(serve(cfg))
+    daemon.run(serve(cfg))
