@@ -66,3 +66,17 @@ def test_a_changed_incarnation_reports_a_restart() -> None:
     assert not table.grant("s1", 0.0, 1, incarnation=7)
     assert not table.grant("s1", 1.0, 1, incarnation=7)
     assert table.grant("s1", 2.0, 1, incarnation=8)
+
+
+def test_a_new_leader_also_waits_out_its_predecessors_fallback() -> None:
+    """With a grace for the deposed leader's fallback, nobody's lease is judged over before
+    grace + d after the election, even a server this leader granted meanwhile."""
+    table = LeaseTable(D, grace=2.5)
+    table.become_leader(0.0)
+    table.grant("s1", 0.1, epoch=1, incarnation=1)
+    for sid in ("s1", "s2"):
+        assert not table.expired(sid, 2.5 + OVER - 0.01)
+        assert table.expired(sid, 2.5 + OVER + 0.01)
+    table.grant("s1", 5.0, epoch=1, incarnation=1)  # a grant after the grace counts as usual
+    assert not table.expired("s1", 5.0 + OVER - 0.01)
+    assert table.expired("s1", 5.0 + OVER + 0.01)

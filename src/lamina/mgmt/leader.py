@@ -75,14 +75,19 @@ class LeaderDuties:
         clock: Callable[[], float],
         lease_duration: float = 3.0,
         key: bytes | None = None,
+        grace: float = 2.5,
+        period: float = 0.2,
     ) -> None:
         self.service = service
         self.key = key
+        self.period = period
+        self._last_run: float | None = None
+        self._quiet_until = 0.0
         self._reclaiming: asyncio.Task[None] | None = None
         self.server_id = service.manager_id
         self.is_leader = is_leader
         self.clock = clock
-        self.table = LeaseTable(lease_duration)
+        self.table = LeaseTable(lease_duration, grace)
         self._proposing: set[cm.Command] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -94,7 +99,7 @@ class LeaderDuties:
     def handle(self, msg: m.Message, payload: Payload) -> Reply:
         if not isinstance(msg, m.LeaseRequest):
             raise BadRequest(f"{type(msg).__name__} is not a manager operation")
-        if not self.table.leading:
+        if not self.table.leading or not self.is_leader() or self.clock() < self._quiet_until:
             raise Unavailable(f"manager {self.server_id} is not the leader")
         cmap = self.service.map
         server = cmap.servers.get(msg.server_id)
@@ -110,6 +115,18 @@ class LeaderDuties:
 
     def run_once(self) -> None:
         now = self.clock()
+        last, self._last_run = self._last_run, now
+        if last is not None and now - last > 5 * self.period:
+            # This process was paused (SIGSTOP, a stalled VM): while it slept another
+            # manager may have been elected.  Grant nothing until Raft has had time to
+            # tell us (a deposed leader steps down within its fallback timeout).
+            log.warning("manager %s was paused %.1fs; not granting leases for %.1fs",
+                        self.server_id, now - last, self.table.grace)  # fmt: skip
+            self.table.step_down()
+            self._quiet_until = now + self.table.grace
+            return
+        if now < self._quiet_until:
+            return
         if not self.is_leader():
             if self.table.leading:
                 log.info("manager %s is no longer the leader", self.server_id)
@@ -164,13 +181,13 @@ class LeaderDuties:
                 log.info("reclaimed layer %d on %s (%d pages)", lid, sid, reply.pages_removed)
                 self.service.reclaimed(lid, sid)
 
-    async def run(self, period: float = 0.2) -> None:
+    async def run(self) -> None:
         while True:
             try:
                 self.run_once()
             except Exception:
                 log.exception("leader duties failed; trying again")
-            await asyncio.sleep(period)
+            await asyncio.sleep(self.period)
 
     def _propose(self, cmd: cm.Command) -> None:
         if cmd in self._proposing:

@@ -7,8 +7,10 @@ A storage server asks the leader for its lease (LEASE) and counts it from the mo
 grants at ``t_grant >= t_sent`` and so may only consider the lease over at
 ``t_grant + d`` plus a margin for clock-rate drift: whatever the network or a paused
 process did, the server's lease is over by then.  A new leader knows nothing of the
-grants its predecessor made, so it treats every server as possibly holding a lease
-until ``d`` (plus margin) after it became leader.
+grants its predecessor made, and the predecessor may have gone on granting for a while
+after it lost its majority (until Raft's leader fallback timeout made it step down): so
+a new leader treats every server as possibly holding a lease until ``grace + d`` (plus
+margin) after it became leader, ``grace`` covering the predecessor's fallback.
 
 Only after a server's lease is over may the leader mark it ``down`` (DESIGN section 6):
 by then the server refuses I/O on its own, so nobody proceeds without it while it still
@@ -30,6 +32,7 @@ SLACK = 0.05
 @dataclass
 class LeaseTable:
     duration: float
+    grace: float = 0.0  # how long a deposed leader may still grant, unaware
     leader_since: float | None = None
     granted: dict[str, float] = field(default_factory=dict)  # id -> time of the last grant
     acked: dict[str, int] = field(default_factory=dict)  # id -> epoch it reported
@@ -66,8 +69,8 @@ class LeaseTable:
             return False  # not leading: not ours to judge
         last = self.granted.get(server_id)
         if last is None:
-            return self._over(self.leader_since, now)
-        return self._over(last, now)
+            return self._over(self.leader_since + self.grace, now)
+        return self._over(max(last, self.leader_since + self.grace), now)
 
     def may_publish(self, epoch: int, servers: Iterable[str], now: float) -> bool:
         """Whether every server has acknowledged ``epoch`` or certainly lost its lease."""

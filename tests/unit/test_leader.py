@@ -1,0 +1,131 @@
+"""The leader's duty loop and lease grants, driven with a virtual clock."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from lamina.errors import NotFound, Unavailable
+from lamina.mgmt import clustermap as cm
+from lamina.mgmt.leader import LeaderDuties
+from lamina.mgmt.service import ManagerService
+from lamina.wire import messages as m
+
+GiB = 1 << 30
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class LocalLog:
+    """Commits every proposal at once on one service (no Raft: the service is the unit)."""
+
+    def __init__(self, service: ManagerService) -> None:
+        self.service = service
+
+    async def propose(self, command: bytes, timeout: float = 5.0) -> Any:
+        return self.service.apply_entry(command)
+
+
+def make(clock: Clock) -> tuple[ManagerService, LeaderDuties]:
+    svc = ManagerService("m1")
+    svc.log = LocalLog(svc)
+    svc.apply_entry(cm.encode_command(cm.AddServer("s1", "127.0.0.1:1", GiB)))
+    duties = LeaderDuties(svc, lambda: True, clock, lease_duration=3.0, grace=2.5)
+    return svc, duties
+
+
+def lease(duties: LeaderDuties, incarnation: int = 1) -> m.Message:
+    reply, _ = duties.handle(m.LeaseRequest("s1", 1, incarnation), b"")
+    return reply
+
+
+def in_loop(fn: Any) -> Any:
+    """Run the test body inside an event loop (the duties schedule their proposals)."""
+
+    def run() -> None:
+        async def main() -> None:
+            fn()
+            await asyncio.sleep(0)
+
+        asyncio.run(main())
+
+    run.__doc__ = fn.__doc__
+    return run
+
+
+def state(svc: ManagerService) -> cm.ServerState:
+    return svc.map.servers["s1"].state
+
+
+@in_loop
+def test_grants_need_leadership_and_a_member() -> None:
+    """Only a leading manager grants, and only to servers of the map."""
+    clock = Clock()
+    svc, duties = make(clock)
+    with pytest.raises(Unavailable):
+        lease(duties)  # the loop has not run: not leading yet
+    duties.run_once()
+    reply = lease(duties)
+    assert isinstance(reply, m.LeaseResponse)
+    assert reply.duration_ms == 3000
+    assert reply.epoch == svc.map.epoch
+    with pytest.raises(NotFound):
+        duties.handle(m.LeaseRequest("s9", 1, 1), b"")
+
+
+@in_loop
+def test_a_paused_leader_grants_nothing_until_raft_had_time_to_depose_it() -> None:
+    """After a pause much longer than the loop's period, the manager refuses grants for
+    the grace period, then leads again if Raft still says so."""
+    clock = Clock()
+    _, duties = make(clock)
+    duties.run_once()
+    lease(duties)
+    clock.now += 10.0  # SIGSTOP / SIGCONT
+    duties.run_once()
+    with pytest.raises(Unavailable):
+        lease(duties)
+    clock.now += 1.0
+    duties.run_once()
+    with pytest.raises(Unavailable):
+        lease(duties)
+    for _ in range(10):  # past the grace, one loop period at a time
+        clock.now += 0.2
+        duties.run_once()
+    assert isinstance(lease(duties), m.LeaseResponse)
+
+
+def test_a_server_is_marked_down_only_after_grace_and_lease() -> None:
+    """A new leader marks a silent server down only after grace + lease, then publishes."""
+
+    async def main() -> None:
+        clock = Clock()
+        svc, duties = make(clock)
+        start = clock.now
+        duties.run_once()
+        while clock.now < start + 2.5 + 3.0:
+            clock.now += 0.2
+            duties.run_once()
+            await asyncio.sleep(0)
+            if clock.now < start + 2.5 + 3.0:
+                assert state(svc) == cm.ServerState.UP
+        for _ in range(5):
+            clock.now += 0.2
+            duties.run_once()
+            await asyncio.sleep(0)
+        assert state(svc) == cm.ServerState.DOWN
+        assert svc.map.published_epoch == svc.map.epoch
+        lease(duties)  # it comes back: recovering
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert state(svc) == cm.ServerState.RECOVERING
+
+    asyncio.run(main())
