@@ -18,6 +18,11 @@ Once a second or so the leader's duty loop (:meth:`LeaderDuties.run_once`):
 - reclaims the space of deleted volumes: DELETE_LAYER to every server that may hold one
   of their layers, until each confirmed.
 Every change goes through Raft like any other; a new leader resumes from the map.
+
+Two guards keep a lease from outliving what a new leader assumes: a new leader waits its
+predecessor's Raft fallback (``grace``) plus a lease before judging anyone, and a manager
+that finds its duty loop was paused (SIGSTOP, a stalled VM) grants nothing for ``grace``,
+so a deposed leader waking up cannot hand out a lease before Raft tells it.
 """
 
 from __future__ import annotations
