@@ -1,0 +1,322 @@
+"""The asyncio transport around the pure NBD state machine.
+
+Theory of operation
+-------------------
+:class:`NbdConnection` is an ``asyncio.Protocol`` that only moves bytes: received chunks
+go into a :class:`~lamina.nbd.protocol.NbdServer`; every :class:`Request` event runs as
+a task against the export's :class:`BlockBackend`, so requests are served concurrently
+and answered in whatever order they complete (NBD matches replies by handle).  Replies
+the state machine produces itself (negotiation, invalid requests) are written as soon as
+it produces them.
+
+Flow control: while the transport's write buffer is full, or while too many requests
+are in flight, we neither read from the socket nor take further requests out of the
+state machine's buffer; so a client that pipelines reads but never drains the answers
+cannot grow our memory.
+
+NBD_CMD_DISC stops reading; the connection closes once the requests in flight are
+answered.  A protocol error or NBD_OPT_ABORT writes what the machine still holds and
+closes at once; requests in flight are cancelled when the connection is lost.
+
+Errors from a backend are mapped here, in one place: :class:`~lamina.errors.NoSpace` to
+ENOSPC, :class:`~lamina.errors.BadRequest` to EINVAL, anything else to EIO (logged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Protocol, cast
+
+from lamina.errors import BadRequest, LaminaError, NoSpace
+from lamina.nbd.protocol import (
+    NEED_DATA,
+    Abort,
+    Command,
+    CommandFlag,
+    Disconnect,
+    ExportChosen,
+    ExportInfo,
+    NbdErrno,
+    NbdProtocolError,
+    NbdServer,
+    Request,
+    reply,
+)
+from lamina.wire.connection import _nodelay
+
+log = logging.getLogger(__name__)
+
+#: requests of one connection in flight before we stop taking more
+MAX_INFLIGHT_REQUESTS = 64
+
+
+class BlockBackend(Protocol):
+    """The storage behind one export."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def read_only(self) -> bool: ...
+
+    async def read(self, offset: int, length: int) -> bytes: ...
+
+    async def write(self, offset: int, data: bytes, fua: bool) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    async def trim(self, offset: int, length: int) -> None: ...
+
+    async def write_zeroes(self, offset: int, length: int, fua: bool) -> None: ...
+
+
+class MemoryBackend:
+    """A volatile export held in a bytearray (tests, and serving from memory)."""
+
+    def __init__(self, size: int, read_only: bool = False) -> None:
+        if size < 0:
+            raise ValueError(f"size {size} is negative")
+        self._data = bytearray(size)
+        self._read_only = read_only
+
+    @property
+    def size(self) -> int:
+        return len(self._data)
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    def _check(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > len(self._data):
+            raise BadRequest(f"range {offset}+{length} outside {len(self._data)} bytes")
+
+    def _check_writable(self, offset: int, length: int) -> None:
+        if self._read_only:
+            raise BadRequest("export is read-only")
+        if offset < 0 or length < 0:
+            raise BadRequest(f"range {offset}+{length} is negative")
+        if offset + length > len(self._data):
+            raise NoSpace(f"range {offset}+{length} outside {len(self._data)} bytes")
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self._check(offset, length)
+        return bytes(self._data[offset : offset + length])
+
+    async def write(self, offset: int, data: bytes, fua: bool) -> None:
+        self._check_writable(offset, len(data))
+        self._data[offset : offset + len(data)] = data
+
+    async def flush(self) -> None:
+        return None
+
+    async def trim(self, offset: int, length: int) -> None:
+        self._check_writable(offset, length)
+        self._data[offset : offset + length] = bytes(length)
+
+    async def write_zeroes(self, offset: int, length: int, fua: bool) -> None:
+        self._check_writable(offset, length)
+        self._data[offset : offset + length] = bytes(length)
+
+
+def _errno_of(exc: Exception) -> NbdErrno:
+    """The NBD error a failed backend call is answered with."""
+    if isinstance(exc, NoSpace):
+        return NbdErrno.ENOSPC
+    if isinstance(exc, BadRequest):
+        return NbdErrno.EINVAL
+    if isinstance(exc, LaminaError | OSError):
+        log.error("NBD backend error: %s", exc)
+    else:
+        log.exception("unexpected error in an NBD backend", exc_info=exc)
+    return NbdErrno.EIO
+
+
+class NbdConnection(asyncio.Protocol):
+    """One accepted NBD connection."""
+
+    def __init__(self, exports: Mapping[str, BlockBackend]) -> None:
+        self._backends = dict(exports)
+        self._machine = NbdServer(
+            {name: ExportInfo(b.size, b.read_only) for name, b in self._backends.items()}
+        )
+        self._backend: BlockBackend | None = None
+        self._transport: asyncio.Transport | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._peer = "?"
+        self._output_full = False
+        self._reading_paused = False
+        self._disconnecting = False
+
+    # -- asyncio callbacks -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        _nodelay(transport)
+        self._peer = str(transport.get_extra_info("peername"))
+        self._transport.write(self._machine.initial_bytes())
+
+    def data_received(self, data: bytes) -> None:
+        if self._transport is None or self._disconnecting:
+            return
+        try:
+            self._machine.receive_data(data)
+        except NbdProtocolError as exc:
+            self._fail(exc)
+            return
+        self._process()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        for task in self._tasks:
+            task.cancel()
+
+    def pause_writing(self) -> None:
+        self._output_full = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._output_full = False
+        self._process()
+
+    # -- events ----------------------------------------------------------------------------
+
+    def _busy(self) -> bool:
+        return self._output_full or len(self._tasks) >= MAX_INFLIGHT_REQUESTS
+
+    def _process(self) -> None:
+        """Take events out of the machine while we may, then decide whether to read on."""
+        machine = self._machine
+        try:
+            while self._transport is not None and not self._disconnecting and not self._busy():
+                event = machine.next_event()
+                self._send(machine.data_to_send())
+                if event is NEED_DATA:
+                    break
+                if isinstance(event, Request):
+                    self._start(event)
+                elif isinstance(event, ExportChosen):
+                    self._backend = self._backends[event.name]
+                    log.debug("%s uses NBD export %r", self._peer, event.name)
+                elif isinstance(event, Disconnect):
+                    self._disconnecting = True
+                    self._close_when_idle()
+                elif isinstance(event, Abort):
+                    self._close()
+        except NbdProtocolError as exc:
+            self._fail(exc)
+            return
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        pause = self._busy() or self._disconnecting
+        if pause and not self._reading_paused:
+            transport.pause_reading()
+        elif not pause and self._reading_paused:
+            transport.resume_reading()
+        self._reading_paused = pause
+
+    def _start(self, request: Request) -> None:
+        task = asyncio.ensure_future(self._serve(request))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._disconnecting:
+            self._close_when_idle()
+        elif self._reading_paused:
+            self._process()  # requests already received but held back
+
+    async def _serve(self, request: Request) -> None:
+        backend = self._backend
+        assert backend is not None
+        fua = bool(request.flags & CommandFlag.FUA)
+        data = b""
+        try:
+            cmd = request.cmd
+            if cmd is Command.READ:
+                data = await backend.read(request.offset, request.length)
+                if len(data) != request.length:
+                    raise LaminaError(
+                        f"backend returned {len(data)} bytes for a read of {request.length}"
+                    )
+            elif cmd is Command.WRITE:
+                await backend.write(request.offset, request.data, fua)
+            elif cmd is Command.FLUSH:
+                await backend.flush()
+            elif cmd is Command.TRIM:
+                await backend.trim(request.offset, request.length)
+                if fua:
+                    await backend.flush()
+            elif cmd is Command.WRITE_ZEROES:
+                await backend.write_zeroes(request.offset, request.length, fua)
+            else:  # DISC never reaches here; anything new is refused
+                self._send(reply(request.handle, NbdErrno.EINVAL))
+                return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._send(reply(request.handle, _errno_of(exc)))
+            return
+        if data:
+            self._send(reply(request.handle), data)
+        else:
+            self._send(reply(request.handle))
+
+    # -- output and closing ----------------------------------------------------------------
+
+    def _send(self, *chunks: bytes) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        if len(chunks) == 1:
+            if chunks[0]:
+                transport.write(chunks[0])
+        else:
+            transport.writelines(chunks)
+
+    def _fail(self, exc: NbdProtocolError) -> None:
+        log.info("closing NBD connection from %s: %s", self._peer, exc)
+        self._close()
+
+    def _close_when_idle(self) -> None:
+        if not self._tasks:
+            self._close()
+
+    def _close(self) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        self._send(self._machine.data_to_send())
+        transport.close()
+        self._transport = None
+
+
+async def serve_nbd(exports: Mapping[str, BlockBackend], host: str, port: int) -> asyncio.Server:
+    """Serve ``exports`` over NBD on ``host:port`` (0 picks a free port)."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: NbdConnection(exports), host, port)
+
+
+async def serve_nbd_unix(exports: Mapping[str, BlockBackend], path: str) -> asyncio.Server:
+    """Serve ``exports`` over NBD on the unix socket ``path``."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_unix_server(lambda: NbdConnection(exports), path)
+
+
+__all__ = [
+    "BlockBackend",
+    "MemoryBackend",
+    "NbdConnection",
+    "serve_nbd",
+    "serve_nbd_unix",
+]
