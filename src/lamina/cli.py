@@ -78,21 +78,28 @@ def storage(
     from lamina.config import load_storage_config
     from lamina.storage import server
 
+    overrides = {
+        "id": id_,
+        "listen": listen,
+        "data": data,
+        "key": key,
+        "managers": _addr_list(managers),
+        "port_file": port_file,
+        "log_level": log_level,
+    }
+    _run_daemon(lambda: load_storage_config(config, overrides), server.run)
+
+
+def _addr_list(text: str | None) -> list[str] | None:
+    return [a for a in text.split(",") if a] if text else None
+
+
+def _run_daemon(load: Callable[[], Any], run: Callable[[Any], None]) -> None:
+    """Load a daemon's config and run it; every error a one-line message and exit code."""
     try:
-        cfg = load_storage_config(
-            config,
-            {
-                "id": id_,
-                "listen": listen,
-                "data": data,
-                "key": key,
-                "managers": [a for a in managers.split(",") if a] if managers else None,
-                "port_file": port_file,
-                "log_level": log_level,
-            },
-        )
+        cfg = load()
         _setup_logging(cfg.log_level)
-        server.run(cfg)
+        run(cfg)
     except LaminaError as exc:
         _fail(exc)
     except OSError as exc:
@@ -134,30 +141,20 @@ def manager(
     from lamina.config import load_manager_config
     from lamina.mgmt import server
 
-    try:
-        cfg = load_manager_config(
-            config,
-            {
-                "id": id_,
-                "listen": listen,
-                "raft": raft,
-                "peers": [a for a in peers.split(",") if a] if peers else None,
-                "data": data,
-                "key": key,
-                "admin_token": admin_token,
-                "storage_listen": storage_listen,
-                "lease_duration": lease_duration,
-                "port_file": port_file,
-                "log_level": log_level,
-            },
-        )
-        _setup_logging(cfg.log_level)
-        server.run(cfg)
-    except LaminaError as exc:
-        _fail(exc)
-    except OSError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
-        sys.exit(EXIT_ERROR)
+    overrides = {
+        "id": id_,
+        "listen": listen,
+        "raft": raft,
+        "peers": _addr_list(peers),
+        "data": data,
+        "key": key,
+        "admin_token": admin_token,
+        "storage_listen": storage_listen,
+        "lease_duration": lease_duration,
+        "port_file": port_file,
+        "log_level": log_level,
+    }
+    _run_daemon(lambda: load_manager_config(config, overrides), server.run)
 
 
 @main.command()
