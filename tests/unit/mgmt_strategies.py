@@ -2,11 +2,11 @@
 
 Server ids, volume names, addresses and zones come from small pools so that generated
 logs collide often (a duplicate id or address, a command on an unknown or deleted
-volume, an illegal state change, a publication out of range).  A log is drawn command
-by command against the map it has built so far, so most kinds of command apply often
-enough while a good share is still rejected: ``validate`` is exercised as much as
-``apply``.  Every value drawn here
-passes the commands' field checks; tests of those checks build bad values by hand.
+volume, an illegal state change, a publication out of range, a lock held by another
+session).  A log is drawn command by command against the map it has built so far, so
+most kinds of command apply often enough while a good share is still rejected:
+``validate`` is exercised as much as ``apply``.  Every value drawn here passes the
+commands' field checks; tests of those checks build bad values by hand.
 """
 
 from __future__ import annotations
@@ -15,14 +15,17 @@ from hypothesis import strategies as st
 
 from lamina.mgmt.clustermap import (
     MAX_REPLICAS,
+    MAX_SINCE_MS,
     SIZE_ALIGN,
     TRANSITIONS,
+    AcquireLock,
     AddServer,
     ClusterMap,
     Command,
     CreateVolume,
     DeleteVolume,
     Publish,
+    ReleaseLock,
     RemoveServer,
     ResizeVolume,
     Server,
@@ -37,6 +40,8 @@ SERVER_IDS = tuple(f"s{i}" for i in range(1, 7))
 VOLUME_NAMES = ("db", "logs", "vm-1")
 ZONES = ("a", "b", "c")
 HOSTS = ("10.0.0.1", "store-a", "[::1]")
+SESSIONS = ("a1", "b2", "c3")
+LOCK_HOSTS = ("web-1", "10.0.0.9", "db host")
 PAGE_SIZES = tuple(1 << shift for shift in range(16, 25))  # 64 KiB .. 16 MiB
 #: ids for placement inputs, deliberately not in sorted order
 PLACEMENT_IDS = ("m", "c", "x", "a", "q", "b9", "b10", "z", "k-1", "k_2", "e", "p")
@@ -48,6 +53,10 @@ capacities = st.integers(1, 4)
 sizes = st.integers(1, 512).map(lambda n: n * SIZE_ALIGN)
 page_sizes = st.sampled_from(PAGE_SIZES)
 states = st.sampled_from(ServerState)
+sessions = st.sampled_from(SESSIONS)
+lock_hosts = st.sampled_from(LOCK_HOSTS)
+pids = st.integers(0, 1 << 22)
+since = st.integers(0, MAX_SINCE_MS)
 
 
 def commands(zoned: bool) -> st.SearchStrategy[Command]:
@@ -77,6 +86,8 @@ def commands(zoned: bool) -> st.SearchStrategy[Command]:
         st.builds(DeleteVolume, volume_names),
         st.builds(Publish, st.integers(0, 40)),
         st.builds(Publish, st.integers(0, 40)),
+        st.builds(AcquireLock, volume_names, sessions, lock_hosts, pids, since, st.booleans()),
+        st.builds(ReleaseLock, volume_names, sessions),
     ]
     return st.one_of(options)
 
@@ -86,17 +97,18 @@ any_commands = st.booleans().flatmap(commands)
 
 #: one step of a log before it meets a map: (kind, a, b, c, d), see :func:`command_for`
 Choice = tuple[int, int, int, int, int]
-KINDS = 12
+KINDS = 16
 choices = st.tuples(st.integers(0, KINDS - 1), *[st.integers(0, 255)] * 4)
 
 
 def command_for(cmap: ClusterMap, zoned: bool, choice: Choice) -> Command:
     """The command ``choice`` stands for, aimed at ``cmap``.
 
-    Ids, names and epochs are mostly ones ``cmap`` holds (so that state changes, resizes,
-    deletes and publications apply often enough), mixed with the rest of the pools.  Logs
-    are drawn as plain integer tuples and turned into commands here, against the map the
-    log has built so far: one cheap draw per log, and hypothesis shrinks the integers.
+    Ids, names, epochs and lock sessions are mostly ones ``cmap`` holds (so that state
+    changes, resizes, deletes, publications and releases apply often enough), mixed with
+    the rest of the pools.  Logs are drawn as plain integer tuples and turned into
+    commands here, against the map the log has built so far: one cheap draw per log, and
+    hypothesis shrinks the integers.
     """
     kind, a, b, c, d = choice
     known = sorted(cmap.servers)
@@ -139,6 +151,17 @@ def command_for(cmap: ClusterMap, zoned: bool, choice: Choice) -> Command:
         return Publish(low + a % (cmap.epoch + 2 - low))
     if kind == 10:
         return Publish(a % 41)
+    if kind in {13, 15}:  # mostly aimed at a locked volume
+        locked = [n for n in volumes if cmap.volumes[n].lock is not None]
+        name = pick([*locked, *locked, *locked, *volumes, *VOLUME_NAMES], a)
+    volume = cmap.volumes.get(name)
+    holder = [volume.lock.session] * 2 if volume is not None and volume.lock else []
+    session = pick([*holder, *SESSIONS], b)
+    if kind in {12, 14}:
+        host = LOCK_HOSTS[c % len(LOCK_HOSTS)]
+        return AcquireLock(name, session, host, c * 7, 1_800_000_000_000 + d, takeover=d % 4 == 0)
+    if kind in {13, 15}:
+        return ReleaseLock(name, session)
     raise AssertionError(f"no command kind {kind}")
 
 

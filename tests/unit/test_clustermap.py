@@ -25,13 +25,16 @@ from hypothesis import strategies as st
 from lamina.errors import BadRequest, ProtocolError
 from lamina.mgmt import clustermap as cm
 from lamina.mgmt.clustermap import (
+    AcquireLock,
     AddServer,
     ClusterMap,
     Command,
     CreateVolume,
     DeleteVolume,
     InvalidCommand,
+    Lock,
     Publish,
+    ReleaseLock,
     RemoveServer,
     ResizeVolume,
     ServerState,
@@ -89,7 +92,7 @@ def fenced_names(step: Step) -> set[str]:
     before, cmd = step.before, step.cmd
     if step.reason is not None:
         return set()
-    if isinstance(cmd, CreateVolume | ResizeVolume):
+    if isinstance(cmd, CreateVolume | ResizeVolume | AcquireLock | ReleaseLock):
         return {cmd.name}
     if isinstance(cmd, SetServerState | RemoveServer):
         return {
@@ -259,6 +262,35 @@ def test_volume_and_layer_ids_are_never_reused(log: list[Command]) -> None:
         seen_layers.update(step.after.layers)
         assert all(v < step.after.next_volume_id for v in seen_volumes)
         assert all(lid < step.after.next_layer_id for lid in seen_layers)
+
+
+@LOGS
+@given(command_logs())
+def test_locks_change_only_by_lock_commands_and_by_their_rules(log: list[Command]) -> None:
+    """A volume's lock changes only through AcquireLock/ReleaseLock on that volume; a
+    second session gets it only by takeover; a refresh keeps ``since``; a locked volume
+    is never deleted."""
+    for step in replay(log):
+        cmd, before, after = step.cmd, step.before, step.after
+        for name, volume in after.volumes.items():
+            old = before.volumes[name].lock if name in before.volumes else None
+            touched = isinstance(cmd, AcquireLock | ReleaseLock) and cmd.name == name
+            if not (touched and step.reason is None):
+                assert volume.lock == old
+        if isinstance(cmd, DeleteVolume) and cmd.name in before.volumes:
+            assert (step.reason is None) == (before.volumes[cmd.name].lock is None)
+        if not isinstance(cmd, AcquireLock) or cmd.name not in before.volumes:
+            continue
+        held = before.volumes[cmd.name].lock
+        if held is not None and held.session != cmd.session and not cmd.takeover:
+            assert step.reason == f"volume {cmd.name} is locked by {cm.describe_lock(held)}"
+            continue
+        assert step.reason is None
+        got = after.volumes[cmd.name].lock
+        assert got is not None
+        assert (got.session, got.host, got.pid) == (cmd.session, cmd.host, cmd.pid)
+        refresh = held is not None and held.session == cmd.session
+        assert got.since == (held.since if held is not None and refresh else cmd.since)
 
 
 @LOGS
@@ -442,6 +474,9 @@ def test_map_from_dict_raises_only_protocol_error_on_damage(
         check_map(map_from_dict(d))
 
 
+LOCK_DICT = {"session": "abc", "host": "h", "pid": 123, "since": 1_795_600_800_000}
+
+
 def add_orphan_layer(d: dict[str, Any]) -> None:
     d["layers"]["2"] = d["layers"]["1"]
     d["next_layer_id"] = 3
@@ -469,6 +504,12 @@ def test_map_from_dict_rejects_inconsistent_maps() -> None:
         ("state", lambda d: d["servers"]["s1"].update(state="gone")),
         ("format", lambda d: d.update(format=2)),
         ("migrates", lambda d: d["layers"]["1"].update(migrates_to=1)),
+        ("lock of volume db", lambda d: d["volumes"]["db"].update(lock="me")),
+        ("lock of volume db", lambda d: d["volumes"]["db"].update(lock={"session": "a"})),
+        ("session", lambda d: d["volumes"]["db"].update(lock=dict(LOCK_DICT, session="a b"))),
+        ("host", lambda d: d["volumes"]["db"].update(lock=dict(LOCK_DICT, host=""))),
+        ("pid", lambda d: d["volumes"]["db"].update(lock=dict(LOCK_DICT, pid=-1))),
+        ("since", lambda d: d["volumes"]["db"].update(lock=dict(LOCK_DICT, since=1.5))),
     ]
     for words, mutate in cases:
         d = map_to_dict(cmap)
@@ -625,6 +666,19 @@ def test_lifecycle_example() -> None:
         lambda: DeleteVolume("v/1"),
         lambda: Publish(-1),
         lambda: Publish(1.0),  # type: ignore[arg-type]
+        lambda: AcquireLock("v", "", "h", 1, 0),
+        lambda: AcquireLock("v", "s" * 65, "h", 1, 0),
+        lambda: AcquireLock("v", "a/b", "h", 1, 0),
+        lambda: AcquireLock("v", "s", "", 1, 0),
+        lambda: AcquireLock("v", "s", "h" * 256, 1, 0),
+        lambda: AcquireLock("v", "s", "line\nbreak", 1, 0),
+        lambda: AcquireLock("v", "s", "h", -1, 0),
+        lambda: AcquireLock("v", "s", "h", True, 0),
+        lambda: AcquireLock("v", "s", "h", 1, -1),
+        lambda: AcquireLock("v", "s", "h", 1, cm.MAX_SINCE_MS + 1),
+        lambda: AcquireLock("v", "s", "h", 1, 0, takeover=1),  # type: ignore[arg-type]
+        lambda: ReleaseLock("v", "s s"),
+        lambda: ReleaseLock("v v", "s"),
     ],
 )
 def test_commands_check_their_fields_when_built(build: Callable[[], object]) -> None:
@@ -656,3 +710,124 @@ def test_map_is_read_only_and_shares_unchanged_entries() -> None:
     after = apply(cmap, ResizeVolume("db", 2 << 30))
     assert after.servers is cmap.servers
     assert after.layers is cmap.layers
+
+
+# --- volume locks, by example ---------------------------------------------------------------
+
+#: 2026-11-25T10:00:00Z in unix milliseconds
+T0 = 1_795_600_800_000
+
+
+def grab(session: str = "abc", *, host: str = "h", pid: int = 123, since: int = T0,
+         takeover: bool = False) -> AcquireLock:  # fmt: skip
+    return AcquireLock("db", session, host, pid, since, takeover)
+
+
+def test_acquire_a_free_lock_then_refuse_a_second_holder() -> None:
+    """A free lock goes to the first session; another is refused with the holder named;
+    both raise the epoch and fence the volume only when applied."""
+    cmap = cluster()
+    assert validate(cmap, grab()) is None
+    assert affected_volumes(cmap, grab()) == {cmap.volumes["db"].id}
+    assert affected_servers(cmap, grab()) == {"s1", "s2"}
+    locked = apply(cmap, grab())
+    assert locked.epoch == cmap.epoch + 1
+    assert locked.volumes["db"].fence_epoch == locked.epoch
+    assert locked.volumes["db"].lock == Lock("abc", "h", 123, T0)
+    assert locked.servers is cmap.servers
+    reason = validate(locked, grab("xyz", host="other", pid=9, since=T0 + 5000))
+    assert reason == (
+        "volume db is locked by host h pid 123 since 2026-11-25T10:00:00Z (session abc)"
+    )
+    with pytest.raises(InvalidCommand, match="locked by host h pid 123"):
+        apply(locked, grab("xyz"))
+
+
+def test_the_same_session_refreshes_its_lock_and_keeps_since() -> None:
+    """A second AcquireLock by the holder's session applies, keeps ``since`` and fences."""
+    locked = apply(cluster(), grab())
+    again = apply(locked, grab(pid=124, since=T0 + 60_000))
+    assert again.volumes["db"].lock == Lock("abc", "h", 124, T0)
+    assert again.epoch == locked.epoch + 1
+    assert again.volumes["db"].fence_epoch == again.epoch
+
+
+def test_takeover_replaces_the_holder_and_raises_the_fence() -> None:
+    """takeover hands the lock to the new session with its own ``since``, at a new
+    epoch that fences the old holder's writes."""
+    locked = apply(cluster(), grab())
+    taken = apply(locked, grab("xyz", host="h2", pid=7, since=T0 + 1, takeover=True))
+    assert taken.volumes["db"].lock == Lock("xyz", "h2", 7, T0 + 1)
+    assert taken.volumes["db"].fence_epoch == taken.epoch == locked.epoch + 1
+    assert validate(taken, ReleaseLock("db", "abc")) is not None  # the old holder lost it
+    free = apply(cluster(), grab(takeover=True))  # takeover of a free lock: a plain grant
+    assert free.volumes["db"].lock == Lock("abc", "h", 123, T0)
+
+
+def test_release_by_the_holder_only() -> None:
+    """Only the holder's session releases; the release fences the volume; a free or
+    unknown volume cannot be released."""
+    cmap = cluster()
+    assert validate(cmap, ReleaseLock("db", "abc")) == "volume db is not locked"
+    assert validate(cmap, ReleaseLock("nope", "abc")) == "unknown volume nope"
+    assert validate(cmap, grab().__class__("nope", "abc", "h", 1, T0)) == "unknown volume nope"
+    locked = apply(cmap, grab())
+    assert validate(locked, ReleaseLock("db", "xyz")) == (
+        "volume db is locked by host h pid 123 since 2026-11-25T10:00:00Z (session abc), "
+        "not by session xyz"
+    )
+    released = apply(locked, ReleaseLock("db", "abc"))
+    assert released.volumes["db"].lock is None
+    assert released.volumes["db"].fence_epoch == released.epoch == locked.epoch + 1
+    assert affected_servers(locked, ReleaseLock("db", "abc")) == {"s1", "s2"}
+
+
+def test_a_locked_volume_is_not_deleted() -> None:
+    """DeleteVolume of a locked volume is refused with the holder named; once released,
+    it goes."""
+    locked = apply(cluster(), grab())
+    reason = validate(locked, DeleteVolume("db"))
+    assert reason is not None
+    assert reason.startswith("volume db is locked by host h pid 123 since 2026-11-25T10:00:00Z")
+    assert validate(apply(locked, ReleaseLock("db", "abc")), DeleteVolume("db")) is None
+
+
+def test_lock_commands_round_trip_through_bytes() -> None:
+    """Both lock commands, takeover included, survive encode/decode with their types."""
+    for cmd in (grab(), grab("x-1", host="a b", pid=0, since=0, takeover=True),
+                ReleaseLock("db", "abc")):  # fmt: skip
+        back = decode_command(encode_command(cmd))
+        assert back == cmd
+        if isinstance(cmd, AcquireLock):
+            assert isinstance(back, AcquireLock)
+            assert type(back.takeover) is bool
+    bad = msgpack.packb([cm.COMMAND_FORMAT, "acquire_lock", "db", "abc", "h", 1, T0, 1])
+    with pytest.raises(ProtocolError, match="takeover"):
+        decode_command(bad)
+
+
+def test_a_lock_round_trips_through_a_dict_and_old_dicts_load() -> None:
+    """The lock travels in the volume's dict (null when free); a dict saved before locks
+    existed, without the key, loads as unlocked."""
+    locked = apply(cluster(), grab())
+    d = json.loads(json.dumps(map_to_dict(locked)))
+    assert d["volumes"]["db"]["lock"] == {
+        "session": "abc",
+        "host": "h",
+        "pid": 123,
+        "since": T0,
+    }
+    assert map_from_dict(d) == locked
+    free = json.loads(json.dumps(map_to_dict(cluster())))
+    assert free["volumes"]["db"]["lock"] is None
+    del free["volumes"]["db"]["lock"]
+    old = map_from_dict(free)
+    assert old == cluster()
+    assert old.volumes["db"].lock is None
+
+
+def test_lock_times_show_as_utc() -> None:
+    """``since`` reads as ISO 8601 UTC to the second, up to the last representable time."""
+    assert cm.format_since(T0 + 999) == "2026-11-25T10:00:00Z"
+    assert cm.format_since(0) == "1970-01-01T00:00:00Z"
+    assert cm.format_since(cm.MAX_SINCE_MS) == "9999-12-31T23:59:59Z"

@@ -15,18 +15,44 @@ again and raises :class:`InvalidCommand` rather than build a broken map.
 
 Epochs and fences (DESIGN section 6): every applied command except :class:`Publish`
 raises ``epoch`` by one.  A command that affects a volume (:func:`affected_volumes`)
-sets that volume's ``fence_epoch`` to the new epoch: CreateVolume and ResizeVolume their
-volume, SetServerState and RemoveServer every volume with a layer on that server (a
-server is removed only once it holds nothing, so in practice none).  DeleteVolume drops
-the volume and its layers.  The leader sends SET_EPOCH to :func:`affected_servers` and,
-once each acknowledged (or its lease expired), proposes ``Publish(e)``, which raises
-``published_epoch`` to ``e``; it needs ``published_epoch < e <= epoch``.
+sets that volume's ``fence_epoch`` to the new epoch: CreateVolume, ResizeVolume,
+AcquireLock and ReleaseLock their volume, SetServerState and RemoveServer every volume
+with a layer on that server (a server is removed only once it holds nothing, so in
+practice none).  DeleteVolume drops the volume and its layers.  The leader sends
+SET_EPOCH to :func:`affected_servers` and, once each acknowledged (or its lease
+expired), proposes ``Publish(e)``, which raises ``published_epoch`` to ``e``; it needs
+``published_epoch < e <= epoch``.
 
 Volume ids and layer ids come from counters in the map that only grow, so no id is ever
 reused, not even after a delete.  A new volume gets one ``live`` layer placed by
 :func:`lamina.mgmt.placement.place` over the ``up`` servers, weighed by the copies every
 server already holds; when any ``up`` server has a zone, the copies of a partition sit in
 distinct zones (the zone ``""`` then counts as one zone).
+
+Volume locks [0032]-[0037]
+--------------------------
+A volume opened read-write is held by one exclusive :class:`Lock`: the holder's session
+(the id its driver keeps alive with keepalives to the managers), host, pid, and
+``since``, the wall-clock time of the grant in milliseconds, which the *proposing*
+manager puts in the command so that ``apply`` stays a pure function.  The rules::
+
+    command                      volume's lock        outcome
+    AcquireLock(s)               none                 granted to s
+    AcquireLock(s)               held by s            refreshed (host, pid from the
+                                                      command, ``since`` kept)
+    AcquireLock(s)               held by t != s       rejected, naming t's holder
+    AcquireLock(s, takeover)     held by t != s       granted to s (t is revoked)
+    ReleaseLock(s)               held by s            released
+    ReleaseLock(s)               none or t != s       rejected
+    DeleteVolume                 held by anyone       rejected, naming the holder
+
+Every applied AcquireLock and ReleaseLock raises the epoch and the volume's fence, like
+any change to the volume: the leader publishes the new epoch only once every storage
+server of the volume knows the fence (DESIGN section 6), so once a new holder may use
+the volume, the writes the old holder still has in flight are refused STALE everywhere.
+A revoked lock is revoked by the same path: session expiry (the leader proposes
+ReleaseLock, see :mod:`lamina.mgmt.sessions`), break-lock (``lamina volume unlock``) and
+takeover.
 
 Server states
 -------------
@@ -52,7 +78,9 @@ Field rules (checked when a command is built; :class:`lamina.errors.BadRequest`)
 server ids, volume names and zones are 1-64 letters, digits, ``-`` or ``_`` (a zone may
 also be empty); addresses are ``HOST:PORT``; capacities are positive; a volume size is a
 positive multiple of 4096 up to 16 TiB; a page size a power of two in 64 KiB..16 MiB;
-replicas 1..8; stripe 1..64.
+replicas 1..8; stripe 1..64; a lock's session follows the id rule, its host is 1-255
+printable characters, its pid an integer >= 0 and ``since`` a time in milliseconds
+from 1970 to the end of year 9999.
 """
 
 from __future__ import annotations
@@ -62,6 +90,7 @@ import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import Enum, StrEnum
 from types import MappingProxyType
 from typing import Any, ClassVar, NoReturn, TypeAlias, TypeVar, assert_never
@@ -79,6 +108,9 @@ DEFAULT_PAGE_SIZE = 1 << 20
 MAX_REPLICAS = 8
 MAX_STRIPE = 64
 MAX_INT = (1 << 63) - 1
+MAX_LOCK_HOST_LEN = 255
+#: 9999-12-31T23:59:59.999Z in milliseconds: the last lock time a date can show
+MAX_SINCE_MS = 253_402_300_799_999
 #: version of the command encoding (first item of every encoded command)
 COMMAND_FORMAT = 1
 #: version of the map's dict form (its "format" key)
@@ -128,6 +160,17 @@ class Server:
 
 
 @dataclass(frozen=True, slots=True)
+class Lock:
+    """The exclusive lock of a volume: who holds it, and since when (unix time in ms,
+    as the manager that proposed the grant read its clock)."""
+
+    session: str
+    host: str
+    pid: int
+    since: int
+
+
+@dataclass(frozen=True, slots=True)
 class Volume:
     name: str
     id: int
@@ -137,6 +180,7 @@ class Volume:
     stripe: int
     layers: tuple[int, ...]  # bottom -> top
     fence_epoch: int
+    lock: Lock | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +308,35 @@ def check_page_size(v: Any) -> None:
         raise BadRequest(f"page size must be a power of two in 64 KiB..16 MiB, not {_show(v)}")
 
 
+def check_lock_host(v: Any) -> None:
+    if type(v) is not str or not 1 <= len(v) <= MAX_LOCK_HOST_LEN or not v.isprintable():
+        raise BadRequest(f"host must be 1-{MAX_LOCK_HOST_LEN} printable characters, not {_show(v)}")
+
+
+def check_bool(what: str, v: Any) -> None:
+    if type(v) is not bool:
+        raise BadRequest(f"{what} must be true or false, not {_show(v)}")
+
+
+def check_lock_fields(session: Any, host: Any, pid: Any, since: Any) -> None:
+    check_id("session", session)
+    check_lock_host(host)
+    check_int("pid", pid, 0)
+    check_int("since", since, 0, MAX_SINCE_MS)
+
+
+def format_since(ms: int) -> str:
+    """A lock time (unix milliseconds) as ISO 8601 UTC to the second: 2026-11-25T10:00:00Z."""
+    return datetime.fromtimestamp(ms // 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def describe_lock(lock: Lock) -> str:
+    """The holder, as rejection reasons and logs name it."""
+    return (
+        f"host {lock.host} pid {lock.pid} since {format_since(lock.since)} (session {lock.session})"
+    )
+
+
 def check_enum(what: str, v: Any, enum: type[Enum]) -> None:
     if type(v) is not enum:
         raise BadRequest(f"{what} must be a {enum.__name__}, not {_show(v)}")
@@ -348,6 +421,38 @@ class DeleteVolume:
 
 
 @dataclass(frozen=True, slots=True)
+class AcquireLock:
+    """Take the exclusive lock of volume ``name`` for ``session`` (see the module
+    docstring for the rules); ``since`` is the proposer's clock, in unix milliseconds."""
+
+    TAG: ClassVar[str] = "acquire_lock"
+    name: str
+    session: str
+    host: str
+    pid: int
+    since: int
+    takeover: bool = False
+
+    def __post_init__(self) -> None:
+        check_id("volume name", self.name)
+        check_lock_fields(self.session, self.host, self.pid, self.since)
+        check_bool("takeover", self.takeover)
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseLock:
+    """Release the lock of volume ``name``, which ``session`` must hold."""
+
+    TAG: ClassVar[str] = "release_lock"
+    name: str
+    session: str
+
+    def __post_init__(self) -> None:
+        check_id("volume name", self.name)
+        check_id("session", self.session)
+
+
+@dataclass(frozen=True, slots=True)
 class Publish:
     """Raise ``published_epoch`` to ``epoch`` (the only command that keeps ``epoch``)."""
 
@@ -359,7 +464,15 @@ class Publish:
 
 
 Command: TypeAlias = (
-    AddServer | RemoveServer | SetServerState | CreateVolume | ResizeVolume | DeleteVolume | Publish
+    AddServer
+    | RemoveServer
+    | SetServerState
+    | CreateVolume
+    | ResizeVolume
+    | DeleteVolume
+    | AcquireLock
+    | ReleaseLock
+    | Publish
 )
 COMMAND_TYPES: tuple[type[Command], ...] = (
     AddServer,
@@ -368,6 +481,8 @@ COMMAND_TYPES: tuple[type[Command], ...] = (
     CreateVolume,
     ResizeVolume,
     DeleteVolume,
+    AcquireLock,
+    ReleaseLock,
     Publish,
 )
 _BY_TAG: dict[str, type[Command]] = {cls.TAG: cls for cls in COMMAND_TYPES}
@@ -419,20 +534,11 @@ def validate(cmap: ClusterMap, cmd: Command) -> str | None:
             return _check_set_state(cmap, cmd)
         case CreateVolume():
             return _check_create(cmap, cmd)
-        case ResizeVolume():
+        case ResizeVolume() | DeleteVolume() | AcquireLock() | ReleaseLock():
             volume = cmap.volumes.get(cmd.name)
             if volume is None:
                 return f"unknown volume {cmd.name}"
-            if cmd.size < volume.size:
-                return (
-                    f"volume {cmd.name} is {volume.size} bytes: volumes only grow, "
-                    f"shrinking it to {cmd.size} would drop data"
-                )
-            if cmd.size == volume.size:
-                return f"volume {cmd.name} is already {cmd.size} bytes"
-            return None
-        case DeleteVolume():
-            return None if cmd.name in cmap.volumes else f"unknown volume {cmd.name}"
+            return _check_volume_change(volume, cmd)
         case Publish():
             if cmd.epoch > cmap.epoch:
                 return f"cannot publish epoch {cmd.epoch}: the map is at epoch {cmap.epoch}"
@@ -440,6 +546,37 @@ def validate(cmap: ClusterMap, cmd: Command) -> str | None:
                 return f"epoch {cmd.epoch} is not above the published epoch {cmap.published_epoch}"
             return None
     assert_never(cmd)
+
+
+def _check_volume_change(
+    volume: Volume, cmd: ResizeVolume | DeleteVolume | AcquireLock | ReleaseLock
+) -> str | None:
+    """Why ``cmd`` may not change ``volume`` (which exists), or ``None``."""
+    lock = volume.lock
+    match cmd:
+        case ResizeVolume():
+            if cmd.size < volume.size:
+                return (
+                    f"volume {cmd.name} is {volume.size} bytes: volumes only grow, "
+                    f"shrinking it to {cmd.size} would drop data"
+                )
+            if cmd.size == volume.size:
+                return f"volume {cmd.name} is already {cmd.size} bytes"
+        case DeleteVolume():
+            if lock is not None:
+                return f"volume {cmd.name} is locked by {describe_lock(lock)}: unlock it first"
+        case AcquireLock():
+            if lock is not None and lock.session != cmd.session and not cmd.takeover:
+                return f"volume {cmd.name} is locked by {describe_lock(lock)}"
+        case ReleaseLock():
+            if lock is None:
+                return f"volume {cmd.name} is not locked"
+            if lock.session != cmd.session:
+                return (
+                    f"volume {cmd.name} is locked by {describe_lock(lock)}, "
+                    f"not by session {cmd.session}"
+                )
+    return None
 
 
 def _check_add_server(cmap: ClusterMap, cmd: AddServer) -> str | None:
@@ -551,7 +688,21 @@ def apply(cmap: ClusterMap, cmd: Command) -> ClusterMap:
             volumes = {k: v for k, v in cmap.volumes.items() if k != cmd.name}
             layers = {k: v for k, v in cmap.layers.items() if v.volume_id != gone.id}
             return replace(cmap, epoch=epoch, volumes=_frozen(volumes), layers=_frozen(layers))
+        case AcquireLock() | ReleaseLock():
+            volume = cmap.volumes[cmd.name]
+            lock = _lock_after(volume.lock, cmd)
+            volume = replace(volume, lock=lock, fence_epoch=epoch)
+            return replace(cmap, epoch=epoch, volumes=_frozen({**cmap.volumes, cmd.name: volume}))
     assert_never(cmd)
+
+
+def _lock_after(lock: Lock | None, cmd: AcquireLock | ReleaseLock) -> Lock | None:
+    """The volume's lock after a (valid) lock command: a refresh by its own session keeps
+    ``since``; a grant or a takeover starts anew."""
+    if isinstance(cmd, ReleaseLock):
+        return None
+    since = lock.since if lock is not None and lock.session == cmd.session else cmd.since
+    return Lock(cmd.session, cmd.host, cmd.pid, since)
 
 
 def _fenced(cmap: ClusterMap, volume_ids: Iterable[int], epoch: int) -> Mapping[str, Volume]:
@@ -586,7 +737,7 @@ def _affected(cmap: ClusterMap, cmd: Command) -> frozenset[int]:
             return frozenset(layer.volume_id for layer in cmap.layers_on(cmd.id))
         case CreateVolume():
             return frozenset({cmap.next_volume_id})
-        case ResizeVolume() | DeleteVolume():
+        case ResizeVolume() | DeleteVolume() | AcquireLock() | ReleaseLock():
             return frozenset({cmap.volumes[cmd.name].id})
     assert_never(cmd)
 
@@ -689,6 +840,7 @@ def map_to_dict(cmap: ClusterMap) -> dict[str, Any]:
                 "stripe": v.stripe,
                 "layers": list(v.layers),
                 "fence_epoch": v.fence_epoch,
+                "lock": lock_to_dict(v.lock),
             }
             for name, v in sorted(cmap.volumes.items())
         },
@@ -704,6 +856,13 @@ def map_to_dict(cmap: ClusterMap) -> dict[str, Any]:
     }
 
 
+def lock_to_dict(lock: Lock | None) -> dict[str, Any] | None:
+    """A lock as plain data (``None`` stays ``None``)."""
+    if lock is None:
+        return None
+    return {"session": lock.session, "host": lock.host, "pid": lock.pid, "since": lock.since}
+
+
 _MAP_KEYS = (
     "format",
     "epoch",
@@ -715,19 +874,30 @@ _MAP_KEYS = (
     "layers",
 )
 _SERVER_KEYS = ("addr", "state", "capacity", "zone")
-_VOLUME_KEYS = ("id", "size", "page_size", "replicas", "stripe", "layers", "fence_epoch")
+_VOLUME_KEYS = ("id", "size", "page_size", "replicas", "stripe", "layers", "fence_epoch", "lock")
+#: keys a map saved before the key existed may lack (their absence means None)
+_VOLUME_OPTIONAL = ("lock",)
+_LOCK_KEYS = ("session", "host", "pid", "since")
 _LAYER_KEYS = ("volume_id", "placement", "role", "migrates_to")
 
 
-def _record(v: Any, what: str, keys: Sequence[str]) -> Mapping[str, Any]:
+def _record(
+    v: Any, what: str, keys: Sequence[str], optional: Sequence[str] = ()
+) -> Mapping[str, Any]:
+    """``v`` if it is an object with exactly ``keys``, those in ``optional`` may be
+    missing (they are then ``None``)."""
     if not isinstance(v, Mapping):
         raise ProtocolError(f"{what} must be an object, not {_show(v)}")
-    have = set(v)
+    record: Mapping[str, Any] = v
+    lacking = [k for k in optional if k not in record]
+    if lacking:
+        record = {**record, **dict.fromkeys(lacking)}
+    have = set(record)
     if have != set(keys):
         missing = sorted(set(keys) - have)
         extra = sorted(repr(k) for k in have - set(keys))
         raise ProtocolError(f"{what}: missing keys {missing}, unexpected keys {extra}")
-    return v
+    return record
 
 
 def _list(v: Any, what: str, max_len: int) -> Sequence[Any]:
@@ -773,11 +943,15 @@ def map_from_dict(data: Mapping[str, Any]) -> ClusterMap:
         raise ProtocolError("volumes must be an object")
     for name, raw in raw_volumes.items():
         check_id("volume name", name)
-        r = _record(raw, f"volume {name}", _VOLUME_KEYS)
+        r = _record(raw, f"volume {name}", _VOLUME_KEYS, _VOLUME_OPTIONAL)
         stack = tuple(_list(r["layers"], f"layers of volume {name}", 1 << 16))
+        lock = None
+        if r["lock"] is not None:
+            k = _record(r["lock"], f"lock of volume {name}", _LOCK_KEYS)
+            lock = Lock(k["session"], k["host"], k["pid"], k["since"])
         volumes[name] = Volume(
             name, r["id"], r["size"], r["page_size"], r["replicas"], r["stripe"], stack,
-            r["fence_epoch"],
+            r["fence_epoch"], lock,
         )  # fmt: skip
     layers: dict[int, Layer] = {}
     raw_layers = d["layers"]
@@ -848,6 +1022,10 @@ def _check_map(cmap: ClusterMap) -> None:
         check_int("replicas", v.replicas, 1, MAX_REPLICAS)
         check_int("stripe", v.stripe, 1, MAX_STRIPE)
         check_int(f"fence epoch of volume {name}", v.fence_epoch, 0, cmap.epoch)
+        if v.lock is not None:
+            if type(v.lock) is not Lock:
+                fail(f"volume {name} has a lock of {_show(v.lock)}")
+            check_lock_fields(v.lock.session, v.lock.host, v.lock.pid, v.lock.since)
         if type(v.layers) is not tuple or not v.layers:
             fail(f"volume {name} has no layer stack")
         for lid in v.layers:
