@@ -396,6 +396,61 @@ async def _demo_io(procs: list[Any], key: bytes) -> list[tuple[Any, ...]]:
     return rows
 
 
+@main.command()
+@click.argument("volume")
+@click.option("--listen", metavar="HOST:PORT", help="TCP address to serve on. [127.0.0.1:10809]")
+@click.option("--socket", "sock", metavar="PATH", help="Unix socket to serve on instead.")
+@click.option("--read-only", is_flag=True, help="Export read-only (no lock is taken).")
+@click.option("--takeover", is_flag=True, help="Revoke the volume's current writer first.")
+@click.option("--cluster", metavar="FILE", type=click.Path(dir_okay=False), help="Cluster file.")
+@click.option("--port-file", type=click.Path(dir_okay=False), help="Write the bound port here.")
+@click.option(
+    "--io-timeout",
+    type=click.FloatRange(1, 3600),
+    default=120.0,
+    show_default=True,
+    help="Seconds an I/O may wait for the cluster before it fails with EIO.",
+)
+@click.option(
+    "--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"])
+)
+def nbd(
+    volume: str,
+    listen: str | None,
+    sock: str | None,
+    read_only: bool,
+    takeover: bool,
+    cluster: str | None,
+    port_file: str | None,
+    io_timeout: float,
+    log_level: str,
+) -> None:
+    """Export VOLUME over NBD (qemu, nbd-client, nbdkit tools, the kernel)."""
+    from lamina import daemon
+    from lamina.nbd.export import ExportOptions, run_export
+
+    if listen and sock:
+        raise click.UsageError("--listen and --socket exclude each other")
+    if read_only and takeover:
+        raise click.UsageError("--takeover needs a read-write export")
+    if listen:
+        from lamina.config import parse_addr
+
+        try:
+            parse_addr(listen, "--listen")
+        except LaminaError as exc:
+            raise click.BadParameter(exc.message, param_hint="--listen") from None
+    opts = ExportOptions(volume, cluster, listen, sock, read_only, takeover, port_file, io_timeout)
+    _setup_logging(log_level)
+    try:
+        daemon.run(run_export(opts))
+    except LaminaError as exc:
+        _fail(exc)
+    except OSError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        sys.exit(EXIT_ERROR)
+
+
 def _register_cluster_commands() -> None:
     """`status`, `volume ...` and `server ...` live in lamina.clusterctl."""
     from lamina import clusterctl

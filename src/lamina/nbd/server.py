@@ -61,6 +61,11 @@ class BlockBackend(Protocol):
     @property
     def read_only(self) -> bool: ...
 
+    @property
+    def fast_zero(self) -> bool:
+        """Whether zeroing is faster than writing zeros (else FAST_ZERO gets ENOTSUP)."""
+        ...
+
     async def read(self, offset: int, length: int) -> bytes: ...
 
     async def write(self, offset: int, data: bytes, fua: bool) -> None: ...
@@ -88,6 +93,8 @@ class MemoryBackend:
     @property
     def read_only(self) -> bool:
         return self._read_only
+
+    fast_zero = True
 
     def _check(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > len(self._data):
@@ -258,6 +265,9 @@ class NbdConnection(asyncio.Protocol):
                 if fua:
                     await backend.flush()
             elif cmd is Command.WRITE_ZEROES:
+                if request.flags & CommandFlag.FAST_ZERO and not backend.fast_zero:
+                    self._send(reply(request.handle, NbdErrno.ENOTSUP))
+                    return
                 await backend.write_zeroes(request.offset, request.length, fua)
             else:  # DISC never reaches here; anything new is refused
                 self._send(reply(request.handle, NbdErrno.EINVAL))

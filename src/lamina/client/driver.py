@@ -1,0 +1,934 @@
+"""The driver: volume reads and writes turned into page requests [0041]-[0046], [0065]-[0068].
+
+Theory of operation
+-------------------
+A :class:`Cluster` holds what several volumes share: the link to the managers, one wire
+connection per storage server, the restore tokens waiting to go back to each server,
+and the client session that keeps exclusive locks alive.  A :class:`Volume` is one open
+volume: the published map it uses (a :class:`~lamina.client.layout.VolumeView`) and the
+read and write processes of DESIGN section 7.
+
+Every I/O is split into page extents, which run in parallel; each extent loops until it
+succeeds or its deadline (``io_timeout``) passes:
+
+- **Read** (Fig. 7A): from the top layer down, READ one ``up`` copy of the page (the
+  least busy); data -> done, absent -> next layer, no layer -> zeros.  A copy whose mask
+  does not vouch for every readable copy is resynchronised first (writable opens) or
+  judged by STATUS of all copies (read-only opens, which never write).  CORRUPT -> read
+  another copy, and repair the bad one from it.  A copy that fails -> try another.
+- **Write** (Fig. 7B): to every ``up`` copy of the page in the top layer, each with its
+  clear mask and the restore mask of the copies written.  Once every copy acknowledged,
+  the tokens go back on the next request to that server, or on their own within
+  ``RESTORE_DELAY``, so a quiet page is clean again within a second.  A partial write to a
+  page the top layer does not hold yet is NOT_FOUND: copy-up (CREATE_IF_ABSENT of the page
+  from the uppermost layer that has it, or zeros) and write again.  A write whose copies
+  did not all succeed never returns its tokens: the evidence that a copy may have missed
+  it stays in the masks until a resynchronisation.
+- **Errors**: STALE -> fetch the published map (at least the epoch the server named) and
+  restart; a copy that fails (connection lost, no answer within ``request_timeout``,
+  NO_LEASE) -> report it to the managers, wait a little, take the newest published map
+  and restart: the write is redone without that copy only once a map marks it down,
+  which the managers publish only when it can no longer accept old-epoch writes.
+- **Exclusive access** (DESIGN section 9): a writable open takes the volume's lock for
+  this client's session before it does anything, and waits until the map that grants it
+  is published, so every write of a previous holder is fenced.  The session is kept
+  alive by keepalives to every manager.  When the lock is gone (a takeover, or the
+  session lapsed), every write fails with :class:`LockLost` instead of being retried:
+  a STALE answer, or a keepalive that no longer lists the lock, leads to a look at the
+  published map, and a map whose lock belongs to another session ends all writing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import secrets
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from lamina.client.layout import (
+    FULL,
+    Extent,
+    LayerView,
+    VolumeView,
+    authoritative,
+    bits,
+    clean_mask,
+    clear_mask,
+    needs_resync,
+    restore_mask,
+    split,
+    volume_view,
+)
+from lamina.client.managers import ManagerLink
+from lamina.errors import (
+    AuthFailed,
+    BadRequest,
+    Conflict,
+    Corrupt,
+    Deleted,
+    LaminaError,
+    LocalError,
+    NoLease,
+    NoSpace,
+    NotFound,
+    ProtocolError,
+    StaleEpoch,
+    StorageIOError,
+    Unavailable,
+)
+from lamina.wire import messages as m
+from lamina.wire.connection import Client
+from lamina.wire.framing import Payload
+from lamina.wire.handshake import load_key
+from lamina.wire.messages import PageState
+
+log = logging.getLogger(__name__)
+
+#: a write's tokens go back on their own after this long if no request carries them
+RESTORE_DELAY = 0.2
+#: tokens per request (the wire limit of a list)
+MAX_TOKENS_PER_REQUEST = m.MAX_LIST
+IO_TIMEOUT = 120.0
+REQUEST_TIMEOUT = 5.0
+
+
+class LockLost(StorageIOError):
+    """The volume's exclusive lock now belongs to someone else: writing is over."""
+
+
+class Failed(Exception):
+    """A copy failed a request in a way that another map (or a retry) may mend."""
+
+    def __init__(self, server_id: str, error: BaseException) -> None:
+        super().__init__(f"storage server {server_id}: {error}")
+        self.server_id = server_id
+        self.error = error
+
+
+@dataclass(slots=True)
+class _ServerLoad:
+    inflight: int = 0
+    last_progress: float = 0.0
+
+
+class Cluster:
+    """A connection to one lamina cluster; open volumes with :meth:`open`."""
+
+    def __init__(
+        self,
+        managers: ManagerLink,
+        key: bytes,
+        *,
+        io_timeout: float = IO_TIMEOUT,
+        request_timeout: float = REQUEST_TIMEOUT,
+    ) -> None:
+        self.managers = managers
+        self.key = key
+        self.io_timeout = io_timeout
+        self.request_timeout = request_timeout
+        self.session = secrets.token_hex(12)
+        self.host = socket.gethostname()[:255] or "localhost"
+        self.pid = os.getpid()
+        self._addrs: dict[str, tuple[str, int]] = {}
+        self._clients: dict[str, Client] = {}
+        self._connecting: dict[str, asyncio.Future[Client]] = {}
+        self._load: dict[str, _ServerLoad] = {}
+        self._tokens: dict[str, list[int]] = {}
+        self._restore_timer: asyncio.TimerHandle | None = None
+        self._volumes: set[Volume] = set()
+        self._keepalive: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._reported: dict[str, float] = {}
+        self.keepalive_interval = 1.0
+        self.closed = False
+
+    @classmethod
+    async def connect(
+        cls,
+        cluster_file: str | os.PathLike[str] | None = None,
+        *,
+        io_timeout: float = IO_TIMEOUT,
+        request_timeout: float = REQUEST_TIMEOUT,
+    ) -> Cluster:
+        """Connect to the cluster a cluster file describes (``lamina up`` writes one;
+        ``None``: ``$LAMINA_CLUSTER`` or ``./lamina-data/cluster.toml``)."""
+        from lamina.clusterctl import find_cluster_file
+
+        cf = find_cluster_file(None if cluster_file is None else str(cluster_file))
+        key = load_key(cf.key)
+        try:
+            token: str | None = cf.token()
+        except LocalError:
+            token = None  # read-only use needs no token
+        cluster = cls(
+            ManagerLink(cf.managers, token),
+            key,
+            io_timeout=io_timeout,
+            request_timeout=request_timeout,
+        )
+        await cluster.managers.get_map()  # fail now, clearly, if no manager answers
+        return cluster
+
+    async def open(self, name: str, *, read_only: bool = False, takeover: bool = False) -> Volume:
+        """Open volume ``name``.  Read-write opens take its exclusive lock (CONFLICT,
+        naming the holder, when another client has it; ``takeover`` revokes that holder
+        first)."""
+        if self.closed:
+            raise LocalError("the cluster connection is closed")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.io_timeout
+        if read_only:
+            view = volume_view(await self.managers.get_map(), name)
+        else:
+            if self.managers.token is None:
+                raise LocalError("opening a volume for writing needs the cluster's admin token")
+            answer = await self.managers.lock(name, self.session, self.host, self.pid, takeover)
+            epoch = int(answer["epoch"])
+            view = volume_view(await self.managers.wait_map(epoch, deadline), name)
+            if view.lock is None or view.lock.session != self.session:
+                raise LockLost(f"the lock of volume {name} was taken away while opening it")
+            self._start_keepalive()
+        self.learn(view)
+        volume = Volume(self, view, read_only)
+        self._volumes.add(volume)
+        if self._watchdog is None:
+            self._watchdog = asyncio.create_task(self._watch_requests())
+        return volume
+
+    async def close(self) -> None:
+        for volume in list(self._volumes):
+            with contextlib.suppress(LaminaError):
+                await volume.close()
+        self.closed = True
+        self.send_restores()
+        await asyncio.sleep(0)
+        for task in (self._keepalive, self._watchdog):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
+        await self.managers.close()
+
+    async def __aenter__(self) -> Cluster:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- storage connections -------------------------------------------------------------
+
+    def learn(self, view: VolumeView) -> None:
+        """Take the server addresses of a newer map."""
+        for sid, server in view.servers.items():
+            addr = (server.host, server.port)
+            if self._addrs.get(sid) != addr:
+                self._addrs[sid] = addr
+                old = self._clients.pop(sid, None)
+                if old is not None:
+                    old.close()
+
+    async def _client(self, sid: str) -> Client:
+        client = self._clients.get(sid)
+        if client is not None and client.connected:
+            return client
+        pending = self._connecting.get(sid)
+        if pending is None:
+            pending = asyncio.ensure_future(self._connect(sid))
+            self._connecting[sid] = pending
+            pending.add_done_callback(lambda _f: self._connecting.pop(sid, None))
+        return await asyncio.shield(pending)
+
+    async def _connect(self, sid: str) -> Client:
+        addr = self._addrs.get(sid)
+        if addr is None:
+            raise Unavailable(f"storage server {sid} is not in the map")
+        client = await Client.connect(
+            addr[0], addr[1], self.key, peer=f"driver {self.host}:{self.pid}",
+            timeout=self.request_timeout,
+        )  # fmt: skip
+        if client.server_id != sid:
+            client.close()
+            raise Unavailable(
+                f"{addr[0]}:{addr[1]} is storage server {client.server_id}, not {sid}"
+            )
+        self._clients[sid] = client
+        return client
+
+    async def call(self, sid: str, msg: m.Message, payload: Payload = b"") -> tuple[Any, Payload]:
+        """One request to server ``sid``: its answer, or :class:`Failed` for an error a
+        retry or a newer map may mend; typed errors of the request itself pass through."""
+        load = self._load.get(sid)
+        if load is None:
+            load = self._load[sid] = _ServerLoad()
+        try:
+            client = await self._client(sid)
+        except (Unavailable, ProtocolError, OSError) as exc:
+            raise Failed(sid, exc) from None
+        loop = asyncio.get_running_loop()
+        if not load.inflight:
+            load.last_progress = loop.time()
+        load.inflight += 1
+        try:
+            return await client.call_with_payload(msg, payload)
+        except (Unavailable, StorageIOError) as exc:
+            raise Failed(sid, exc) from None
+        except NoLease as exc:
+            raise Failed(sid, exc) from None
+        finally:
+            load.inflight -= 1
+            load.last_progress = loop.time()
+
+    def busy(self, sid: str) -> int:
+        load = self._load.get(sid)
+        return 0 if load is None else load.inflight
+
+    async def _watch_requests(self) -> None:
+        """Close a connection whose server has answered nothing for ``request_timeout``
+        while requests wait (a stopped or wedged server): they fail, and are retried."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, self.request_timeout / 4))
+            now = loop.time()
+            for sid, load in self._load.items():
+                if load.inflight and now - load.last_progress > self.request_timeout:
+                    client = self._clients.pop(sid, None)
+                    if client is not None:
+                        log.warning(
+                            "storage server %s answered nothing for %.1f s; reconnecting",
+                            sid, now - load.last_progress,
+                        )  # fmt: skip
+                        client.close()
+                    load.last_progress = now
+
+    def report(self, sid: str, error: BaseException) -> None:
+        """Tell the managers (at most once a second per server) that ``sid`` failed."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now - self._reported.get(sid, -10.0) < 1.0:
+            return
+        self._reported[sid] = now
+        log.warning("storage server %s failed a request: %s", sid, error)
+        task = loop.create_task(self.managers.report(sid, str(error)))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    # -- restore tokens --------------------------------------------------------------------
+
+    def confirm_later(self, sid: str, token: int) -> None:
+        """Queue a token of a write every copy acknowledged, for server ``sid``."""
+        queue = self._tokens.get(sid)
+        if queue is None:
+            queue = self._tokens[sid] = []
+        queue.append(token)
+        if self._restore_timer is None:
+            loop = asyncio.get_running_loop()
+            self._restore_timer = loop.call_later(RESTORE_DELAY, self.send_restores)
+
+    def take_tokens(self, sid: str) -> tuple[int, ...]:
+        """Tokens to piggyback on a request to ``sid`` [0043]."""
+        queue = self._tokens.get(sid)
+        if not queue:
+            return ()
+        if len(queue) <= MAX_TOKENS_PER_REQUEST:
+            self._tokens[sid] = []
+            return tuple(queue)
+        out = tuple(queue[:MAX_TOKENS_PER_REQUEST])
+        del queue[:MAX_TOKENS_PER_REQUEST]
+        return out
+
+    def send_restores(self) -> None:
+        """Send every queued token in RESTORE requests (no answer awaited)."""
+        self._restore_timer = None
+        for sid in list(self._tokens):
+            while True:
+                tokens = self.take_tokens(sid)
+                if not tokens:
+                    break
+                client = self._clients.get(sid)
+                if client is None or not client.connected:
+                    break  # the server went away: its episodes are gone with it
+                fut = client.send(m.RestoreRequest(tokens))
+                fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    # -- the session ---------------------------------------------------------------------------
+
+    def _start_keepalive(self) -> None:
+        if self._keepalive is None or self._keepalive.done():
+            self._keepalive = asyncio.create_task(self._keep_session())
+
+    async def _keep_session(self) -> None:
+        while True:
+            await asyncio.sleep(self.keepalive_interval)
+            answers = await self.managers.keepalive(self.session)
+            for answer in answers:
+                timeout = answer.get("timeout") if isinstance(answer, dict) else None
+                if isinstance(timeout, int | float) and timeout > 0:
+                    self.keepalive_interval = max(0.2, min(2.0, timeout / 4))
+            writers = [v for v in self._volumes if v.writable]
+            if not writers or not answers:
+                continue
+            for volume in writers:
+                if any(
+                    isinstance(a, dict) and volume.name not in a.get("locks", ()) for a in answers
+                ):
+                    await volume.check_lock()
+
+
+class Volume:
+    """An open volume.  All methods are coroutines and may run concurrently."""
+
+    def __init__(self, cluster: Cluster, view: VolumeView, read_only: bool) -> None:
+        self.cluster = cluster
+        self.view = view
+        self.name = view.name
+        self.writable = not read_only
+        self._lost: LockLost | None = None
+        self._closed = False
+        self._refreshing: asyncio.Future[None] | None = None
+        # pages (layer id, page) this client saw consistent since it opened the volume:
+        # as the only writer, whatever dirt their masks show later is its own episodes
+        self._clean: set[tuple[int, int]] = set()
+        self._writes: dict[tuple[int, int], int] = {}
+        self._idle: dict[tuple[int, int], asyncio.Event] = {}
+        self._resyncs: dict[tuple[int, int], asyncio.Future[None]] = {}
+        self._rr = random.randrange(1 << 16)
+
+    # -- BlockBackend ---------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self.view.size
+
+    @property
+    def page_size(self) -> int:
+        return self.view.page_size
+
+    @property
+    def read_only(self) -> bool:
+        return not self.writable
+
+    fast_zero = False  # zeroing writes zeros: never faster than writing them
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self._check_range(offset, length)
+        if length == 0:
+            return b""
+        extents = split(offset, length, self.view.page_size)
+        if len(extents) == 1:
+            return await self._read_extent(extents[0])
+        parts = await asyncio.gather(*(self._read_extent(e) for e in extents))
+        return b"".join(parts)
+
+    async def write(self, offset: int, data: bytes | bytearray, fua: bool = False) -> None:
+        self._check_writable(offset, len(data))
+        extents = split(offset, len(data), self.view.page_size)
+        if len(extents) == 1:
+            await self._write_extent(extents[0], data, fua)
+            return
+        view = memoryview(data)
+        await _all(
+            self._write_extent(e, bytes(view[e.start : e.start + e.length]), fua) for e in extents
+        )
+
+    async def write_zeroes(self, offset: int, length: int, fua: bool = False) -> None:
+        self._check_writable(offset, length)
+        extents = split(offset, length, self.view.page_size)
+        await _all(self._write_extent(e, bytes(e.length), fua) for e in extents)
+
+    async def trim(self, offset: int, length: int) -> None:
+        """Nothing is freed yet: the data stays as it was (which TRIM allows)."""
+        self._check_writable(offset, length)
+
+    async def flush(self) -> None:
+        """Return once every copy of the volume's top layer has made what it acknowledged
+        durable."""
+        self._check_open()
+        deadline = self._deadline()
+        attempt = 0
+        while True:
+            view = self.view
+            self._check_lock()
+            servers = [sid for sid in view.servers_of(view.top) if view.is_up(sid)]
+            results = await asyncio.gather(
+                *(self._call(sid, m.FlushRequest(view.id, view.epoch)) for sid in servers),
+                return_exceptions=True,
+            )
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if not errors:
+                return
+            attempt += 1
+            await self._recover(view, errors, deadline, attempt, "flush")
+
+    async def close(self) -> None:
+        """Flush, give back the tokens and the lock."""
+        if self._closed:
+            return
+        try:
+            if self.writable and self._lost is None:
+                await self.flush()
+        finally:
+            self._closed = True
+            self.cluster.send_restores()
+            self.cluster._volumes.discard(self)
+            if self.writable and self._lost is None:
+                with contextlib.suppress(LaminaError):
+                    await self.cluster.managers.unlock(self.name, self.cluster.session)
+
+    async def __aenter__(self) -> Volume:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- checks ------------------------------------------------------------------------------
+
+    def _deadline(self) -> float:
+        return asyncio.get_running_loop().time() + self.cluster.io_timeout
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LocalError(f"volume {self.name} is closed")
+
+    def _check_range(self, offset: int, length: int) -> None:
+        self._check_open()
+        if offset < 0 or length < 0:
+            raise BadRequest(f"range {offset}+{length} is negative")
+        if offset + length > self.view.size:
+            raise BadRequest(
+                f"range {offset}+{length} ends beyond volume {self.name} ({self.view.size} bytes)"
+            )
+
+    def _check_writable(self, offset: int, length: int) -> None:
+        self._check_range(offset, length)
+        if not self.writable:
+            raise BadRequest(f"volume {self.name} is open read-only")
+        self._check_lock()
+
+    def _check_lock(self) -> None:
+        if self._lost is not None:
+            raise self._lost
+
+    # -- the map ------------------------------------------------------------------------------
+
+    async def refresh(self, min_epoch: int = 0, deadline: float | None = None) -> None:
+        """Take the newest published map (at least ``min_epoch``); one fetch at a time."""
+        if self._refreshing is not None:
+            await asyncio.shield(self._refreshing)
+            if self.view.epoch >= min_epoch:
+                return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._refreshing = fut
+        try:
+            doc = await self.cluster.managers.wait_map(
+                min_epoch, deadline if deadline is not None else self._deadline()
+            )
+            view = volume_view(doc, self.name)
+            if view.epoch >= self.view.epoch:
+                self._adopt(view)
+        finally:
+            self._refreshing = None
+            fut.set_result(None)
+
+    def _adopt(self, view: VolumeView) -> None:
+        if view.id != self.view.id:
+            raise NotFound(f"volume {self.name} was deleted (a new one has its name)")
+        if self.writable and (view.lock is None or view.lock.session != self.cluster.session):
+            holder = "nobody" if view.lock is None else f"{view.lock.host} pid {view.lock.pid}"
+            self._lost = LockLost(
+                f"volume {self.name}: this client's lock was revoked (now held by {holder}); "
+                "writes fail"
+            )
+            log.error("%s", self._lost.message)
+        if view.layers != self.view.layers:
+            self._clean.clear()
+        self.cluster.learn(view)
+        self.view = view
+
+    async def check_lock(self) -> None:
+        """Look at the published map: is the lock still this client's?"""
+        with contextlib.suppress(LaminaError):
+            await self.refresh(self.view.epoch)
+
+    # -- requests -------------------------------------------------------------------------------
+
+    async def _call(self, sid: str, msg: m.Message, payload: Payload = b"") -> tuple[Any, Payload]:
+        return await self.cluster.call(sid, msg, payload)
+
+    async def _recover(
+        self,
+        view: VolumeView,
+        errors: list[BaseException],
+        deadline: float,
+        attempt: int,
+        what: str,
+    ) -> None:
+        """Act on the errors of one attempt; return to try again, raise to give up."""
+        for err in errors:
+            if isinstance(err, asyncio.CancelledError):
+                raise err
+            if isinstance(err, NoSpace | BadRequest | LocalError | StorageIOError | AuthFailed):
+                raise err
+            if not isinstance(err, LaminaError | Failed):
+                raise err
+        stale = [e for e in errors if isinstance(e, StaleEpoch)]
+        if stale:
+            if self.writable:
+                # our lock may be gone: never retry a write before knowing it is not
+                self._check_lock()
+            await self.refresh(max(e.current_epoch for e in stale), deadline)
+            self._check_lock()
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() > deadline:
+            raise StorageIOError(f"volume {self.name}: {what} failed: {errors[0]}")
+        for err in errors:
+            if isinstance(err, Failed):
+                self.cluster.report(err.server_id, err.error)
+        await asyncio.sleep(min(0.02 * (2 ** min(attempt, 5)), 0.5))
+        with contextlib.suppress(Unavailable):
+            await self.refresh(view.epoch, deadline)
+        self._check_lock()
+
+    def _pick(self, partition: tuple[str, ...], candidates: list[int]) -> int:
+        """The least busy candidate copy (ties: rotating)."""
+        if len(candidates) == 1:
+            return candidates[0]
+        self._rr += 1
+        n = len(candidates)
+        best = candidates[self._rr % n]
+        best_load = self.cluster.busy(partition[best])
+        for k in range(1, n):
+            i = candidates[(self._rr + k) % n]
+            load = self.cluster.busy(partition[i])
+            if load < best_load:
+                best, best_load = i, load
+        return best
+
+    # -- the read process (Fig. 7A) -------------------------------------------------------------
+
+    async def _read_extent(self, ext: Extent) -> bytes:
+        deadline = self._deadline()
+        attempt = 0
+        while True:
+            view = self.view
+            try:
+                return await self._read_layers(view, ext)
+            except (LaminaError, Failed) as exc:
+                attempt += 1
+                await self._recover(view, [exc], deadline, attempt, f"read of page {ext.page}")
+
+    async def _read_layers(self, view: VolumeView, ext: Extent) -> bytes:
+        for layer in view.layers:
+            state, data = await self._read_page(view, layer, ext.page, ext.offset, ext.length)
+            if state == PageState.PRESENT:
+                return bytes(data) if type(data) is not bytes else data
+            if state == PageState.ZERO:
+                return bytes(ext.length)
+            if state == PageState.TOMBSTONE:
+                raise Deleted(f"page {ext.page} of layer {layer.id} moved up")
+        return bytes(ext.length)
+
+    async def _read_page(
+        self, view: VolumeView, layer: LayerView, page: int, offset: int, length: int
+    ) -> tuple[int, Payload]:
+        """(state, data) of one page of one layer from an in-sync copy."""
+        part = layer.partition(page)
+        readable = view.readable(part)
+        if not readable:
+            raise Unavailable(f"no copy of page {page} of layer {layer.id} is up")
+        tried: list[int] = []
+        failures: list[BaseException] = []
+        while len(tried) < len(readable):
+            i = self._pick(part, [c for c in readable if c not in tried])
+            tried.append(i)
+            sid = part[i]
+            req = m.ReadRequest(
+                view.id, view.epoch, layer.id, page, view.page_size, offset, length,
+                self.cluster.take_tokens(sid),
+            )  # fmt: skip
+            try:
+                resp, data = await self._call(sid, req)
+            except Corrupt as exc:
+                if self.writable and len(readable) > 1:
+                    await self._resync(view, layer, page, exclude=frozenset({i}))
+                    return await self._read_page(view, layer, page, offset, length)
+                failures.append(exc)
+                continue
+            except Failed as exc:
+                failures.append(exc)
+                continue
+            state = resp.state
+            if (
+                state in (PageState.PRESENT, PageState.ZERO)
+                and needs_resync(resp.mask, readable)
+                and (layer.id, page) not in self._clean
+            ):
+                if self.writable:
+                    await self._resync(view, layer, page)
+                    return await self._read_page(view, layer, page, offset, length)
+                auth = await self._authoritative(view, layer, page, readable)
+                if auth is not None and auth != i:
+                    resp, data = await self._call(
+                        part[auth],
+                        m.ReadRequest(
+                            view.id, view.epoch, layer.id, page, view.page_size, offset, length
+                        ),
+                    )
+                    state = resp.state
+            return state, data
+        if all(isinstance(f, Corrupt) for f in failures):
+            raise StorageIOError(f"page {page} of layer {layer.id} is corrupt on every copy")
+        raise failures[0]
+
+    async def _authoritative(
+        self, view: VolumeView, layer: LayerView, page: int, readable: list[int]
+    ) -> int | None:
+        statuses = await self._statuses(view, layer, page, readable)
+        return authoritative({i: (s, mask) for i, (s, mask, _) in statuses.items()})
+
+    async def _statuses(
+        self, view: VolumeView, layer: LayerView, page: int, copies: list[int]
+    ) -> dict[int, tuple[int, int, int]]:
+        """{copy: (state, mask, generation)} by STATUS; raises the first failure."""
+        part = layer.partition(page)
+        answers = await _all(
+            self._call(part[i], m.StatusRequest(view.id, view.epoch, layer.id, (page,)))
+            for i in copies
+        )
+        out = {}
+        for i, (resp, _) in zip(copies, answers, strict=True):
+            _, state, mask, gen = resp.entries[0]
+            out[i] = (state, mask, gen)
+        return out
+
+    # -- resynchronisation ---------------------------------------------------------------------
+
+    async def _resync(
+        self, view: VolumeView, layer: LayerView, page: int, exclude: frozenset[int] = frozenset()
+    ) -> None:
+        """Make every readable copy of ``page`` of ``layer`` equal to the authoritative one
+        and mark them clean by compare-and-set on their generations.  Runs while no write
+        of this client is in flight on the page (and holds new ones back)."""
+        key = (layer.id, page)
+        running = self._resyncs.get(key)
+        if running is not None:
+            await asyncio.shield(running)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._resyncs[key] = fut
+        try:
+            while self._writes.get(key):
+                idle = self._idle.setdefault(key, asyncio.Event())
+                await idle.wait()
+            for _ in range(8):
+                if await self._resync_once(view, layer, page, exclude):
+                    self._clean.add(key)
+                    return
+            raise Unavailable(f"page {page} of layer {layer.id} kept changing during its resync")
+        finally:
+            del self._resyncs[key]
+            fut.set_result(None)
+
+    async def _resync_once(
+        self, view: VolumeView, layer: LayerView, page: int, exclude: frozenset[int]
+    ) -> bool:
+        part = layer.partition(page)
+        readable = view.readable(part)
+        statuses = await self._statuses(view, layer, page, readable)
+        auth = authoritative({i: (s, mask) for i, (s, mask, _) in statuses.items()}, exclude)
+        if auth is None:
+            return True  # no copy holds it: nothing to make equal
+        state, _, gen = statuses[auth]
+        size = view.page_size
+        if state == PageState.PRESENT:
+            resp, data = await self._call(
+                part[auth], m.ReadRequest(view.id, view.epoch, layer.id, page, size, 0, size)
+            )
+            if resp.state != PageState.PRESENT or resp.generation != gen:
+                return False
+        else:
+            data = bytes(size)
+        others = [i for i in readable if i != auth]
+        written = await _all(
+            self._call(
+                part[i],
+                m.WriteRequest(view.id, view.epoch, layer.id, page, size, 0, FULL, FULL, False),
+                data,
+            )
+            for i in others
+        )
+        mask = clean_mask([statuses[i][1] for i in readable], readable)
+        gens = {auth: gen} | {
+            i: resp.generation for i, (resp, _) in zip(others, written, strict=True)
+        }
+        try:
+            await _all(
+                self._call(
+                    part[i], m.MarkCleanRequest(view.id, view.epoch, layer.id, page, g, mask)
+                )
+                for i, g in gens.items()
+            )
+        except Conflict:
+            return False
+        log.info("resynchronised page %d of layer %d from copy %d", page, layer.id, auth)
+        return True
+
+    # -- the write process (Fig. 7B) ------------------------------------------------------------
+
+    async def _write_extent(self, ext: Extent, data: Payload, fua: bool) -> None:
+        deadline = self._deadline()
+        attempt = 0
+        while True:
+            view = self.view
+            self._check_lock()
+            layer = view.top
+            key = (layer.id, ext.page)
+            while key in self._resyncs:
+                await asyncio.shield(self._resyncs[key])
+            self._writes[key] = self._writes.get(key, 0) + 1
+            try:
+                errors = await self._write_page(view, layer, ext, data, fua)
+            finally:
+                left = self._writes.pop(key) - 1
+                if left:
+                    self._writes[key] = left
+                else:
+                    idle = self._idle.pop(key, None)
+                    if idle is not None:
+                        idle.set()
+            if not errors:
+                return
+            attempt += 1
+            absent = [e for e in errors if isinstance(e, NotFound)]
+            if absent and len(absent) == len(errors):
+                await self._copy_up(view, layer, ext.page, deadline)
+                continue
+            corrupt = [e for e in errors if isinstance(e, Corrupt)]
+            if corrupt and len(corrupt) == len(errors) and self.writable:
+                await self._resync(view, layer, ext.page)
+                continue
+            await self._recover(view, errors, deadline, attempt, f"write of page {ext.page}")
+
+    async def _write_page(
+        self, view: VolumeView, layer: LayerView, ext: Extent, data: Payload, fua: bool
+    ) -> list[BaseException]:
+        """One attempt: the write to every up copy; the errors (none: done)."""
+        part = layer.partition(ext.page)
+        copies = view.writable(part)
+        if not copies:
+            return [Unavailable(f"no copy of page {ext.page} of layer {layer.id} is up")]
+        n = len(part)
+        restore = restore_mask(set(copies), n)
+        cluster = self.cluster
+        calls = [
+            self._call(
+                part[i],
+                m.WriteRequest(
+                    view.id,
+                    view.epoch,
+                    layer.id,
+                    ext.page,
+                    view.page_size,
+                    ext.offset,
+                    clear_mask(i, n),
+                    restore,
+                    fua,
+                    cluster.take_tokens(part[i]),
+                ),
+                data,
+            )
+            for i in copies
+        ]
+        if len(calls) == 1:
+            try:
+                results: list[Any] = [await calls[0]]
+            except (LaminaError, Failed) as exc:
+                return [exc]
+        else:
+            results = await asyncio.gather(*calls, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            return errors  # the tokens of the copies that took it are dropped: it stays dirty
+        for i, (resp, _) in zip(copies, results, strict=True):
+            cluster.confirm_later(part[i], resp.token)
+        if ext.length == view.page_size:
+            self._clean.add((layer.id, ext.page))
+        return []
+
+    async def _copy_up(
+        self, view: VolumeView, layer: LayerView, page: int, deadline: float
+    ) -> None:
+        """Put ``page`` into the top layer: the uppermost lower layer's copy of it, or
+        zeros; CREATE_IF_ABSENT makes a late or repeated copy-up harmless [0050]."""
+        data: Payload | None = None
+        source: LayerView | None = None
+        for lower in view.layers[1:]:
+            state, got = await self._read_page(view, lower, page, 0, view.page_size)
+            if state == PageState.PRESENT:
+                data, source = got, lower
+                break
+            if state == PageState.ZERO:
+                source = lower
+                break
+            if state == PageState.TOMBSTONE:
+                raise Deleted(f"page {page} of layer {lower.id} moved up")
+        part = layer.partition(page)
+        copies = view.writable(part)
+        if not copies:
+            raise Unavailable(f"no copy of page {page} of layer {layer.id} is up")
+        mask = FULL & ~(bits(range(len(part))) & ~bits(copies))
+        results = await asyncio.gather(
+            *(
+                self._call(
+                    part[i],
+                    m.CreateRequest(
+                        view.id,
+                        view.epoch,
+                        layer.id,
+                        page,
+                        view.page_size,
+                        mask,
+                        data is None,
+                        self.cluster.take_tokens(part[i]),
+                    ),
+                    b"" if data is None else data,
+                )
+                for i in copies
+            ),
+            return_exceptions=True,
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            await self._recover(view, errors, deadline, 1, f"copy-up of page {page}")
+            return
+        if all(reply[0].created for reply in results if not isinstance(reply, BaseException)):
+            self._clean.add((layer.id, page))
+        if source is not None and source.migrates_to == layer.id:
+            await _all(
+                self._call(
+                    sid, m.TombstoneRequest(view.id, view.epoch, source.id, page, view.page_size)
+                )
+                for sid in _up_copies(view, source, page)
+            )
+
+
+def _up_copies(view: VolumeView, layer: LayerView, page: int) -> list[str]:
+    part = layer.partition(page)
+    return [part[i] for i in view.readable(part)]
+
+
+async def _all(aws: Any) -> list[Any]:
+    """Await every awaitable; if any failed, raise the first error once all are done
+    (nothing is left running behind the caller's back)."""
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return list(results)

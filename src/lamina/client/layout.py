@@ -1,0 +1,232 @@
+"""A volume as the driver sees it in one published map, as pure code.
+
+Theory of operation
+-------------------
+:func:`volume_view` turns the JSON map the managers publish (``GET /api/v1/map``) into
+a :class:`VolumeView`: the volume's geometry, its layers from the top down, where each
+server listens and which state it is in.  Everything the read and write processes of
+the driver decide without I/O lives here, so it can be tested without a cluster:
+
+- :func:`split` cuts a byte range of the volume into page extents [0031];
+- :meth:`LayerView.partition` names the ordered copies of a page (striping: page ``p``
+  lives on partition ``p mod len(partitions)``, and the order is the bit order of the
+  sync masks [0040]);
+- :meth:`VolumeView.readable` / :meth:`VolumeView.writable` are the copies a read may
+  use and a write must reach: only ``up`` servers, never ``recovering`` or ``down``
+  ones (DESIGN section 7);
+- :func:`needs_resync` is the read-side test of a copy's sync mask, and
+  :func:`authoritative` / :func:`clean_mask` are the choices of a resynchronisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from lamina.errors import NotFound, ProtocolError
+from lamina.storage.syncmask import FULL, clear_mask, restore_mask
+from lamina.wire.messages import PageState
+
+__all__ = [
+    "FULL",
+    "Extent",
+    "LayerView",
+    "LockView",
+    "ServerView",
+    "VolumeView",
+    "authoritative",
+    "bits",
+    "clean_mask",
+    "clear_mask",
+    "needs_resync",
+    "restore_mask",
+    "split",
+    "volume_view",
+]
+
+
+class Extent(NamedTuple):
+    """The part of one page an I/O touches: ``length`` bytes at ``offset`` in page
+    ``page``, which are bytes ``start``.. of the caller's buffer."""
+
+    page: int
+    offset: int
+    length: int
+    start: int
+
+
+def split(offset: int, length: int, page_size: int) -> list[Extent]:
+    """The page extents of ``length`` bytes at volume ``offset``, in order."""
+    out: list[Extent] = []
+    done = 0
+    while done < length:
+        pos = offset + done
+        page, in_page = divmod(pos, page_size)
+        n = min(page_size - in_page, length - done)
+        out.append(Extent(page, in_page, n, done))
+        done += n
+    return out
+
+
+def bits(indices: Sequence[int] | set[int] | frozenset[int]) -> int:
+    """The mask with the bits of ``indices`` set."""
+    out = 0
+    for i in indices:
+        out |= 1 << i
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class ServerView:
+    id: str
+    host: str
+    port: int
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
+class LockView:
+    session: str
+    host: str
+    pid: int
+    since: int  # unix milliseconds
+
+
+@dataclass(frozen=True, slots=True)
+class LayerView:
+    id: int
+    placement: tuple[tuple[str, ...], ...]
+    role: str
+    migrates_to: int | None
+
+    def partition(self, page: int) -> tuple[str, ...]:
+        return self.placement[page % len(self.placement)]
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeView:
+    """One volume in one published map.  ``epoch`` is the map's published epoch: the
+    epoch every request made with this view carries."""
+
+    name: str
+    id: int
+    size: int
+    page_size: int
+    replicas: int
+    epoch: int
+    fence_epoch: int
+    layers: tuple[LayerView, ...]  # top first
+    servers: Mapping[str, ServerView]
+    lock: LockView | None
+
+    @property
+    def top(self) -> LayerView:
+        return self.layers[0]
+
+    def is_up(self, server_id: str) -> bool:
+        server = self.servers.get(server_id)
+        return server is not None and server.state == "up"
+
+    def readable(self, partition: Sequence[str]) -> list[int]:
+        """Indices of the copies a read may use: those on ``up`` servers."""
+        return [i for i, sid in enumerate(partition) if self.is_up(sid)]
+
+    writable = readable  # a write reaches every up copy, and only those
+
+    def servers_of(self, layer: LayerView) -> list[str]:
+        """Every server holding a copy of some page of ``layer``, sorted."""
+        return sorted({sid for part in layer.placement for sid in part})
+
+
+def needs_resync(mask: int, readable: Sequence[int]) -> bool:
+    """True when a copy answering with ``mask`` does not vouch for every readable copy:
+    some write may have reached one copy and not another (an unfinished episode)."""
+    need = bits(readable)
+    return mask & need != need
+
+
+def authoritative(
+    statuses: Mapping[int, tuple[int, int]], exclude: frozenset[int] = frozenset()
+) -> int | None:
+    """The copy a resynchronisation copies from, given ``{copy index: (state, mask)}``
+    of the readable copies: the first, in partition order, that holds the page and that
+    no other readable copy has disowned in its mask; failing that (two copies that
+    disowned each other: a write was never acknowledged, either is right) the first that
+    holds the page.  ``None`` when no copy holds it (nothing to synchronise)."""
+    holders = [
+        i
+        for i in sorted(statuses)
+        if i not in exclude and statuses[i][0] in (PageState.PRESENT, PageState.ZERO)
+    ]
+    for i in holders:
+        if all(mask & (1 << i) for k, (_, mask) in statuses.items() if k != i):
+            return i
+    return holders[0] if holders else None
+
+
+def clean_mask(masks: Sequence[int], readable: Sequence[int]) -> int:
+    """The mask a resynchronised page gets: every readable copy vouched for, and for the
+    copies that are not readable (down, recovering) whatever evidence any readable copy
+    held against them kept."""
+    up = bits(readable)
+    evidence = FULL
+    for mask in masks:
+        evidence &= mask
+    return (evidence & ~up) | up
+
+
+# --- the published map as JSON ---------------------------------------------------------
+
+
+def _addr(addr: Any) -> tuple[str, int]:
+    if type(addr) is not str or ":" not in addr:
+        raise ProtocolError(f"bad server address {addr!r:.60} in the map")
+    host, _, port = addr.rpartition(":")
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        raise ProtocolError(f"bad server address {addr!r:.60} in the map") from None
+
+
+def volume_view(doc: Mapping[str, Any], name: str) -> VolumeView:
+    """The view of volume ``name`` in a map document; NotFound if it has no such volume,
+    ProtocolError if the document is not a map."""
+    try:
+        volumes = doc["volumes"]
+        if name not in volumes:
+            raise NotFound(f"no volume named {name!r}")
+        vol = volumes[name]
+        layer_docs = doc["layers"]
+        layers = tuple(
+            LayerView(
+                int(lid),
+                tuple(tuple(part) for part in layer_docs[str(lid)]["placement"]),
+                layer_docs[str(lid)]["role"],
+                layer_docs[str(lid)]["migrates_to"],
+            )
+            for lid in reversed(vol["layers"])
+        )
+        servers = {
+            sid: ServerView(sid, *_addr(s["addr"]), s["state"]) for sid, s in doc["servers"].items()
+        }
+        raw_lock = vol.get("lock")
+        lock = (
+            None
+            if raw_lock is None
+            else LockView(raw_lock["session"], raw_lock["host"], raw_lock["pid"], raw_lock["since"])
+        )
+        return VolumeView(
+            name,
+            vol["id"],
+            vol["size"],
+            vol["page_size"],
+            vol["replicas"],
+            doc["published_epoch"],
+            vol["fence_epoch"],
+            layers,
+            servers,
+            lock,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"the managers sent a map without {exc}") from None
