@@ -1,0 +1,204 @@
+"""A real local cluster (`lamina up`), its volumes and `lamina nbd` exporters, for the
+integration tests of the driver and the NBD export.  Everything runs as separate
+processes and is reached over TCP; nothing is mocked."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lamina.localcluster import down
+
+MiB = 1 << 20
+
+
+def lamina(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the lamina CLI; the finished process (check its returncode yourself)."""
+    return subprocess.run(
+        [sys.executable, "-m", "lamina", *args],
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+class Exporter:
+    """A running `lamina nbd VOLUME` process, on TCP (``port``) or a unix socket."""
+
+    def __init__(
+        self, proc: subprocess.Popen[bytes], port: int, log: Path, socket: Path | None = None
+    ) -> None:
+        self.proc = proc
+        self.port = port
+        self.log = log
+        self.socket = socket
+
+    @property
+    def uri(self) -> str:
+        if self.socket is not None:
+            return f"nbd+unix:///?socket={self.socket}"
+        return f"nbd://127.0.0.1:{self.port}"
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+class LocalCluster:
+    """A cluster started with `lamina up` under ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.cluster_file = root / "cluster.toml"
+        self._exporters: list[Exporter] = []
+        self._n = 0
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return lamina(*args, "--cluster", str(self.cluster_file), timeout=timeout)
+
+    def up(self, managers: int = 1, servers: int = 2, *extra: str) -> dict[str, Any]:
+        done = lamina(
+            "up", "--dir", str(self.root), "--managers", str(managers),
+            "--servers", str(servers), "--json", *extra,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        doc: dict[str, Any] = json.loads(done.stdout)
+        return doc
+
+    def down(self) -> None:
+        for exporter in self._exporters:
+            exporter.kill()
+        if (self.root / "run").is_dir():
+            down(self.root)
+
+    def create_volume(
+        self, name: str, size: int, replicas: int = 2, stripe: int = 2
+    ) -> dict[str, Any]:
+        done = self.cli(
+            "volume", "create", name, "--size", str(size), "--replicas", str(replicas),
+            "--stripe", str(stripe), "--json",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        doc: dict[str, Any] = json.loads(done.stdout)
+        return doc
+
+    def export(
+        self, volume: str, *extra: str, wait: bool = True, socket: Path | None = None
+    ) -> Exporter:
+        """Start `lamina nbd VOLUME --listen 127.0.0.1:0` (or ``--socket SOCKET``); returns
+        once it accepts connections."""
+        self._n += 1
+        port_file = self.root / f"nbd-{volume}-{self._n}.port"
+        log = self.root / f"nbd-{volume}-{self._n}.log"
+        with contextlib.suppress(FileNotFoundError):
+            port_file.unlink()
+        if socket is None:
+            where = ["--listen", "127.0.0.1:0", "--port-file", str(port_file)]
+        else:
+            where = ["--socket", str(socket)]
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [
+                    sys.executable, "-m", "lamina", "nbd", volume, *where,
+                    "--cluster", str(self.cluster_file), *extra,
+                ],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        exporter = Exporter(proc, 0, log, socket)
+        self._exporters.append(exporter)
+        if not wait:
+            return exporter
+        deadline = time.monotonic() + 60
+        while not (port_file.exists() if socket is None else _accepts(socket)):
+            if proc.poll() is not None:
+                raise AssertionError(f"lamina nbd exited {proc.returncode}: {exporter.log_text()}")
+            if time.monotonic() > deadline:
+                exporter.kill()
+                raise AssertionError(f"lamina nbd did not start: {exporter.log_text()}")
+            time.sleep(0.05)
+        if socket is None:
+            exporter.port = int(port_file.read_text())
+        return exporter
+
+    def published_volumes(self) -> set[str]:
+        """The volumes of the map the managers publish (what clients may open)."""
+        doc = tomllib.loads(self.cluster_file.read_text())
+        error: Exception | None = None
+        for url in doc["cluster"]["managers"]:
+            try:
+                with urllib.request.urlopen(f"{url}/api/v1/map", timeout=10) as answer:
+                    return set(json.load(answer)["volumes"])
+            except OSError as exc:
+                error = exc
+        raise AssertionError(f"no manager answered: {error}")
+
+    def wait_published(self, volume: str, timeout: float = 30) -> None:
+        """Wait until ``volume`` is in the published map: a new volume is there only
+        once its servers have learnt its epoch, a little after `volume create` returns."""
+        deadline = time.monotonic() + timeout
+        while volume not in self.published_volumes():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"volume {volume} not published within {timeout}s")
+            time.sleep(0.05)
+
+    def storage_pid(self, server_id: str) -> int:
+        return int((self.root / "run" / f"{server_id}.pid").read_text())
+
+
+def _accepts(path: Path) -> bool:
+    """Whether a unix socket at ``path`` accepts a connection."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def local_cluster(
+    root: Path, managers: int = 1, servers: int = 2, *extra: str
+) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(root)
+    try:
+        cluster.up(managers, servers, *extra)
+        yield cluster
+    finally:
+        cluster.down()
+
+
+def random_file(path: Path, size: int, seed: int = 1) -> Path:
+    """A file of ``size`` pseudo-random bytes (fast: one random block, varied)."""
+    import random
+
+    rnd = random.Random(seed)
+    with path.open("wb") as f:
+        left = size
+        while left:
+            n = min(left, MiB)
+            f.write(rnd.randbytes(n))
+            left -= n
+    os.sync()
+    return path
