@@ -120,6 +120,10 @@ def _run_daemon(load: Callable[[], Any], run: Callable[[Any], None]) -> None:
 )  # fmt: skip
 @click.option("--storage-listen", help="HOST:PORT where storage servers ask for leases.")
 @click.option("--lease-duration", type=float, help="Storage-server lease in seconds. [3]")
+@click.option(
+    "--session-timeout", type=float,
+    help="Seconds without keepalive before a volume lock is released (1-300). [10]",
+)  # fmt: skip
 @click.option("--config", type=click.Path(dir_okay=False), help="TOML config (see etc/).")
 @click.option("--port-file", type=click.Path(dir_okay=False), help="Write the API port here.")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
@@ -133,6 +137,7 @@ def manager(
     admin_token: str | None,
     storage_listen: str | None,
     lease_duration: float | None,
+    session_timeout: float | None,
     config: str | None,
     port_file: str | None,
     log_level: str | None,
@@ -151,6 +156,7 @@ def manager(
         "admin_token": admin_token,
         "storage_listen": storage_listen,
         "lease_duration": lease_duration,
+        "session_timeout": session_timeout,
         "port_file": port_file,
         "log_level": log_level,
     }
@@ -166,15 +172,22 @@ def manager(
     "--managers", "n_managers", default=3, show_default=True, type=click.Choice(["1", "3", "5"])
 )
 @click.option("--servers", "n_servers", default=3, show_default=True, type=click.IntRange(1, 16))
+@click.option(
+    "--session-timeout", default=10.0, show_default=True, type=click.FloatRange(1, 300),
+    help="Seconds a volume lock's session may go without keepalive (managers started now).",
+)  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def up(root: str, n_managers: str, n_servers: int, as_json: bool) -> None:
+def up(root: str, n_managers: str, n_servers: int, session_timeout: float, as_json: bool) -> None:
     """Start a local cluster on 127.0.0.1 (or the daemons of it that are not running)."""
     from lamina.localcluster import up as start
 
     base = Path(root).resolve()
     try:
         with console.status("starting the cluster...") as status:
-            report = start(base, int(n_managers), n_servers, say=status.update)
+            report = start(
+                base, int(n_managers), n_servers, say=status.update,
+                session_timeout=session_timeout,
+            )  # fmt: skip
     except LaminaError as exc:
         _fail(exc)
     if as_json:

@@ -135,6 +135,7 @@ class ManagerConfig:
     admin_token: str | None = None
     storage_listen: str = "127.0.0.1:7350"
     lease_duration: float = 3.0
+    session_timeout: float = 10.0
     port_file: str | None = None
     log_level: str = "INFO"
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -146,6 +147,8 @@ class ManagerConfig:
         parse_addr(self.storage_listen, "storage listen address")
         if not 0.5 <= self.lease_duration <= 60:
             raise ConfigError("lease_duration must be within 0.5..60 seconds")
+        if not 1 <= self.session_timeout <= 300:
+            raise ConfigError("session_timeout must be within 1..300 seconds")
         parse_addr(self.raft, "raft address")
         for addr in self.peers:
             parse_addr(addr, "peer address")
@@ -174,6 +177,7 @@ _MANAGER_TYPES: dict[str, type | tuple[type, ...]] = {
     "admin_token": str,
     "storage_listen": str,
     "lease_duration": (int, float),
+    "session_timeout": (int, float),
     "port_file": str,
     "log_level": str,
 }

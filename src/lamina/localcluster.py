@@ -118,6 +118,7 @@ class ManagerProcess(_Daemon):
     peers: list[str]
     storage_listen: str = ""  # where storage servers ask for leases (wire protocol)
     lease_duration: float = 3.0
+    session_timeout: float = 10.0  # seconds a lock's session may go without keepalive
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
     detach: bool = False
@@ -132,6 +133,7 @@ class ManagerProcess(_Daemon):
             "--raft", self.raft, "--peers", ",".join(self.peers), "--data", str(self.data),
             "--key", str(self.key), "--port-file", str(self.port_file),
             "--lease-duration", str(self.lease_duration),
+            "--session-timeout", str(self.session_timeout),
         ]  # fmt: skip
         if self.storage_listen:
             args += ["--storage-listen", self.storage_listen]
@@ -167,7 +169,9 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def managers(root: Path, count: int, lease_duration: float = 3.0) -> list[ManagerProcess]:
+def managers(
+    root: Path, count: int, lease_duration: float = 3.0, session_timeout: float = 10.0
+) -> list[ManagerProcess]:
     """Descriptions of ``count`` managers m1..mN under ``root`` (not started)."""
     ports = free_ports(2 * count)
     raft = [f"127.0.0.1:{p}" for p in ports[:count]]
@@ -183,6 +187,7 @@ def managers(root: Path, count: int, lease_duration: float = 3.0) -> list[Manage
             peers=raft,
             storage_listen=storage[i - 1],
             lease_duration=lease_duration,
+            session_timeout=session_timeout,
         )
         for i in range(1, count + 1)
     ]
@@ -320,11 +325,16 @@ class UpReport:
 
 
 def up(
-    root: Path, n_managers: int = 3, n_servers: int = 3, say: Callable[[str], None] = print
+    root: Path,
+    n_managers: int = 3,
+    n_servers: int = 3,
+    say: Callable[[str], None] = print,
+    session_timeout: float = 10.0,
 ) -> UpReport:
     """Start whatever daemons of the local cluster under ``root`` are not running, register
     the storage servers with the managers and write ``cluster.toml``; return once a
-    leader answers and every storage server answers PING."""
+    leader answers and every storage server answers PING.  ``session_timeout`` is given to
+    the managers started now (volume locks, see :mod:`lamina.mgmt.sessions`)."""
     root = root.resolve()
     (root / "run").mkdir(parents=True, exist_ok=True)
     key = ensure_key(root / "cluster.key")
@@ -352,7 +362,8 @@ def up(
         mp = ManagerProcess(
             id=mid, data=root / mid, key=root / "cluster.key", log=root / "log" / f"{mid}.log",
             port_file=root / "run" / f"{mid}.port", raft=raft, peers=raft_peers, port=port,
-            storage_listen=f"127.0.0.1:{lease_port}", detach=True,
+            storage_listen=f"127.0.0.1:{lease_port}", session_timeout=session_timeout,
+            detach=True,
         )  # fmt: skip
         say(f"starting manager {mid} (API {mp.url}, raft {raft})")
         mp.start()

@@ -52,3 +52,16 @@ def test_command_line_overrides_the_file_and_is_checked_too(tmp_path: Path) -> N
         load_manager_config(str(path), {"peers": ["127.0.0.1:2"]})
     with pytest.raises(ConfigError, match="does not exist"):
         load_manager_config(str(tmp_path / "missing.toml"), {})
+
+
+def test_session_timeout_defaults_to_10_and_is_bounded(tmp_path: Path) -> None:
+    """session_timeout is 10 s unless given, and must lie within 1..300 seconds."""
+    path = tmp_path / "manager.toml"
+    path.write_text('[manager]\nid = "m1"\ndata = "d"\nkey = "k"\nraft = "127.0.0.1:1"\n')
+    assert load_manager_config(str(path), {}).session_timeout == 10
+    assert load_manager_config(str(path), {"session_timeout": 2.5}).session_timeout == 2.5
+    for bad in (0.5, 301):
+        with pytest.raises(ConfigError, match="session_timeout"):
+            load_manager_config(str(path), {"session_timeout": bad})
+    with pytest.raises(ConfigError, match="wrong type"):
+        load_manager_config(str(path), {"session_timeout": "10"})

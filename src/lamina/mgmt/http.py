@@ -10,6 +10,19 @@ Changes need the admin token (``Authorization: Bearer TOKEN``; 401 without it). 
 are converted to HTTP statuses in one place, :func:`_error_response`.  Any manager
 answers: changes go through Raft from wherever they arrive (PySyncObj forwards them to
 the leader), reads are served from this manager's copy of the map.
+
+Volume locks: ``POST /api/v1/volumes/{name}/lock`` proposes AcquireLock with this
+manager's wall clock as ``since`` and answers the epoch at which the grant applied; the
+driver uses the volume only once that epoch is published (``GET
+/api/v1/map?min_epoch=E``), which is when the previous holder's writes are fenced.  An
+acquire and ``POST /api/v1/sessions/{session}/keepalive`` are recorded by the manager
+that receives them, in memory (:mod:`lamina.mgmt.sessions`); drivers send keepalives to
+every manager.  ``POST /api/v1/servers/{id}/report`` is the leader's to answer (it
+checks the server itself, :meth:`~lamina.mgmt.leader.LeaderDuties.check_report`): any
+other manager answers 503 naming the leader's Raft address if it knows it, and the
+driver asks the next manager.  Some error answers carry a field beside ``error`` and
+``message``: ``holder`` (the lock's holder) on a 409 about a lock held by another
+session, ``leader`` on that 503.
 """
 
 from __future__ import annotations
@@ -17,20 +30,31 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 from lamina import __version__
-from lamina.errors import AuthFailed, BadRequest, ErrorCode, LaminaError, NotFound, Unavailable
+from lamina.errors import (
+    AuthFailed,
+    BadRequest,
+    Conflict,
+    ErrorCode,
+    LaminaError,
+    NotFound,
+    Unavailable,
+)
 from lamina.mgmt import clustermap as cm
-from lamina.mgmt.service import ManagerService
+from lamina.mgmt.leader import LeaderDuties
+from lamina.mgmt.service import ManagerService, Rejected
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SERVICE = web.AppKey("service", ManagerService)
+DUTIES = web.AppKey("duties", LeaderDuties)
 TOKEN = web.AppKey("token", str)
 StatusFn = Callable[[], dict[str, Any]]
 STATUS: web.AppKey[StatusFn] = web.AppKey("status")
@@ -46,9 +70,27 @@ _HTTP_STATUS = {
 MAX_BODY = 64 * 1024
 
 
+class LockHeld(Conflict):
+    """409: another session holds the lock; the answer names it in ``holder`` too."""
+
+    def __init__(self, message: str, holder: cm.Lock) -> None:
+        super().__init__(message)
+        self.fields = {"holder": cm.lock_to_dict(holder)}
+
+
+class NotLeader(Unavailable):
+    """503: only the leader does this; the answer has its Raft address in ``leader``."""
+
+    def __init__(self, message: str, leader: str | None) -> None:
+        super().__init__(message)
+        self.fields = {"leader": leader}
+
+
 def _error_response(exc: LaminaError) -> web.Response:
     status = _HTTP_STATUS.get(exc.code, 500)
-    body = {"error": exc.code.name, "message": exc.message}
+    body: dict[str, Any] = {"error": exc.code.name, "message": exc.message}
+    fields: dict[str, Any] = getattr(exc, "fields", {})
+    body.update(fields)
     return web.json_response(body, status=status)
 
 
@@ -205,13 +247,17 @@ async def create_volume(request: web.Request) -> web.Response:
     return web.json_response(_volume_json(svc.map, body["name"]), status=201)
 
 
+def _volume_exists(svc: ManagerService, name: str) -> None:
+    if name not in svc.map.volumes:
+        raise NotFound(f"no volume {name!r}")
+
+
 async def resize_volume(request: web.Request) -> web.Response:
     _require_admin(request)
     name = request.match_info["name"]
     body = await _body(request, {"size": (int, True)})
     svc = request.app[SERVICE]
-    if name not in svc.map.volumes:
-        raise NotFound(f"no volume {name!r}")
+    _volume_exists(svc, name)
     await svc.submit(cm.ResizeVolume(name, body["size"]))
     return web.json_response(_volume_json(svc.map, name))
 
@@ -220,10 +266,107 @@ async def delete_volume(request: web.Request) -> web.Response:
     _require_admin(request)
     name = request.match_info["name"]
     svc = request.app[SERVICE]
-    if name not in svc.map.volumes:
-        raise NotFound(f"no volume {name!r}")
+    _volume_exists(svc, name)
     outcome = await svc.submit(cm.DeleteVolume(name))
     return web.json_response({"name": name, "epoch": outcome.epoch})
+
+
+def _lock_refused(svc: ManagerService, name: str, session: str, reason: str) -> LaminaError:
+    """The error for a lock command the managers refused: 404 if the volume is gone, 409
+    naming the holder if another session holds the lock, else 409 with the reason."""
+    volume = svc.map.volumes.get(name)
+    if volume is None:
+        return NotFound(f"no volume {name!r}")
+    if volume.lock is not None and volume.lock.session != session:
+        return LockHeld(reason, volume.lock)
+    return Rejected(reason)
+
+
+async def acquire_lock(request: web.Request) -> web.Response:
+    """Take (or refresh, or with ``takeover`` revoke and take) a volume's lock."""
+    _require_admin(request)
+    name = request.match_info["name"]
+    body = await _body(
+        request,
+        {
+            "session": (str, True),
+            "host": (str, True),
+            "pid": (int, True),
+            "takeover": (bool, False),
+        },
+    )
+    svc, duties = request.app[SERVICE], request.app[DUTIES]
+    _volume_exists(svc, name)
+    since = int(time.time() * 1000)
+    cmd = cm.AcquireLock(
+        name, body["session"], body["host"], body["pid"], since, body.get("takeover", False)
+    )
+    duties.keepalive(cmd.session)
+    try:
+        outcome = await svc.submit(cmd)
+    except Rejected as exc:
+        raise _lock_refused(svc, name, cmd.session, exc.message) from None
+    duties.keepalive(cmd.session)
+    volume = svc.map.volumes.get(name)
+    lock = None if volume is None else volume.lock
+    if lock is None or lock.session != cmd.session:  # revoked in the meantime
+        reason = f"the lock of volume {name} was granted at epoch {outcome.epoch}, then "
+        if lock is None:
+            raise Rejected(reason + "released")
+        raise LockHeld(reason + f"taken by {cm.describe_lock(lock)}", lock)
+    return web.json_response({"epoch": outcome.epoch, "lock": cm.lock_to_dict(lock)})
+
+
+async def release_lock(request: web.Request) -> web.Response:
+    """Release a volume's lock: ``?session=S`` must be the holder's session."""
+    _require_admin(request)
+    name = request.match_info["name"]
+    session = request.query.get("session")
+    if session is None:
+        raise BadRequest("missing query parameter 'session'")
+    svc = request.app[SERVICE]
+    _volume_exists(svc, name)
+    cmd = cm.ReleaseLock(name, session)
+    try:
+        outcome = await svc.submit(cmd)
+    except Rejected as exc:
+        raise _lock_refused(svc, name, session, exc.message) from None
+    return web.json_response({"epoch": outcome.epoch})
+
+
+async def keepalive(request: web.Request) -> web.Response:
+    """A session is alive: recorded by this manager; the locks it holds in this
+    manager's map, and the session timeout."""
+    _require_admin(request)
+    session = request.match_info["session"]
+    cm.check_id("session", session)
+    duties = request.app[DUTIES]
+    locks = duties.keepalive(session)
+    return web.json_response({"locks": locks, "timeout": duties.sessions.timeout})
+
+
+async def report_server(request: web.Request) -> web.Response:
+    """A driver saw a storage server fail a request: the leader checks it (PING) and marks
+    it down if it does not answer."""
+    _require_admin(request)
+    sid = request.match_info["id"]
+    body = await _body(request, {"reason": (str, True)})
+    svc, duties = request.app[SERVICE], request.app[DUTIES]
+    if not duties.leading():
+        try:
+            leader = request.app[STATUS]().get("leader")
+        except LaminaError:
+            leader = None
+        where = f"the leader is at raft address {leader}" if leader else "no leader is known"
+        raise NotLeader(
+            f"manager {svc.manager_id} is not the leader ({where}); report to another manager",
+            leader,
+        )
+    if sid not in svc.map.servers:
+        raise NotFound(f"no server {sid!r}")
+    state, answered = await duties.check_report(sid, body["reason"])
+    checked = "reachable" if answered else "unreachable"
+    return web.json_response({"state": state.value, "checked": checked})
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -231,10 +374,14 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 def make_app(
-    service: ManagerService, token: str, status: Callable[[], dict[str, Any]]
+    service: ManagerService,
+    token: str,
+    status: Callable[[], dict[str, Any]],
+    duties: LeaderDuties,
 ) -> web.Application:
     app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
     app[SERVICE] = service
+    app[DUTIES] = duties
     app[TOKEN] = token
     app[STATUS] = status
     app.router.add_get("/api/v1/status", get_status)
@@ -242,11 +389,15 @@ def make_app(
     app.router.add_get("/api/v1/servers", list_servers)
     app.router.add_post("/api/v1/servers", add_server)
     app.router.add_delete("/api/v1/servers/{id}", remove_server)
+    app.router.add_post("/api/v1/servers/{id}/report", report_server)
     app.router.add_get("/api/v1/volumes", list_volumes)
     app.router.add_post("/api/v1/volumes", create_volume)
     app.router.add_get("/api/v1/volumes/{name}", get_volume)
     app.router.add_patch("/api/v1/volumes/{name}", resize_volume)
     app.router.add_delete("/api/v1/volumes/{name}", delete_volume)
+    app.router.add_post("/api/v1/volumes/{name}/lock", acquire_lock)
+    app.router.add_delete("/api/v1/volumes/{name}/lock", release_lock)
+    app.router.add_post("/api/v1/sessions/{session}/keepalive", keepalive)
     app.router.add_get("/api/v1/openapi.json", openapi)
     return app
 
@@ -254,11 +405,23 @@ def make_app(
 _ERR = {"$ref": "#/components/schemas/Error"}
 
 
-def _op(summary: str, ok: str, *, admin: bool = False, body: str | None = None) -> dict[str, Any]:
+def _op(
+    summary: str,
+    ok: str,
+    *,
+    admin: bool = False,
+    body: str | None = None,
+    answer: str | None = None,
+    query: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    success: dict[str, Any] = {"description": "success"}
+    if answer:
+        ref = {"$ref": f"#/components/schemas/{answer}"}
+        success["content"] = {"application/json": {"schema": ref}}
     op: dict[str, Any] = {
         "summary": summary,
         "responses": {
-            ok: {"description": "success"},
+            ok: success,
             "400": {
                 "description": "bad request",
                 "content": {"application/json": {"schema": _ERR}},
@@ -277,6 +440,17 @@ def _op(summary: str, ok: str, *, admin: bool = False, body: str | None = None) 
             "content": {"application/json": {"schema": _ERR}},
         }
         op["responses"]["503"] = {"description": "no quorum of managers"}
+    if query:
+        op["parameters"] = [
+            {
+                "name": k,
+                "in": "query",
+                "required": True,
+                "description": d,
+                "schema": {"type": "string"},
+            }
+            for k, d in query.items()
+        ]
     if body:
         op["requestBody"] = {
             "required": True,
@@ -304,6 +478,17 @@ OPENAPI: dict[str, Any] = {
         "/api/v1/servers/{id}": {
             "delete": _op("remove a storage server that holds nothing", "200", admin=True)
         },
+        "/api/v1/servers/{id}/report": {
+            "post": _op(
+                "report that a storage server failed a request: the leader PINGs it (1 s) "
+                "and marks it down if it does not answer; 503 (naming the leader's raft "
+                "address in 'leader') from any other manager",
+                "200",
+                admin=True,
+                body="Report",
+                answer="ReportAnswer",
+            )
+        },
         "/api/v1/volumes": {
             "get": _op("volumes", "200"),
             "post": _op("create a volume", "201", admin=True, body="NewVolume"),
@@ -311,7 +496,34 @@ OPENAPI: dict[str, Any] = {
         "/api/v1/volumes/{name}": {
             "get": _op("one volume with its layers", "200"),
             "patch": _op("grow a volume", "200", admin=True, body="Resize"),
-            "delete": _op("delete a volume", "200", admin=True),
+            "delete": _op("delete a volume (refused while it is locked)", "200", admin=True),
+        },
+        "/api/v1/volumes/{name}/lock": {
+            "post": _op(
+                "take the volume's exclusive lock (refresh it for the same session; takeover "
+                "revokes another session's); use the volume once epoch E is published "
+                "(GET /api/v1/map?min_epoch=E); 409 names the holder in 'holder'",
+                "200",
+                admin=True,
+                body="LockRequest",
+                answer="LockGrant",
+            ),
+            "delete": _op(
+                "release the volume's lock held by ?session=S",
+                "200",
+                admin=True,
+                answer="Epoch",
+                query={"session": "the holder's session id"},
+            ),
+        },
+        "/api/v1/sessions/{session}/keepalive": {
+            "post": _op(
+                "keep a lock session alive at this manager (send to every manager); the "
+                "locks it holds in this manager's map and the session timeout in seconds",
+                "200",
+                admin=True,
+                answer="Keepalive",
+            )
         },
     },
     "components": {
@@ -319,8 +531,69 @@ OPENAPI: dict[str, Any] = {
         "schemas": {
             "Error": {
                 "type": "object",
-                "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
+                "properties": {
+                    "error": {"type": "string"},
+                    "message": {"type": "string"},
+                    "holder": {"$ref": "#/components/schemas/Lock"},
+                    "leader": {"type": "string", "nullable": True},
+                },
                 "required": ["error", "message"],
+            },
+            "Lock": {
+                "type": "object",
+                "required": ["session", "host", "pid", "since"],
+                "properties": {
+                    "session": {"type": "string"},
+                    "host": {"type": "string"},
+                    "pid": {"type": "integer", "minimum": 0},
+                    "since": {"type": "integer", "description": "unix time in milliseconds"},
+                },
+            },
+            "LockRequest": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["session", "host", "pid"],
+                "properties": {
+                    "session": {"type": "string", "description": "1-64 letters, digits, - or _"},
+                    "host": {"type": "string", "description": "1-255 printable characters"},
+                    "pid": {"type": "integer", "minimum": 0},
+                    "takeover": {"type": "boolean", "default": False},
+                },
+            },
+            "LockGrant": {
+                "type": "object",
+                "required": ["epoch", "lock"],
+                "properties": {
+                    "epoch": {"type": "integer"},
+                    "lock": {"$ref": "#/components/schemas/Lock"},
+                },
+            },
+            "Epoch": {
+                "type": "object",
+                "required": ["epoch"],
+                "properties": {"epoch": {"type": "integer"}},
+            },
+            "Keepalive": {
+                "type": "object",
+                "required": ["locks", "timeout"],
+                "properties": {
+                    "locks": {"type": "array", "items": {"type": "string"}},
+                    "timeout": {"type": "number", "description": "session timeout in seconds"},
+                },
+            },
+            "Report": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["reason"],
+                "properties": {"reason": {"type": "string"}},
+            },
+            "ReportAnswer": {
+                "type": "object",
+                "required": ["state", "checked"],
+                "properties": {
+                    "state": {"type": "string", "enum": ["up", "recovering", "down", "out"]},
+                    "checked": {"type": "string", "enum": ["reachable", "unreachable"]},
+                },
             },
             "NewServer": {
                 "type": "object",

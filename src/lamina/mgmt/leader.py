@@ -16,8 +16,19 @@ Once a second or so the leader's duty loop (:meth:`LeaderDuties.run_once`):
   the last publication has acknowledged it (by asking for a lease with that epoch) or has
   certainly lost its lease: the publication rule, with leases as the channel;
 - reclaims the space of deleted volumes: DELETE_LAYER to every server that may hold one
-  of their layers, until each confirmed.
+  of their layers, until each confirmed;
+- once a second, releases the volume locks whose sessions sent this manager no
+  keepalive for longer than the session timeout (:mod:`lamina.mgmt.sessions`).
 Every change goes through Raft like any other; a new leader resumes from the map.
+
+Failure reports: a driver that saw a storage server fail a request reports it
+(:meth:`LeaderDuties.check_report`).  The leader does not take the driver's word for it:
+it PINGs the server (one second for everything) and marks it ``down`` only if no answer
+comes.  Marking it down right away is safe because it cannot take effect early: the
+change fences the server's volumes, and the new epoch is published only once the
+server acknowledged it or its lease is certainly over, so by the time a driver uses the
+map without it, the server refuses I/O on its own.  Concurrent reports of one server
+share one check.
 
 Two guards keep a lease from outliving what a new leader assumes: a new leader waits its
 predecessor's Raft fallback (``grace``) plus a lease before judging anyone, and a manager
@@ -36,13 +47,16 @@ from lamina.config import parse_addr
 from lamina.errors import BadRequest, LaminaError, NotFound, Unavailable
 from lamina.mgmt import clustermap as cm
 from lamina.mgmt.leases import LeaseTable
-from lamina.mgmt.service import ManagerService
+from lamina.mgmt.service import ManagerService, Rejected
+from lamina.mgmt.sessions import EXPIRY_PERIOD, SessionTable, locks_held
 from lamina.wire import messages as m
 from lamina.wire.connection import Client
 from lamina.wire.framing import Payload
 
 log = logging.getLogger(__name__)
 Reply = tuple[m.Message, Payload]
+#: a reported server must answer PING within this many seconds, connection included
+REPORT_PING_TIMEOUT = 1.0
 
 
 def fences_of(cmap: cm.ClusterMap, server_id: str) -> tuple[tuple[int, int], ...]:
@@ -82,13 +96,17 @@ class LeaderDuties:
         key: bytes | None = None,
         grace: float = 2.5,
         period: float = 0.2,
+        session_timeout: float = 10.0,
     ) -> None:
         self.service = service
         self.key = key
         self.period = period
         self._last_run: float | None = None
         self._quiet_until = 0.0
+        self._next_expiry = 0.0
         self._reclaiming: asyncio.Task[None] | None = None
+        self._checks: dict[str, asyncio.Task[tuple[cm.ServerState, bool]]] = {}
+        self.sessions = SessionTable(session_timeout)
         self.server_id = service.manager_id
         self.is_leader = is_leader
         self.clock = clock
@@ -101,10 +119,15 @@ class LeaderDuties:
     def current_epoch(self) -> int:
         return self.service.map.epoch
 
+    def leading(self) -> bool:
+        """Whether this manager acts as the leader now (Raft says so, its duty loop has
+        taken the role, and it is not in the quiet time after a pause)."""
+        return self.table.leading and self.is_leader() and self.clock() >= self._quiet_until
+
     def handle(self, msg: m.Message, payload: Payload) -> Reply:
         if not isinstance(msg, m.LeaseRequest):
             raise BadRequest(f"{type(msg).__name__} is not a manager operation")
-        if not self.table.leading or not self.is_leader() or self.clock() < self._quiet_until:
+        if not self.leading():
             raise Unavailable(f"manager {self.server_id} is not the leader")
         cmap = self.service.map
         server = cmap.servers.get(msg.server_id)
@@ -120,6 +143,7 @@ class LeaderDuties:
 
     def run_once(self) -> None:
         now = self.clock()
+        self.sessions.observe(self.service.map, now)
         last, self._last_run = self._last_run, now
         if last is not None and now - last > 5 * self.period:
             # This process was paused (SIGSTOP, a stalled VM): while it slept another
@@ -151,12 +175,87 @@ class LeaderDuties:
             cmap.epoch, publication_waits_for(cmap), now
         ):
             self._propose(cm.Publish(cmap.epoch))
+        if now >= self._next_expiry:
+            self._next_expiry = now + EXPIRY_PERIOD
+            self.expire_sessions(cmap, now)
         if (
             self.service.reclaim
             and self.key is not None
             and (self._reclaiming is None or self._reclaiming.done())
         ):
             self._reclaiming = asyncio.ensure_future(self.reclaim_once())
+
+    def expire_sessions(self, cmap: cm.ClusterMap, now: float) -> None:
+        """Propose ReleaseLock for every lock whose session has expired at this leader."""
+        assert self.table.leader_since is not None
+        for name, lock in self.sessions.expired(cmap, self.table.leader_since, now):
+            if self._propose(cm.ReleaseLock(name, lock.session)):
+                log.warning("volume %s: no keepalive from the lock holder, %s, for over %gs; "
+                            "releasing its lock", name, cm.describe_lock(lock),
+                            self.sessions.timeout)  # fmt: skip
+
+    def keepalive(self, session: str) -> list[str]:
+        """Record a keepalive of ``session`` now; the volumes whose lock it holds."""
+        self.sessions.keepalive(session, self.clock())
+        return locks_held(self.service.map, session)
+
+    async def check_report(self, server_id: str, reason: str) -> tuple[cm.ServerState, bool]:
+        """A driver saw ``server_id`` fail a request: PING it and, if it does not answer,
+        mark it ``down`` (only from ``up`` or ``recovering``).  The server's state after
+        that, and whether it answered.  Raises Unavailable unless this manager leads,
+        NotFound for a server not in the map."""
+        if not self.leading() or self.key is None:
+            raise Unavailable(f"manager {self.server_id} is not the leader")
+        if server_id not in self.service.map.servers:
+            raise NotFound(f"no server {server_id!r}")
+        log.info("storage server %s reported failing: %.200s", server_id, reason)
+        task = self._checks.get(server_id)
+        if task is None:
+            task = asyncio.ensure_future(self._check(server_id))
+            self._checks[server_id] = task
+            task.add_done_callback(lambda _: self._checks.pop(server_id, None))
+        return await asyncio.shield(task)
+
+    async def _check(self, server_id: str) -> tuple[cm.ServerState, bool]:
+        addr = self.service.map.servers[server_id].addr
+        limit = REPORT_PING_TIMEOUT
+        try:
+            async with asyncio.timeout(limit):
+                reply = await self._call(addr, m.PingRequest(), limit, limit)
+            answered = isinstance(reply, m.PingResponse) and reply.server_id == server_id
+        except (LaminaError, OSError, TimeoutError) as exc:
+            log.info("storage server %s does not answer PING: %s", server_id, exc)
+            answered = False
+        current = self.service.map.servers.get(server_id)
+        if current is None:
+            raise NotFound(f"server {server_id!r} was removed")
+        if not answered and current.state in (cm.ServerState.UP, cm.ServerState.RECOVERING):
+            log.warning("storage server %s was reported and does not answer: marking it down",
+                        server_id)  # fmt: skip
+            try:
+                await self.service.submit(cm.SetServerState(server_id, cm.ServerState.DOWN))
+            except Rejected as exc:  # marked down (or removed) meanwhile
+                log.info("marking %s down: %s", server_id, exc.message)
+        after = self.service.map.servers.get(server_id)
+        if after is None:
+            raise NotFound(f"server {server_id!r} was removed")
+        return after.state, answered
+
+    async def _call(
+        self, addr: str, msg: m.Message, connect_timeout: float, timeout: float
+    ) -> m.Message:
+        """One request to the storage server at ``addr`` on a new connection: at most
+        ``connect_timeout`` to connect and authenticate, then ``timeout`` for the answer."""
+        assert self.key is not None
+        host, port = parse_addr(addr)
+        client = await Client.connect(
+            host, port, self.key, peer=f"manager/{self.server_id}", timeout=connect_timeout
+        )
+        try:
+            async with asyncio.timeout(timeout):
+                return await client.call(msg)
+        finally:
+            client.close()
 
     async def reclaim_once(self) -> None:
         """Ask every server that may hold a layer of a deleted volume to drop it (DELETE_LAYER
@@ -170,15 +269,8 @@ class LeaderDuties:
                     self.service.reclaimed(lid, sid)
                     continue
                 try:
-                    host, port = parse_addr(server.addr)
-                    client = await Client.connect(
-                        host, port, self.key, peer=f"manager/{self.server_id}", timeout=2.0
-                    )
-                    try:
-                        async with asyncio.timeout(5.0):
-                            reply = await client.call(m.DeleteLayerRequest(vid, cmap.epoch, lid))
-                    finally:
-                        client.close()
+                    request = m.DeleteLayerRequest(vid, cmap.epoch, lid)
+                    reply = await self._call(server.addr, request, 2.0, 5.0)
                 except (LaminaError, OSError, TimeoutError) as exc:
                     log.info("reclaiming layer %d on %s: %s; will retry", lid, sid, exc)
                     continue
@@ -194,13 +286,16 @@ class LeaderDuties:
                 log.exception("leader duties failed; trying again")
             await asyncio.sleep(self.period)
 
-    def _propose(self, cmd: cm.Command) -> None:
+    def _propose(self, cmd: cm.Command) -> bool:
+        """Submit ``cmd`` in the background unless it is already on its way; whether it
+        was submitted now."""
         if cmd in self._proposing:
-            return
+            return False
         self._proposing.add(cmd)
         task = asyncio.ensure_future(self._submit(cmd))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return True
 
     async def _submit(self, cmd: cm.Command) -> None:
         try:
@@ -213,6 +308,8 @@ class LeaderDuties:
     async def close(self) -> None:
         if self._reclaiming is not None:
             self._reclaiming.cancel()
+        for check in list(self._checks.values()):
+            check.cancel()
         for task in list(self._tasks):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

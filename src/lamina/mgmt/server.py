@@ -60,7 +60,12 @@ async def serve(cfg: ManagerConfig) -> None:
     )
     service.log = rlog
     duties = LeaderDuties(
-        service, lambda: rlog.status().is_leader, time.monotonic, cfg.lease_duration, key
+        service,
+        lambda: rlog.status().is_leader,
+        time.monotonic,
+        cfg.lease_duration,
+        key,
+        session_timeout=cfg.session_timeout,
     )
     loop = asyncio.get_running_loop()
     shost, sport = parse_addr(cfg.storage_listen)
@@ -70,7 +75,7 @@ async def serve(cfg: ManagerConfig) -> None:
         rlog.close()
         raise ConfigError(f"cannot listen on {cfg.storage_listen}: {exc.strerror or exc}") from None
     duty_task = asyncio.ensure_future(duties.run())
-    app = make_app(service, token, lambda: dataclasses.asdict(rlog.status()))
+    app = make_app(service, token, lambda: dataclasses.asdict(rlog.status()), duties)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     host, port = cfg.listen_addr
