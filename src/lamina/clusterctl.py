@@ -35,6 +35,7 @@ import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ParamSpec
 
@@ -97,6 +98,15 @@ def format_size(n: int) -> str:
         if n >= scale:
             return f"{n // scale} {unit}" if n % scale == 0 else f"{n / scale:.1f} {unit}"
     return f"{n} B"
+
+
+def describe_lock(lock: dict[str, Any] | None) -> str:
+    """A volume lock as the API gives it, for people: ``host h pid 123 since
+    2026-11-25T10:00:00Z (session abc)``, or ``none``."""
+    if lock is None:
+        return "none"
+    since = datetime.fromtimestamp(lock["since"] // 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"host {lock['host']} pid {lock['pid']} since {since} (session {lock['session']})"
 
 
 # --- the cluster file --------------------------------------------------------------------
@@ -529,7 +539,7 @@ def _volumes_table(volumes: list[dict[str, Any]]) -> None:
 
 @click.group()
 def volume() -> None:
-    """Create, list, inspect, grow and delete volumes."""
+    """Create, list, inspect, grow, unlock and delete volumes."""
 
 
 @volume.command("create")
@@ -592,6 +602,7 @@ def volume_info(name: str, cluster: str | None, as_json: bool) -> None:
         f"{v['replicas']} replicas, stripe {v['stripe']}, {format_size(v['page_size'])} pages, "
         f"fence epoch {v['fence_epoch']}"
     )
+    _print(f"lock: {describe_lock(v.get('lock'))}")
     table = _table("layers", "layer", "role", "partition", "copies on")
     for layer in v["layers"]:
         role = layer["role"]
@@ -617,6 +628,31 @@ def volume_resize(name: str, size: str, cluster: str | None, as_json: bool) -> N
         _emit_json(v)
         return
     _print(f"volume {v['name']} is now {format_size(v['size'])} [dim](epoch {v['fence_epoch']})[/]")
+
+
+@volume.command("unlock")
+@click.argument("name")
+@_common
+def volume_unlock(name: str, cluster: str | None, as_json: bool) -> None:
+    """Break the lock of volume NAME: release it for whichever session holds it.
+
+    The holder's pending writes are fenced (refused STALE) once the new epoch is
+    published; its driver fails them instead of retrying.
+    """
+    client = _client(cluster)
+    lock = client.get(_path("volumes", name)).get("lock")
+    if lock is None:
+        if as_json:
+            _emit_json({"name": name, "released": None, "epoch": None})
+        else:
+            _print(f"volume {name} is not locked")
+        return
+    query = "?session=" + urllib.parse.quote(lock["session"], safe="")
+    out = client.call("DELETE", _path("volumes", name, "lock") + query, admin=True)
+    if as_json:
+        _emit_json({"name": name, "released": lock, "epoch": out["epoch"]})
+        return
+    _print(f"unlocked volume {name}, held by {describe_lock(lock)} [dim](epoch {out['epoch']})[/]")
 
 
 @volume.command("delete")
