@@ -277,8 +277,7 @@ def test_nbdinfo_shows_size_and_read_only_flag(lc: LocalCluster) -> None:
     """nbdinfo shows the volume's size, under both export names, and the read-only bit
     of a --read-only export beside a read-write one."""
     size = 40 * MiB
-    lc.create_volume("info", size)
-    lc.wait_published("info")
+    lc.create_volume("info", size)  # a read-only export of it at once: no wait needed
     with exported(lc, "info", "--read-only") as ro, exported(lc, "info") as rw:
         info = nbdinfo(ro.uri)
         assert (info["export-size"], info["is_read_only"]) == (size, True), info

@@ -12,8 +12,6 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -141,27 +139,6 @@ class LocalCluster:
         if socket is None:
             exporter.port = int(port_file.read_text())
         return exporter
-
-    def published_volumes(self) -> set[str]:
-        """The volumes of the map the managers publish (what clients may open)."""
-        doc = tomllib.loads(self.cluster_file.read_text())
-        error: Exception | None = None
-        for url in doc["cluster"]["managers"]:
-            try:
-                with urllib.request.urlopen(f"{url}/api/v1/map", timeout=10) as answer:
-                    return set(json.load(answer)["volumes"])
-            except OSError as exc:
-                error = exc
-        raise AssertionError(f"no manager answered: {error}")
-
-    def wait_published(self, volume: str, timeout: float = 30) -> None:
-        """Wait until ``volume`` is in the published map: a new volume is there only
-        once its servers have learnt its epoch, a little after `volume create` returns."""
-        deadline = time.monotonic() + timeout
-        while volume not in self.published_volumes():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"volume {volume} not published within {timeout}s")
-            time.sleep(0.05)
 
     def storage_pid(self, server_id: str) -> int:
         return int((self.root / "run" / f"{server_id}.pid").read_text())

@@ -47,7 +47,7 @@ import os
 import random
 import secrets
 import socket
-from dataclasses import dataclass
+import time
 from typing import Any
 
 from lamina.client.layout import (
@@ -83,7 +83,7 @@ from lamina.errors import (
 )
 from lamina.wire import messages as m
 from lamina.wire.connection import Client
-from lamina.wire.framing import Payload
+from lamina.wire.framing import Frame, Payload
 from lamina.wire.handshake import load_key
 from lamina.wire.messages import PageState
 
@@ -110,12 +110,6 @@ class Failed(Exception):
         self.error = error
 
 
-@dataclass(slots=True)
-class _ServerLoad:
-    inflight: int = 0
-    last_progress: float = 0.0
-
-
 class Cluster:
     """A connection to one lamina cluster; open volumes with :meth:`open`."""
 
@@ -137,7 +131,6 @@ class Cluster:
         self._addrs: dict[str, tuple[str, int]] = {}
         self._clients: dict[str, Client] = {}
         self._connecting: dict[str, asyncio.Future[Client]] = {}
-        self._load: dict[str, _ServerLoad] = {}
         self._tokens: dict[str, list[int]] = {}
         self._restore_timer: asyncio.TimerHandle | None = None
         self._volumes: set[Volume] = set()
@@ -183,7 +176,14 @@ class Cluster:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.io_timeout
         if read_only:
-            view = volume_view(await self.managers.get_map(), name)
+            doc = await self.managers.get_map()
+            if name not in doc.get("volumes", {}):
+                # just created? Wait for the map that made it to be published.
+                current = await self.managers.get_map(current=True)
+                fence = current.get("volumes", {}).get(name, {}).get("fence_epoch")
+                if isinstance(fence, int):
+                    doc = await self.managers.wait_map(fence, deadline)
+            view = volume_view(doc, name)
         else:
             if self.managers.token is None:
                 raise LocalError("opening a volume for writing needs the cluster's admin token")
@@ -265,48 +265,55 @@ class Cluster:
     async def call(self, sid: str, msg: m.Message, payload: Payload = b"") -> tuple[Any, Payload]:
         """One request to server ``sid``: its answer, or :class:`Failed` for an error a
         retry or a newer map may mend; typed errors of the request itself pass through."""
-        load = self._load.get(sid)
-        if load is None:
-            load = self._load[sid] = _ServerLoad()
+        client = self._clients.get(sid)
+        if client is None or not client.connected:
+            client = await self.connected(sid)
+        fut = client.send(msg, payload)
+        await client.drain()
+        return self.answer(sid, await _settled(fut))
+
+    async def connected(self, sid: str) -> Client:
+        """The connection to ``sid``, made if needed; :class:`Failed` if it cannot be."""
         try:
-            client = await self._client(sid)
+            return await self._client(sid)
         except (Unavailable, ProtocolError, OSError) as exc:
             raise Failed(sid, exc) from None
-        loop = asyncio.get_running_loop()
-        if not load.inflight:
-            load.last_progress = loop.time()
-        load.inflight += 1
+
+    def sender(self, sid: str) -> Client | None:
+        """The connection to ``sid`` if it is up (the hot path sends without awaiting)."""
+        client = self._clients.get(sid)
+        return client if client is not None and client.connected else None
+
+    @staticmethod
+    def answer(sid: str, frame: Frame | BaseException) -> tuple[Any, Payload]:
+        """The typed answer of a settled request (see :func:`_settled`)."""
+        if isinstance(frame, BaseException):
+            if isinstance(frame, Unavailable | StorageIOError | NoLease):
+                raise Failed(sid, frame)
+            raise frame
         try:
-            return await client.call_with_payload(msg, payload)
-        except (Unavailable, StorageIOError) as exc:
+            return Client.unpack(frame)
+        except (Unavailable, StorageIOError, NoLease) as exc:
             raise Failed(sid, exc) from None
-        except NoLease as exc:
-            raise Failed(sid, exc) from None
-        finally:
-            load.inflight -= 1
-            load.last_progress = loop.time()
 
     def busy(self, sid: str) -> int:
-        load = self._load.get(sid)
-        return 0 if load is None else load.inflight
+        client = self._clients.get(sid)
+        return 0 if client is None else client.in_flight
 
     async def _watch_requests(self) -> None:
         """Close a connection whose server has answered nothing for ``request_timeout``
         while requests wait (a stopped or wedged server): they fail, and are retried."""
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(min(1.0, self.request_timeout / 4))
-            now = loop.time()
-            for sid, load in self._load.items():
-                if load.inflight and now - load.last_progress > self.request_timeout:
-                    client = self._clients.pop(sid, None)
-                    if client is not None:
-                        log.warning(
-                            "storage server %s answered nothing for %.1f s; reconnecting",
-                            sid, now - load.last_progress,
-                        )  # fmt: skip
-                        client.close()
-                    load.last_progress = now
+            now = time.monotonic()
+            for sid, client in list(self._clients.items()):
+                stalled = client.stalled_for(now)
+                if stalled > self.request_timeout:
+                    log.warning(
+                        "storage server %s answered nothing for %.1f s; reconnecting", sid, stalled
+                    )
+                    self._clients.pop(sid, None)
+                    client.close()
 
     def report(self, sid: str, error: BaseException) -> None:
         """Tell the managers (at most once a second per server) that ``sid`` failed."""
@@ -827,33 +834,35 @@ class Volume:
         n = len(part)
         restore = restore_mask(set(copies), n)
         cluster = self.cluster
-        calls = [
-            self._call(
-                part[i],
+        clients: list[Client] = []
+        for i in copies:
+            client = cluster.sender(part[i])
+            if client is None:
+                try:
+                    client = await cluster.connected(part[i])
+                except Failed as exc:
+                    return [exc]
+            clients.append(client)
+        # every copy's request goes out before we wait for any answer
+        futures = [
+            client.send(
                 m.WriteRequest(
-                    view.id,
-                    view.epoch,
-                    layer.id,
-                    ext.page,
-                    view.page_size,
-                    ext.offset,
-                    clear_mask(i, n),
-                    restore,
-                    fua,
-                    cluster.take_tokens(part[i]),
+                    view.id, view.epoch, layer.id, ext.page, view.page_size, ext.offset,
+                    clear_mask(i, n), restore, fua, cluster.take_tokens(part[i]),
                 ),
                 data,
             )
-            for i in copies
-        ]
-        if len(calls) == 1:
+            for i, client in zip(copies, clients, strict=True)
+        ]  # fmt: skip
+        for client in clients:
+            await client.drain()
+        results: list[tuple[Any, Payload]] = []
+        errors: list[BaseException] = []
+        for i, fut in zip(copies, futures, strict=True):
             try:
-                results: list[Any] = [await calls[0]]
+                results.append(cluster.answer(part[i], await _settled(fut)))
             except (LaminaError, Failed) as exc:
-                return [exc]
-        else:
-            results = await asyncio.gather(*calls, return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
+                errors.append(exc)
         if errors:
             return errors  # the tokens of the copies that took it are dropped: it stays dirty
         for i, (resp, _) in zip(copies, results, strict=True):
@@ -922,6 +931,16 @@ class Volume:
 def _up_copies(view: VolumeView, layer: LayerView, page: int) -> list[str]:
     part = layer.partition(page)
     return [part[i] for i in view.readable(part)]
+
+
+async def _settled(fut: asyncio.Future[Frame]) -> Frame | BaseException:
+    """The frame a request's future resolves to, or the exception it failed with."""
+    try:
+        return await fut
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        return exc
 
 
 async def _all(aws: Any) -> list[Any]:

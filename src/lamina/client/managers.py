@@ -107,8 +107,12 @@ class ManagerLink:
 
     # -- what the driver asks ----------------------------------------------------------
 
-    async def get_map(self, min_epoch: int = 0) -> dict[str, Any]:
-        path = "/map" if min_epoch <= 0 else f"/map?min_epoch={min_epoch}"
+    async def get_map(self, min_epoch: int = 0, *, current: bool = False) -> dict[str, Any]:
+        """The published map (``current``: the newest committed one, not for I/O)."""
+        if current:
+            path = "/map?current=1"
+        else:
+            path = "/map" if min_epoch <= 0 else f"/map?min_epoch={min_epoch}"
         doc: dict[str, Any] = await self.call("GET", path)
         return doc
 

@@ -156,6 +156,7 @@ class NbdConnection(asyncio.Protocol):
         self._output_full = False
         self._reading_paused = False
         self._disconnecting = False
+        self._out: list[bytes] = []
 
     # -- asyncio callbacks -----------------------------------------------------------------
 
@@ -285,14 +286,20 @@ class NbdConnection(asyncio.Protocol):
     # -- output and closing ----------------------------------------------------------------
 
     def _send(self, *chunks: bytes) -> None:
-        transport = self._transport
-        if transport is None:
+        """Queue ``chunks``; everything queued in one loop iteration goes out in one
+        write (one system call for many replies)."""
+        if self._transport is None:
             return
-        if len(chunks) == 1:
-            if chunks[0]:
-                transport.write(chunks[0])
-        else:
-            transport.writelines(chunks)
+        if not self._out:
+            if len(chunks) == 1 and not chunks[0]:
+                return
+            asyncio.get_running_loop().call_soon(self._flush_out)
+        self._out.extend(chunks)
+
+    def _flush_out(self) -> None:
+        out, self._out = self._out, []
+        if out and self._transport is not None:
+            self._transport.writelines(out)
 
     def _fail(self, exc: NbdProtocolError) -> None:
         log.info("closing NBD connection from %s: %s", self._peer, exc)
@@ -307,6 +314,7 @@ class NbdConnection(asyncio.Protocol):
         if transport is None:
             return
         self._send(self._machine.data_to_send())
+        self._flush_out()
         transport.close()
         self._transport = None
 

@@ -23,6 +23,7 @@ import contextlib
 import itertools
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Coroutine
 from typing import Any, Protocol, TypeVar, cast
 
@@ -296,10 +297,25 @@ class _ClientProtocol(asyncio.BufferedProtocol):
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._can_write = asyncio.Event()
         self._can_write.set()
+        self._out: list[Payload] = []
+        #: monotonic time of the last answer, or of the request that ended a quiet spell
+        self.progress = time.monotonic()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         _nodelay(transport)
+
+    def queue(self, bufs: list[Payload]) -> None:
+        """Write ``bufs`` at the end of this loop iteration, with every other frame queued
+        meanwhile: one system call for many requests."""
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self.flush_out)
+        self._out.extend(bufs)
+
+    def flush_out(self) -> None:
+        out, self._out = self._out, []
+        if out and self.transport is not None:
+            self.transport.writelines(out)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.decoder.get_buffer(sizehint)
@@ -313,6 +329,7 @@ class _ClientProtocol(asyncio.BufferedProtocol):
         self._process()
 
     def _process(self) -> None:
+        self.progress = time.monotonic()
         try:
             while True:
                 frame = self.decoder.next_frame()
@@ -398,6 +415,20 @@ class Client:
     def connected(self) -> bool:
         return self._proto.transport is not None
 
+    @property
+    def in_flight(self) -> int:
+        """Requests sent and not answered yet."""
+        return len(self._proto.pending)
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds requests have been waiting with no answer at all (0 when none wait)."""
+        return now - self._proto.progress if self._proto.pending else 0.0
+
+    async def drain(self) -> None:
+        """Wait while the transport's write buffer is full (flow control)."""
+        if not self._proto._can_write.is_set():
+            await self._proto._can_write.wait()
+
     async def call(self, msg: m.Message, payload: Payload = b"") -> m.Message:
         reply, _ = await self.call_with_payload(msg, payload)
         return reply
@@ -417,10 +448,10 @@ class Client:
             raise Unavailable("connection is closed")
         rid = next(self._ids)
         fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        if not proto.pending:
+            proto.progress = time.monotonic()
         proto.pending[rid] = fut
-        proto.transport.writelines(
-            encode_frame(Kind.REQUEST, msg.OP, 0, rid, msg.encode(), payload)
-        )
+        proto.queue(encode_frame(Kind.REQUEST, msg.OP, 0, rid, msg.encode(), payload))
         return fut
 
     @staticmethod
@@ -433,6 +464,7 @@ class Client:
         """Write arbitrary bytes (tests of malformed input only)."""
         if self._proto.transport is None:
             raise Unavailable("connection is closed")
+        self._proto.flush_out()
         self._proto.transport.write(data)
 
     async def wait_closed(self) -> None:
