@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.stamp
 
 LINT_PATHS := src tests bench
 
-.PHONY: help venv deps lint test up bench clean
+.PHONY: help venv deps lint test up bench bench-nbd clean
 
 help:
 	@echo "Targets:"
@@ -17,8 +17,9 @@ help:
 	@echo "  make deps   install missing system packages (qemu-utils, fio, nbdkit, ...)"
 	@echo "  make lint   ruff check, ruff format --check, mypy"
 	@echo "  make test   deps + venv + lint + pytest"
-	@echo "  make up     start the local cluster, create a demo volume, show the status"
+	@echo "  make up     start the local cluster, create volume demo, export it over NBD and use it"
 	@echo "  make bench  run the storage benchmark"
+	@echo "  make bench-nbd  run lamina nbd against nbdkit and qemu-nbd with fio (about 25 min)"
 	@echo "  make clean  remove the venv, build artifacts and caches"
 
 venv: $(STAMP)
@@ -50,13 +51,17 @@ lint: venv
 test: deps venv lint
 	$(BIN)/pytest -q
 
-up: venv
+up: deps venv
 	$(BIN)/lamina up
 	$(BIN)/lamina volume info demo >/dev/null 2>&1 || $(BIN)/lamina volume create demo --size 1G --replicas 2 --stripe 3
 	$(BIN)/lamina status
+	BIN=$(BIN) bash scripts/demo-volume.sh
 
 bench: venv
 	$(BIN)/python bench/storage.py
+
+bench-nbd: deps venv
+	$(BIN)/python bench/nbd.py
 
 clean:
 	rm -rf $(VENV) build dist .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -673,6 +673,17 @@ def _background_load(seconds: float = 1.0) -> float:
     return (_machine_busy_seconds() - before) / seconds
 
 
+def load_lines(idle_load: float) -> list[str]:
+    """The header's line on the load before the start, and a warning if it was high."""
+    lines = [f"machine load before the start: {idle_load:.0%} of one core (other processes)"]
+    if idle_load > BUSY_MACHINE:
+        lines.append(
+            "WARNING: other processes were using the CPUs before the start; "
+            "results will be lower and noisier than on an idle machine"
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     idle_load = _background_load()
@@ -700,13 +711,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.seconds:g} s x {args.runs} runs per workload, medians",
             f"writes: clear mask {CLEAR_MASK:#010x}, restore mask {RESTORE_MASK:#010x}, "
             "tokens piggybacked on later requests",
-            f"machine load before the start: {idle_load:.0%} of one core (other processes)",
+            *load_lines(idle_load),
         ]
-        if idle_load > BUSY_MACHINE:
-            head.append(
-                "WARNING: other processes were using the CPUs before the start; "
-                "results will be lower and noisier than on an idle machine"
-            )
         print("\n".join(head), flush=True)
         try:
             uvloop.install()
