@@ -42,13 +42,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
 import secrets
 import socket
 import time
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from lamina.client.layout import (
     FULL,
@@ -88,6 +90,7 @@ from lamina.wire.handshake import load_key
 from lamina.wire.messages import PageState
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: a write's tokens go back on their own after this long if no request carries them
 RESTORE_DELAY = 0.2
@@ -388,6 +391,39 @@ class Cluster:
                     await volume.check_lock()
 
 
+class _Pending:
+    """A write of the hot path, waiting for the answers of its copies."""
+
+    __slots__ = (
+        "answers", "copies", "data", "fua", "layer_id", "left", "offset", "out", "page",
+        "part", "view",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        out: asyncio.Future[None],
+        view: VolumeView,
+        layer_id: int,
+        page: int,
+        offset: int,
+        data: Payload,
+        fua: bool,
+        part: tuple[str, ...],
+        copies: list[int],
+    ) -> None:
+        self.out = out
+        self.view = view
+        self.layer_id = layer_id
+        self.page = page
+        self.offset = offset
+        self.data = data
+        self.fua = fua
+        self.part = part
+        self.copies = copies
+        self.answers: list[asyncio.Future[Frame] | None] = [None] * len(copies)
+        self.left = len(copies)
+
+
 class Volume:
     """An open volume.  All methods are coroutines and may run concurrently."""
 
@@ -617,6 +653,160 @@ class Volume:
             if load < best_load:
                 best, best_load = i, load
         return best
+
+    # -- the hot path: no task, no coroutine -------------------------------------------------
+
+    def start_read(self, offset: int, length: int) -> asyncio.Future[Payload]:
+        """:meth:`read` as a future, for the NBD server.  The common case (one page, its
+        copy in the top layer answers with data and a clean mask) runs in callbacks, with
+        no task; anything else goes the full way through :meth:`read`."""
+        loop = asyncio.get_running_loop()
+        out: asyncio.Future[Payload] = loop.create_future()
+        view = self.view
+        page_size = view.page_size
+        page, in_page = divmod(offset, page_size)
+        client = None
+        inside = offset >= 0 and 0 < length <= page_size - in_page and offset + length <= view.size
+        if inside and not self._closed:
+            layer = view.layers[0]
+            part = layer.placement[page % len(layer.placement)]
+            readable = view.readable(part)
+            if readable:
+                i = self._pick(part, readable)
+                client = self.cluster.sender(part[i])
+        if client is None:
+            return self._slow(out, self.read(offset, length))
+        tokens = self.cluster.take_tokens(part[i])
+        req = m.ReadRequest(view.id, view.epoch, layer.id, page, page_size, in_page, length, tokens)
+        client.send(req).add_done_callback(
+            lambda fut: self._read_answered(fut, out, view, layer.id, page, offset, length)
+        )
+        return out
+
+    def _read_answered(
+        self,
+        fut: asyncio.Future[Frame],
+        out: asyncio.Future[Payload],
+        view: VolumeView,
+        layer_id: int,
+        page: int,
+        offset: int,
+        length: int,
+    ) -> None:
+        if out.done():
+            return
+        resp: Any = None
+        try:
+            resp, data = Client.unpack(fut.result())
+        except Exception:
+            resp = None
+        if (resp is not None and (layer_id, page) in self._clean) or (
+            resp is not None
+            and not needs_resync(resp.mask, view.readable(view.layers[0].partition(page)))
+        ):
+            state = resp.state
+            if state == PageState.PRESENT:
+                out.set_result(data)
+                return
+            if state == PageState.ZERO or (state == PageState.ABSENT and len(view.layers) == 1):
+                out.set_result(bytes(length))
+                return
+        self._slow(out, self.read(offset, length))
+
+    def start_write(self, offset: int, data: Payload, fua: bool) -> asyncio.Future[None]:
+        """:meth:`write` as a future, for the NBD server: a write within one page whose
+        copies are all connected is sent to every copy at once and completed by the
+        answers' callbacks; anything else (or any error) goes through :meth:`write`."""
+        loop = asyncio.get_running_loop()
+        out: asyncio.Future[None] = loop.create_future()
+        view = self.view
+        page_size = view.page_size
+        page, in_page = divmod(offset, page_size)
+        length = len(data)
+        if (
+            self._closed
+            or not self.writable
+            or self._lost is not None
+            or offset < 0
+            or not 0 < length <= page_size - in_page
+            or offset + length > view.size
+        ):
+            return self._slow(out, self.write(offset, data, fua))
+        layer = view.layers[0]
+        key = (layer.id, page)
+        part = layer.placement[page % len(layer.placement)]
+        copies = view.readable(part)
+        clients = [self.cluster.sender(part[i]) for i in copies]
+        if not copies or key in self._resyncs or None in clients:
+            return self._slow(out, self.write(offset, data, fua))
+        n = len(part)
+        restore = restore_mask(set(copies), n)
+        take = self.cluster.take_tokens
+        self._writes[key] = self._writes.get(key, 0) + 1
+        pending = _Pending(out, view, layer.id, page, offset, data, fua, part, copies)
+        for k, (i, client) in enumerate(zip(copies, clients, strict=True)):
+            req = m.WriteRequest(
+                view.id, view.epoch, layer.id, page, page_size, in_page,
+                clear_mask(i, n), restore, fua, take(part[i]),
+            )  # fmt: skip
+            assert client is not None
+            client.send(req, data).add_done_callback(
+                functools.partial(self._write_answered, pending, k)
+            )
+        return out
+
+    def _write_answered(self, p: _Pending, k: int, fut: asyncio.Future[Frame]) -> None:
+        p.answers[k] = fut
+        p.left -= 1
+        if p.left:
+            return
+        key = (p.layer_id, p.page)
+        left = self._writes.pop(key) - 1
+        if left:
+            self._writes[key] = left
+        else:
+            idle = self._idle.pop(key, None)
+            if idle is not None:
+                idle.set()
+        if p.out.done():
+            return
+        tokens = []
+        for i, answer in zip(p.copies, p.answers, strict=True):
+            resp: Any
+            try:
+                assert answer is not None
+                resp, _ = Client.unpack(answer.result())
+            except Exception:
+                self._slow(p.out, self.write(p.offset, p.data, p.fua))  # redo the full way
+                return
+            tokens.append((p.part[i], resp.token))
+        for sid, token in tokens:
+            self.cluster.confirm_later(sid, token)
+        if len(p.data) == p.view.page_size:
+            self._clean.add(key)
+        p.out.set_result(None)
+
+    def _slow(self, out: asyncio.Future[T], coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+        """Complete ``out`` with ``coro`` run as a task."""
+        task = asyncio.get_running_loop().create_task(coro)
+
+        def done(t: asyncio.Task[T]) -> None:
+            if out.done():
+                return
+            if t.cancelled():
+                out.cancel()
+            elif (exc := t.exception()) is not None:
+                out.set_exception(exc)
+            else:
+                out.set_result(t.result())
+
+        def cancelled(f: asyncio.Future[T]) -> None:
+            if f.cancelled() and not task.done():
+                task.cancel()
+
+        task.add_done_callback(done)
+        out.add_done_callback(cancelled)
+        return out
 
     # -- the read process (Fig. 7A) -------------------------------------------------------------
 

@@ -21,7 +21,7 @@ the driver decide without I/O lives here, so it can be tested without a cluster:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from lamina.errors import NotFound, ProtocolError
@@ -119,6 +119,9 @@ class VolumeView:
     layers: tuple[LayerView, ...]  # top first
     servers: Mapping[str, ServerView]
     lock: LockView | None
+    _readable: dict[tuple[str, ...], list[int]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @property
     def top(self) -> LayerView:
@@ -128,9 +131,15 @@ class VolumeView:
         server = self.servers.get(server_id)
         return server is not None and server.state == "up"
 
-    def readable(self, partition: Sequence[str]) -> list[int]:
-        """Indices of the copies a read may use: those on ``up`` servers."""
-        return [i for i, sid in enumerate(partition) if self.is_up(sid)]
+    def readable(self, partition: tuple[str, ...]) -> list[int]:
+        """Indices of the copies a read may use: those on ``up`` servers (the caller must
+        not change the list: it is remembered per partition)."""
+        known = self._readable.get(partition)
+        if known is None:
+            known = self._readable[partition] = [
+                i for i, sid in enumerate(partition) if self.is_up(sid)
+            ]
+        return known
 
     writable = readable  # a write reaches every up copy, and only those
 

@@ -25,9 +25,10 @@ ENOSPC, :class:`~lamina.errors.BadRequest` to EINVAL, anything else to EIO (logg
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Mapping
-from typing import Protocol, cast
+from typing import Any, Protocol, cast, runtime_checkable
 
 from lamina.errors import BadRequest, LaminaError, NoSpace
 from lamina.nbd.protocol import (
@@ -45,6 +46,7 @@ from lamina.nbd.protocol import (
     reply,
 )
 from lamina.wire.connection import _nodelay
+from lamina.wire.framing import Payload
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,19 @@ class BlockBackend(Protocol):
     async def trim(self, offset: int, length: int) -> None: ...
 
     async def write_zeroes(self, offset: int, length: int, fua: bool) -> None: ...
+
+
+@runtime_checkable
+class FastBackend(Protocol):
+    """A backend that also starts reads and writes as futures, so the connection serves
+    them without a task each (the hot path); errors as in :class:`BlockBackend`."""
+
+    def start_read(self, offset: int, length: int) -> asyncio.Future[Payload]: ...
+
+    def start_write(self, offset: int, data: bytes, fua: bool) -> asyncio.Future[None]: ...
+
+
+_FUA = int(CommandFlag.FUA)
 
 
 class MemoryBackend:
@@ -150,8 +165,9 @@ class NbdConnection(asyncio.Protocol):
             {name: ExportInfo(b.size, b.read_only) for name, b in self._backends.items()}
         )
         self._backend: BlockBackend | None = None
+        self._fast: FastBackend | None = None
         self._transport: asyncio.Transport | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
         self._peer = "?"
         self._output_full = False
         self._reading_paused = False
@@ -210,6 +226,8 @@ class NbdConnection(asyncio.Protocol):
                     self._start(event)
                 elif isinstance(event, ExportChosen):
                     self._backend = self._backends[event.name]
+                    if isinstance(self._backend, FastBackend):
+                        self._fast = self._backend
                     log.debug("%s uses NBD export %r", self._peer, event.name)
                 elif isinstance(event, Disconnect):
                     self._disconnecting = True
@@ -233,11 +251,42 @@ class NbdConnection(asyncio.Protocol):
         self._reading_paused = pause
 
     def _start(self, request: Request) -> None:
-        task = asyncio.ensure_future(self._serve(request))
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+        fast = self._fast
+        cmd = request.cmd
+        fut: asyncio.Future[Any]
+        # The hot path: a backend that offers futures serves READ and WRITE without a task.
+        if cmd is Command.READ and fast is not None:
+            fut = fast.start_read(request.offset, request.length)
+            fut.add_done_callback(functools.partial(self._answered, request))
+        elif cmd is Command.WRITE and fast is not None:
+            fut = fast.start_write(request.offset, request.data, bool(request.flags & _FUA))
+            fut.add_done_callback(functools.partial(self._answered, request))
+        else:
+            fut = asyncio.ensure_future(self._serve(request))
+            fut.add_done_callback(self._task_done)
+        self._tasks.add(fut)
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
+    def _answered(self, request: Request, fut: asyncio.Future[Any]) -> None:
+        """A hot-path request completed: its reply, then what any completion does."""
+        if not fut.cancelled():
+            exc = fut.exception()
+            if exc is not None:
+                err = _errno_of(exc) if isinstance(exc, Exception) else NbdErrno.EIO
+                self._send(reply(request.handle, err))
+            elif request.cmd is Command.READ:
+                data = fut.result()
+                if len(data) == request.length:
+                    self._send(reply(request.handle), data)
+                else:
+                    log.error(
+                        "backend returned %d bytes for a read of %d", len(data), request.length
+                    )
+                    self._send(reply(request.handle, NbdErrno.EIO))
+            else:
+                self._send(reply(request.handle))
+        self._task_done(fut)
+
+    def _task_done(self, task: asyncio.Future[Any]) -> None:
         self._tasks.discard(task)
         if self._disconnecting:
             self._close_when_idle()
@@ -247,7 +296,7 @@ class NbdConnection(asyncio.Protocol):
     async def _serve(self, request: Request) -> None:
         backend = self._backend
         assert backend is not None
-        fua = bool(request.flags & CommandFlag.FUA)
+        fua = bool(request.flags & _FUA)
         data = b""
         try:
             cmd = request.cmd
