@@ -761,13 +761,7 @@ class Volume:
         if p.left:
             return
         key = (p.layer_id, p.page)
-        left = self._writes.pop(key) - 1
-        if left:
-            self._writes[key] = left
-        else:
-            idle = self._idle.pop(key, None)
-            if idle is not None:
-                idle.set()
+        self._write_done(key)
         if p.out.done():
             return
         tokens = []
@@ -785,6 +779,16 @@ class Volume:
         if len(p.data) == p.view.page_size:
             self._clean.add(key)
         p.out.set_result(None)
+
+    def _write_done(self, key: tuple[int, int]) -> None:
+        """A write of this client on page ``key`` is over (a waiting resync may start)."""
+        left = self._writes.pop(key) - 1
+        if left:
+            self._writes[key] = left
+        else:
+            idle = self._idle.pop(key, None)
+            if idle is not None:
+                idle.set()
 
     def _slow(self, out: asyncio.Future[T], coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
         """Complete ``out`` with ``coro`` run as a task."""
@@ -993,13 +997,7 @@ class Volume:
             try:
                 errors = await self._write_page(view, layer, ext, data, fua)
             finally:
-                left = self._writes.pop(key) - 1
-                if left:
-                    self._writes[key] = left
-                else:
-                    idle = self._idle.pop(key, None)
-                    if idle is not None:
-                        idle.set()
+                self._write_done(key)
             if not errors:
                 return
             attempt += 1
