@@ -410,37 +410,36 @@ async def _demo_io(procs: list[Any], key: bytes) -> list[tuple[Any, ...]]:
 
 
 @main.command()
-@click.argument("volume")
+@click.argument("volume", required=False)
 @click.option("--listen", metavar="HOST:PORT", help="TCP address to serve on. [127.0.0.1:10809]")
 @click.option("--socket", "sock", metavar="PATH", help="Unix socket to serve on instead.")
-@click.option("--read-only", is_flag=True, help="Export read-only (no lock is taken).")
-@click.option("--takeover", is_flag=True, help="Revoke the volume's current writer first.")
+@click.option("--read-only", is_flag=True, default=None, help="Export read-only (no lock).")
+@click.option("--takeover", is_flag=True, default=None, help="Revoke the current writer first.")
 @click.option("--cluster", metavar="FILE", type=click.Path(dir_okay=False), help="Cluster file.")
 @click.option("--port-file", type=click.Path(dir_okay=False), help="Write the bound port here.")
 @click.option(
     "--io-timeout",
-    type=click.FloatRange(1, 3600),
-    default=120.0,
-    show_default=True,
-    help="Seconds an I/O may wait for the cluster before it fails with EIO.",
+    type=float,
+    help="Seconds an I/O may wait for the cluster before it fails with EIO (1-3600). [120]",
 )
-@click.option(
-    "--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"])
-)
+@click.option("--config", type=click.Path(dir_okay=False), help="TOML config (see etc/nbd.toml).")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def nbd(
-    volume: str,
+    volume: str | None,
     listen: str | None,
     sock: str | None,
-    read_only: bool,
-    takeover: bool,
+    read_only: bool | None,
+    takeover: bool | None,
     cluster: str | None,
     port_file: str | None,
-    io_timeout: float,
-    log_level: str,
+    io_timeout: float | None,
+    config: str | None,
+    log_level: str | None,
 ) -> None:
     """Export VOLUME over NBD (qemu, nbd-client, nbdkit tools, the kernel)."""
     from lamina import daemon
-    from lamina.nbd.export import ExportOptions, run_export
+    from lamina.config import load_nbd_config
+    from lamina.nbd.export import run_export
 
     if listen and sock:
         raise click.UsageError("--listen and --socket exclude each other")
@@ -453,15 +452,12 @@ def nbd(
             parse_addr(listen, "--listen")
         except LaminaError as exc:
             raise click.BadParameter(exc.message, param_hint="--listen") from None
-    opts = ExportOptions(volume, cluster, listen, sock, read_only, takeover, port_file, io_timeout)
-    _setup_logging(log_level)
-    try:
-        daemon.run(run_export(opts))
-    except LaminaError as exc:
-        _fail(exc)
-    except OSError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
-        sys.exit(EXIT_ERROR)
+    overrides = {
+        "volume": volume, "cluster": cluster, "listen": listen, "socket": sock,
+        "read_only": read_only, "takeover": takeover, "port_file": port_file,
+        "io_timeout": io_timeout, "log_level": log_level,
+    }  # fmt: skip
+    _run_daemon(lambda: load_nbd_config(config, overrides), lambda cfg: daemon.run(run_export(cfg)))
 
 
 def _register_cluster_commands() -> None:

@@ -99,7 +99,7 @@ def _load(
     values.update({k: v for k, v in overrides.items() if v is not None})
     for name, value in values.items():
         expected = types[name]
-        if isinstance(value, bool) or not isinstance(value, expected):
+        if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
             raise ConfigError(f"{table} config key {name!r} has the wrong type: {value!r}")
     for name in lists:
         if name in values:
@@ -194,4 +194,52 @@ def load_manager_config(path: str | None, overrides: dict[str, Any]) -> ManagerC
         ("id", "data", "key", "raft"),
         overrides,
     )
+    return cfg
+
+
+@dataclass(frozen=True)
+class NbdConfig:
+    """``lamina nbd``: one volume exported over NBD."""
+
+    volume: str
+    cluster: str | None = None  # cluster file; None: $LAMINA_CLUSTER or the default
+    listen: str | None = None  # HOST:PORT (default 127.0.0.1:10809) ...
+    socket: str | None = None  # ... or a unix socket path
+    read_only: bool = False
+    takeover: bool = False
+    port_file: str | None = None
+    io_timeout: float = 120.0
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not self.volume:
+            raise ConfigError("nbd config needs a volume name")
+        if self.listen is not None and self.socket is not None:
+            raise ConfigError("listen and socket exclude each other")
+        if self.listen is not None:
+            parse_addr(self.listen, "listen address")
+        if self.read_only and self.takeover:
+            raise ConfigError("takeover needs a read-write export")
+        if not 1 <= self.io_timeout <= 3600:
+            raise ConfigError("io_timeout must be within 1..3600 seconds")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"log_level {self.log_level!r} is not DEBUG/INFO/WARNING/ERROR")
+
+
+_NBD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "volume": str,
+    "cluster": str,
+    "listen": str,
+    "socket": str,
+    "read_only": bool,
+    "takeover": bool,
+    "port_file": str,
+    "io_timeout": (int, float),
+    "log_level": str,
+}
+
+
+def load_nbd_config(path: str | None, overrides: dict[str, Any]) -> NbdConfig:
+    """The file's ``[nbd]`` table (if any), then the non-None overrides."""
+    cfg: NbdConfig = _load(path, "nbd", NbdConfig, _NBD_TYPES, (), ("volume",), overrides)
     return cfg

@@ -6,7 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from lamina.config import ConfigError, load_manager_config, load_storage_config
+from lamina.config import (
+    ConfigError,
+    load_manager_config,
+    load_nbd_config,
+    load_storage_config,
+)
 
 ETC = Path(__file__).resolve().parents[2] / "etc"
 
@@ -17,6 +22,8 @@ def test_the_sample_configs_load() -> None:
     assert storage.id == "s1"
     manager = load_manager_config(str(ETC / "manager.toml"), {})
     assert len(manager.peers) == 3
+    nbd = load_nbd_config(str(ETC / "nbd.toml"), {})
+    assert (nbd.volume, nbd.read_only, nbd.listen) == ("db", False, "127.0.0.1:10809")
 
 
 @pytest.mark.parametrize(
@@ -65,3 +72,34 @@ def test_session_timeout_defaults_to_10_and_is_bounded(tmp_path: Path) -> None:
             load_manager_config(str(path), {"session_timeout": bad})
     with pytest.raises(ConfigError, match="wrong type"):
         load_manager_config(str(path), {"session_timeout": "10"})
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "needle"),
+    [
+        ('[nbd]\nvolume = "db"\nread_only = "yes"\n', {}, "wrong type"),
+        ('[nbd]\nvolume = "db"\nio_timeout = 0\n', {}, "io_timeout"),
+        ('[nbd]\nvolume = "db"\nlisten = "nowhere"\n', {}, "listen address"),
+        ('[nbd]\nvolume = "db"\nsocket = "/s"\n', {"listen": "127.0.0.1:1"}, "exclude"),
+        ('[nbd]\nvolume = "db"\nread_only = true\n', {"takeover": True}, "takeover"),
+        ('[nbd]\nlisten = "127.0.0.1:1"\n', {}, "needs 'volume'"),
+        ('[nbd]\nvolume = "db"\nexport = "x"\n', {}, "unknown nbd config key"),
+    ],
+)
+def test_nbd_config_mistakes_are_errors(
+    tmp_path: Path, text: str, overrides: dict[str, object], needle: str
+) -> None:
+    """The export's config is checked like the daemons' (the command line wins)."""
+    path = tmp_path / "nbd.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        load_nbd_config(str(path), overrides)
+
+
+def test_nbd_command_line_flags_win_over_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "nbd.toml"
+    path.write_text('[nbd]\nvolume = "db"\nread_only = true\n')
+    assert load_nbd_config(str(path), {"read_only": None}).read_only is True
+    assert load_nbd_config(str(path), {"volume": "other"}).volume == "other"
+    cfg = load_nbd_config(None, {"volume": "v", "takeover": True})
+    assert (cfg.takeover, cfg.io_timeout, cfg.cluster) == (True, 120.0, None)

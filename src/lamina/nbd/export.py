@@ -15,31 +15,20 @@ import contextlib
 import logging
 import os
 import signal
-from dataclasses import dataclass
 
 from lamina.client import Cluster
-from lamina.config import parse_addr
+from lamina.config import NbdConfig, parse_addr
 from lamina.daemon import write_port_file
 from lamina.nbd.server import serve_nbd, serve_nbd_unix
 
 log = logging.getLogger(__name__)
+#: seconds a stopping exporter waits for its final flush and lock release
+CLOSE_TIMEOUT = 15
 
 
-@dataclass(frozen=True)
-class ExportOptions:
-    volume: str
-    cluster_file: str | None
-    listen: str | None  # HOST:PORT
-    socket: str | None  # unix socket path
-    read_only: bool = False
-    takeover: bool = False
-    port_file: str | None = None
-    io_timeout: float = 120.0
-
-
-async def run_export(opts: ExportOptions) -> None:
+async def run_export(opts: NbdConfig) -> None:
     """Serve until SIGTERM/SIGINT."""
-    cluster = await Cluster.connect(opts.cluster_file, io_timeout=opts.io_timeout)
+    cluster = await Cluster.connect(opts.cluster, io_timeout=opts.io_timeout)
     try:
         volume = await cluster.open(opts.volume, read_only=opts.read_only, takeover=opts.takeover)
         exports = {opts.volume: volume, "": volume}  # the default export is the volume
@@ -66,7 +55,15 @@ async def run_export(opts: ExportOptions) -> None:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         server.close()
-        await volume.close()
+        try:  # a cluster that is gone must not keep the exporter from stopping
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await volume.close()
+        except TimeoutError:
+            log.error(
+                "volume %s: the final flush did not finish within %d s; stopping anyway "
+                "(writes acknowledged without FUA or FLUSH may not be durable)",
+                opts.volume, CLOSE_TIMEOUT,
+            )  # fmt: skip
         if opts.socket:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(opts.socket)
