@@ -405,6 +405,7 @@ def cluster_status(client: ManagerClient) -> dict[str, Any]:
             {k: v[k] for k in ("name", "id", "size", "replicas", "stripe", "page_size")}
             for v in volumes
         ],
+        "resync": st.get("worker") if leader is not None else None,
         "problems": problems,
     }
 
@@ -500,6 +501,14 @@ def status(cluster: str | None, as_json: bool) -> None:
     )
     _servers_table(report["servers"])
     _volumes_table(report["volumes"])
+    resync = report.get("resync")
+    if resync and resync["rounds"]:
+        _print(
+            f"resync: {resync['pages_left']} of {resync['pages_found']} dirty pages left in the "
+            f"last round, {resync['pages_resynced']} resynchronised, "
+            f"{format_size(resync['bytes_copied'])} copied, "
+            f"{format_size(int(resync['copy_rate']))}/s"
+        )
     if report["problems"]:
         _print("[bold red]degraded:[/] " + "; ".join(report["problems"]))
     else:

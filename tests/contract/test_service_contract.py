@@ -377,6 +377,37 @@ async def test_mark_clean_is_a_compare_and_set(make_store: MakeStore) -> None:
 
 
 @in_loop
+async def test_a_conditional_write_applies_only_at_the_expected_generation(
+    make_store: MakeStore,
+) -> None:
+    """A conditional WRITE (what resynchronisations send) is refused with CONFLICT, and
+    changes nothing, unless the copy is at the generation it names (0: absent)."""
+    service = StorageService(make_store(), "s1", Clock())
+
+    def cond(page: int, gen: int) -> m.WriteRequest:
+        plain = write_req(page)
+        return m.WriteRequest(
+            plain.volume_id, plain.epoch, plain.layer_id, page, PAGE, 0, FULL, FULL, False,
+            conditional=True, if_generation=gen,
+        )  # fmt: skip
+
+    with pytest.raises(Conflict):
+        await call(service, cond(0, 5), page_bytes(1))  # absent is generation 0, not 5
+    assert (await status(service, (0,)))[0].state == PageState.ABSENT
+    created = await write(service, cond(0, 0), page_bytes(1))
+    newer = await write(service, write_req(0, 10), b"newer")  # a client write lands
+    with pytest.raises(Conflict) as err:
+        await call(service, cond(0, created.generation), page_bytes(2))  # stale: refused
+    assert err.value.detail == newer.generation
+    _, data = await call(service, read_req(0))
+    assert data == page_bytes(1)[:10] + b"newer" + page_bytes(1)[15:]
+    done = await write(service, cond(0, newer.generation), page_bytes(3))
+    assert done.generation > newer.generation
+    _, data = await call(service, read_req(0))
+    assert data == page_bytes(3)
+
+
+@in_loop
 async def test_mark_clean_can_set_any_mask(make_store: MakeStore) -> None:
     """MARK_CLEAN sets the given mask (a resync that left one copy out marks it out)."""
     service = StorageService(make_store(), "s1", Clock())

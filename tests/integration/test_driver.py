@@ -20,7 +20,7 @@ import pytest
 
 from lamina.client import Cluster, LockLost
 from lamina.client.sync import connect
-from lamina.errors import BadRequest, Conflict
+from lamina.errors import BadRequest, Conflict, StaleEpoch, Unavailable
 from lamina.wire import messages as m
 from lamina.wire.connection import Client
 from lamina.wire.handshake import load_key
@@ -60,15 +60,23 @@ async def storage_client(lc: LocalCluster, sid: str) -> Client:
 async def dirty_pages(lc: LocalCluster, info: dict[str, Any]) -> dict[str, list[int]]:
     """Pages of the volume's top layer whose mask is not full, on each server."""
     layer = info["layers"][-1]
-    doc = json.loads(lc.cli("status", "--json").stdout)
-    epoch = doc["published_epoch"] if "published_epoch" in doc else doc.get("epoch", 0)
+    epoch = json.loads(lc.cli("status", "--json").stdout)["published_epoch"]
     out: dict[str, list[int]] = {}
     for sid in sorted({s for part in layer["placement"] for s in part}):
         client = await storage_client(lc, sid)
         try:
-            reply = await client.call(
-                m.EnumerateRequest(info["id"], epoch, layer["id"], m.EnumerateWhat.DIRTY, 0, 4096)
-            )
+            for _ in range(50):  # the server may know a newer fence: use its epoch
+                try:
+                    reply = await client.call(
+                        m.EnumerateRequest(
+                            info["id"], epoch, layer["id"], m.EnumerateWhat.DIRTY, 0, 4096
+                        )
+                    )
+                    break
+                except StaleEpoch as exc:
+                    epoch = exc.current_epoch
+                except Unavailable:  # catching up to the epoch we named
+                    await asyncio.sleep(0.1)
             assert isinstance(reply, m.EnumerateResponse)
             out[sid] = list(reply.pages)
         finally:

@@ -495,10 +495,13 @@ class Volume:
         self._check_open()
         deadline = self._deadline()
         attempt = 0
+        # the tokens first: on the same connections they arrive before the FLUSH, which
+        # then makes the restored masks durable too (a clean page stays clean in a crash)
+        self.cluster.send_restores()
         while True:
             view = self.view
             self._check_lock()
-            servers = [sid for sid in view.servers_of(view.top) if view.is_up(sid)]
+            servers = [sid for sid in view.servers_of(view.top) if view.is_live(sid)]
             results = await asyncio.gather(
                 *(self._call(sid, m.FlushRequest(view.id, view.epoch)) for sid in servers),
                 return_exceptions=True,
@@ -735,7 +738,7 @@ class Volume:
         layer = view.layers[0]
         key = (layer.id, page)
         part = layer.placement[page % len(layer.placement)]
-        copies = view.readable(part)
+        copies = view.writable(part)
         clients = [self.cluster.sender(part[i]) for i in copies]
         if not copies or key in self._resyncs or None in clients:
             return self._slow(out, self.write(offset, data, fua))
@@ -957,14 +960,22 @@ class Volume:
         else:
             data = bytes(size)
         others = [i for i in readable if i != auth]
-        written = await _all(
-            self._call(
-                part[i],
-                m.WriteRequest(view.id, view.epoch, layer.id, page, size, 0, FULL, FULL, False),
-                data,
-            )
-            for i in others
-        )
+        # each copy is overwritten only if it did not change since its STATUS: a write that
+        # reached it meanwhile is never replaced by older data (CONFLICT: start over)
+        try:
+            written = await _all(
+                self._call(
+                    part[i],
+                    m.WriteRequest(
+                        view.id, view.epoch, layer.id, page, size, 0, FULL, FULL, False,
+                        conditional=True, if_generation=statuses[i][2],
+                    ),
+                    data,
+                )
+                for i in others
+            )  # fmt: skip
+        except Conflict:
+            return False
         mask = clean_mask([statuses[i][1] for i in readable], readable)
         gens = {auth: gen} | {
             i: resp.generation for i, (resp, _) in zip(others, written, strict=True)
@@ -1118,7 +1129,7 @@ class Volume:
 
 def _up_copies(view: VolumeView, layer: LayerView, page: int) -> list[str]:
     part = layer.partition(page)
-    return [part[i] for i in view.readable(part)]
+    return [part[i] for i in view.writable(part)]
 
 
 async def _settled(fut: asyncio.Future[Frame]) -> Frame | BaseException:

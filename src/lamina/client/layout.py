@@ -12,21 +12,28 @@ the driver decide without I/O lives here, so it can be tested without a cluster:
   lives on partition ``p mod len(partitions)``, and the order is the bit order of the
   sync masks [0040]);
 - :meth:`VolumeView.readable` / :meth:`VolumeView.writable` are the copies a read may
-  use and a write must reach: only ``up`` servers, never ``recovering`` or ``down``
-  ones (DESIGN section 7);
+  use (``up`` servers only, never ``recovering`` or ``down`` ones, DESIGN section 7) and
+  the copies a write must reach (``up`` and ``recovering``);
 - :func:`needs_resync` is the read-side test of a copy's sync mask, and
   :func:`authoritative` / :func:`clean_mask` are the choices of a resynchronisation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from lamina.errors import NotFound, ProtocolError
-from lamina.storage.syncmask import FULL, clear_mask, restore_mask
-from lamina.wire.messages import PageState
+from lamina.storage.syncmask import (
+    FULL,
+    authoritative,
+    bits,
+    clean_mask,
+    clear_mask,
+    needs_resync,
+    restore_mask,
+)
 
 __all__ = [
     "FULL",
@@ -66,14 +73,6 @@ def split(offset: int, length: int, page_size: int) -> list[Extent]:
         n = min(page_size - in_page, length - done)
         out.append(Extent(page, in_page, n, done))
         done += n
-    return out
-
-
-def bits(indices: Sequence[int] | set[int] | frozenset[int]) -> int:
-    """The mask with the bits of ``indices`` set."""
-    out = 0
-    for i in indices:
-        out |= 1 << i
     return out
 
 
@@ -122,6 +121,9 @@ class VolumeView:
     _readable: dict[tuple[str, ...], list[int]] = field(
         default_factory=dict, compare=False, repr=False
     )
+    _writable: dict[tuple[str, ...], list[int]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @property
     def top(self) -> LayerView:
@@ -141,48 +143,24 @@ class VolumeView:
             ]
         return known
 
-    writable = readable  # a write reaches every up copy, and only those
+    def writable(self, partition: tuple[str, ...]) -> list[int]:
+        """Indices of the copies a write must reach: on ``up`` and ``recovering`` servers
+        (a recovering copy takes every write, so once the background worker has repaired
+        what it missed while away, nothing written later can be missing on it)."""
+        known = self._writable.get(partition)
+        if known is None:
+            known = self._writable[partition] = [
+                i for i, sid in enumerate(partition) if self.is_live(sid)
+            ]
+        return known
+
+    def is_live(self, server_id: str) -> bool:
+        server = self.servers.get(server_id)
+        return server is not None and server.state in ("up", "recovering")
 
     def servers_of(self, layer: LayerView) -> list[str]:
         """Every server holding a copy of some page of ``layer``, sorted."""
         return sorted({sid for part in layer.placement for sid in part})
-
-
-def needs_resync(mask: int, readable: Sequence[int]) -> bool:
-    """True when a copy answering with ``mask`` does not vouch for every readable copy:
-    some write may have reached one copy and not another (an unfinished episode)."""
-    need = bits(readable)
-    return mask & need != need
-
-
-def authoritative(
-    statuses: Mapping[int, tuple[int, int]], exclude: frozenset[int] = frozenset()
-) -> int | None:
-    """The copy a resynchronisation copies from, given ``{copy index: (state, mask)}``
-    of the readable copies: the first, in partition order, that holds the page and that
-    no other readable copy has disowned in its mask; failing that (two copies that
-    disowned each other: a write was never acknowledged, either is right) the first that
-    holds the page.  ``None`` when no copy holds it (nothing to synchronise)."""
-    holders = [
-        i
-        for i in sorted(statuses)
-        if i not in exclude and statuses[i][0] in (PageState.PRESENT, PageState.ZERO)
-    ]
-    for i in holders:
-        if all(mask & (1 << i) for k, (_, mask) in statuses.items() if k != i):
-            return i
-    return holders[0] if holders else None
-
-
-def clean_mask(masks: Sequence[int], readable: Sequence[int]) -> int:
-    """The mask a resynchronised page gets: every readable copy vouched for, and for the
-    copies that are not readable (down, recovering) whatever evidence any readable copy
-    held against them kept."""
-    up = bits(readable)
-    evidence = FULL
-    for mask in masks:
-        evidence &= mask
-    return (evidence & ~up) | up
 
 
 # --- the published map as JSON ---------------------------------------------------------

@@ -160,6 +160,12 @@ def _servers_json(cmap: cm.ClusterMap) -> list[dict[str, Any]]:
 # --- handlers ------------------------------------------------------------------------
 
 
+def _worker_json(request: web.Request) -> dict[str, Any] | None:
+    """The background worker's progress on this manager (it works on the leader only)."""
+    worker = request.app[DUTIES].worker
+    return None if worker is None else dict(worker.progress.as_dict())
+
+
 async def get_status(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
     cmap = svc.map
@@ -172,6 +178,7 @@ async def get_status(request: web.Request) -> web.Response:
             "published_epoch": cmap.published_epoch,
             "servers": _servers_json(cmap),
             "volumes": sorted(cmap.volumes),
+            "worker": _worker_json(request),
         }
     )
 

@@ -42,6 +42,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from lamina.config import parse_addr
 from lamina.errors import BadRequest, LaminaError, NotFound, Unavailable
@@ -113,6 +114,8 @@ class LeaderDuties:
         self.table = LeaseTable(lease_duration, grace)
         self._proposing: set[cm.Command] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: the background worker (lamina.mgmt.worker), whose progress the API shows
+        self.worker: Any = None
 
     # -- RequestHandler ----------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from lamina.mgmt.http import make_app
 from lamina.mgmt.leader import LeaderDuties
 from lamina.mgmt.raft import ReplicatedLog
 from lamina.mgmt.service import ManagerService
+from lamina.mgmt.worker import Worker
 from lamina.wire.connection import ServerConnection
 from lamina.wire.handshake import load_key
 
@@ -75,6 +76,9 @@ async def serve(cfg: ManagerConfig) -> None:
         rlog.close()
         raise ConfigError(f"cannot listen on {cfg.storage_listen}: {exc.strerror or exc}") from None
     duty_task = asyncio.ensure_future(duties.run())
+    worker = Worker(service, key, duties.leading, service.submit)
+    duties.worker = worker
+    worker_task = asyncio.ensure_future(worker.run())
     app = make_app(service, token, lambda: dataclasses.asdict(rlog.status()), duties)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -84,6 +88,7 @@ async def serve(cfg: ManagerConfig) -> None:
         await site.start()
     except OSError as exc:
         duty_task.cancel()
+        worker_task.cancel()
         wire.close()
         rlog.close()
         raise ConfigError(f"cannot listen on {cfg.listen}: {exc.strerror or exc}") from None
@@ -100,6 +105,8 @@ async def serve(cfg: ManagerConfig) -> None:
     finally:
         log.info("manager %s stopping", cfg.id)
         duty_task.cancel()
+        worker_task.cancel()
+        worker.close()
         await duties.close()
         wire.close()
         await runner.cleanup()

@@ -200,6 +200,13 @@ class StorageService:
         info = store.info(*key)
         state = info.state
         full = msg.offset == 0 and len(payload) == msg.page_size
+        if msg.conditional and (info.generation != msg.if_generation or key in self._unapplied):
+            raise Conflict(
+                f"page {msg.page} of layer {msg.layer_id} is at generation {info.generation}"
+                f"{' with a write in progress' if key in self._unapplied else ''}, "
+                f"not {msg.if_generation}",
+                info.generation,
+            )
         if state == PageState.ABSENT:
             if not full:
                 raise NotFound(

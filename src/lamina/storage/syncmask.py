@@ -23,7 +23,10 @@ episode of each page and makes mask decreases durable.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+from lamina.wire.messages import PageState
 
 FULL = 0xFFFFFFFF
 
@@ -100,3 +103,51 @@ def restore_mask(written: frozenset[int] | set[int], copies: int) -> int:
     """The restore mask for a write sent to the copies in ``written`` of ``copies``."""
     missing = ((1 << copies) - 1) & ~sum(1 << i for i in written)
     return FULL & ~missing
+
+
+# --- resynchronisation choices (driver and background worker) -----------------------
+
+
+def bits(indices: Sequence[int] | set[int] | frozenset[int]) -> int:
+    """The mask with the bits of ``indices`` set."""
+    out = 0
+    for i in indices:
+        out |= 1 << i
+    return out
+
+
+def needs_resync(mask: int, readable: Sequence[int]) -> bool:
+    """True when a copy answering with ``mask`` does not vouch for every readable copy:
+    some write may have reached one copy and not another (an unfinished episode)."""
+    need = bits(readable)
+    return mask & need != need
+
+
+def authoritative(
+    statuses: Mapping[int, tuple[int, int]], exclude: frozenset[int] = frozenset()
+) -> int | None:
+    """The copy a resynchronisation copies from, given ``{copy index: (state, mask)}``
+    of the readable copies: the first, in partition order, that holds the page and that
+    no other readable copy has disowned in its mask; failing that (two copies that
+    disowned each other: a write was never acknowledged, either is right) the first that
+    holds the page.  ``None`` when no copy holds it (nothing to synchronise)."""
+    holders = [
+        i
+        for i in sorted(statuses)
+        if i not in exclude and statuses[i][0] in (PageState.PRESENT, PageState.ZERO)
+    ]
+    for i in holders:
+        if all(mask & (1 << i) for k, (_, mask) in statuses.items() if k != i):
+            return i
+    return holders[0] if holders else None
+
+
+def clean_mask(masks: Sequence[int], readable: Sequence[int]) -> int:
+    """The mask a resynchronised page gets: every readable copy vouched for, and for the
+    copies that are not readable (down, recovering) whatever evidence any readable copy
+    held against them kept."""
+    up = bits(readable)
+    evidence = FULL
+    for mask in masks:
+        evidence &= mask
+    return (evidence & ~up) | up

@@ -165,12 +165,12 @@ def w_u32() -> Any:
     return _f(_U32, _fast_uint(32))
 
 
-def w_u64() -> Any:
-    return _f(_U64, _fast_uint(64))
+def w_u64(default: Any = dataclasses.MISSING) -> Any:
+    return _f(_U64, _fast_uint(64), default)
 
 
-def w_flag() -> Any:
-    return _f(_bool, "v.__class__ is bool")
+def w_flag(default: Any = dataclasses.MISSING) -> Any:
+    return _f(_bool, "v.__class__ is bool", default)
 
 
 def w_page_size() -> Any:
@@ -465,7 +465,9 @@ class ReadResponse(Message):
 @request(Op.WRITE)
 @dataclass(frozen=True, slots=True)
 class WriteRequest(DataRequest):
-    """Payload: the bytes to write at ``offset``."""
+    """Payload: the bytes to write at ``offset``.  ``conditional``: apply only if the
+    page copy is at generation ``if_generation`` (0: absent) and no other write of it is
+    in progress, else CONFLICT (a resynchronisation must not overwrite a newer write)."""
 
     volume_id: int = w_u64()
     epoch: int = w_u64()
@@ -477,6 +479,8 @@ class WriteRequest(DataRequest):
     restore_mask: int = w_u32()
     fua: bool = w_flag()
     restore: tuple[int, ...] = w_u64_list()
+    conditional: bool = w_flag(False)
+    if_generation: int = w_u64(0)
 
     def check_payload(self, size: int) -> None:
         _check_range(self.page_size, self.offset, size)

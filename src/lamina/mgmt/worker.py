@@ -1,0 +1,339 @@
+"""The manager leader's background worker [0061]-[0064] (Fig. 6): resynchronisation.
+
+Theory of operation
+-------------------
+The worker is stateless: everything it needs it learns from the published map and by
+asking the storage servers, so a new leader simply resumes.  One round
+(:meth:`Worker.run_once`):
+
+- **Phase 1**, per layer of every volume: ENUMERATE the pages whose sync mask is not
+  full (or that are quarantined) on every live copy (``up`` and ``recovering`` servers),
+  at most ``limit`` pages per layer and round; the union is the work.
+- **Phase 2**, ``parallel`` pages at a time: STATUS of every live copy.  A page whose
+  live copies all vouch for each other and agree needs nothing.  Otherwise the
+  authoritative copy is chosen deterministically among the ``up`` copies (never a
+  ``recovering`` one: it is what is being repaired) by
+  :func:`lamina.storage.syncmask.authoritative`; its page is READ whole and written to
+  every copy that needs it with a *conditional* WRITE (applied only if that copy is still
+  at the generation its STATUS showed), then every live copy is marked clean by
+  compare-and-set on its generation, the authoritative copy last.  A client write that
+  races the resync changes a generation, so a WRITE or MARK_CLEAN answers CONFLICT and the
+  page simply stays dirty for the next round: a resync never overwrites newer data.
+- A ``recovering`` server becomes ``up`` after a round that enumerated every layer it
+  holds completely and left no page of its partitions dirty.  Drivers write to
+  ``recovering`` copies like to ``up`` ones (and wait for a failed one to be marked down),
+  so nothing written after that round can be missing on it.
+
+Progress (pages found, left, resynchronised, bytes copied, rate) is kept in
+:class:`Progress` for ``lamina status`` and ``GET /api/v1/status``.  Copy traffic can
+be throttled to ``rate_limit`` bytes per second so client I/O keeps the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from lamina.config import parse_addr
+from lamina.errors import Conflict, LaminaError
+from lamina.mgmt import clustermap as cm
+from lamina.mgmt.service import ManagerService
+from lamina.storage.syncmask import FULL, authoritative, bits, clean_mask
+from lamina.wire import messages as m
+from lamina.wire.connection import Client
+from lamina.wire.messages import PageState
+
+log = logging.getLogger(__name__)
+
+LIVE = (cm.ServerState.UP, cm.ServerState.RECOVERING)
+
+
+@dataclass
+class Progress:
+    """What the worker did; the last round's figures and running totals."""
+
+    rounds: int = 0
+    pages_found: int = 0  # dirty pages found by the last round
+    pages_left: int = 0  # of those, not resynchronised (conflict, error)
+    pages_resynced: int = 0  # total
+    bytes_copied: int = 0  # total
+    conflicts: int = 0  # total
+    errors: int = 0  # total
+    round_seconds: float = 0.0
+    copy_rate: float = 0.0  # bytes/s during the last round
+    recovering: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["recovering"] = list(self.recovering)
+        return doc
+
+
+class Worker:
+    def __init__(
+        self,
+        service: ManagerService,
+        key: bytes,
+        leading: Callable[[], bool],
+        propose: Callable[[cm.Command], Awaitable[Any]],
+        *,
+        limit: int = 4096,
+        parallel: int = 4,
+        interval: float = 1.0,
+        rate_limit: float | None = None,
+    ) -> None:
+        self.service = service
+        self.key = key
+        self.leading = leading
+        self.propose = propose
+        self.limit = limit
+        self.parallel = parallel
+        self.interval = interval
+        self.rate_limit = rate_limit
+        self.progress = Progress()
+        self._clients: dict[str, Client] = {}
+        self._budget_t = time.monotonic()
+        self._budget = 0.0
+
+    # -- the loop ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            if self.leading():
+                try:
+                    await self.run_once()
+                except Exception:
+                    log.exception("background worker round failed; trying again")
+            else:
+                self.close()
+            await asyncio.sleep(self.interval)
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
+
+    async def run_once(self) -> Progress:
+        """One round over every volume; returns the progress after it."""
+        cmap = self.service.published
+        if cmap is None:
+            return self.progress
+        started = time.monotonic()
+        copied_before = self.progress.bytes_copied
+        epoch = cmap.published_epoch
+        state = {sid: s.state for sid, s in cmap.servers.items()}
+        recovering = sorted(sid for sid, st in state.items() if st is cm.ServerState.RECOVERING)
+        ready = dict.fromkeys(recovering, True)
+        found = left = 0
+        sem = asyncio.Semaphore(self.parallel)
+        for volume in sorted(cmap.volumes.values(), key=lambda v: v.id):
+            for lid in volume.layers:
+                layer = cmap.layers[lid]
+                servers = sorted({sid for part in layer.placement for sid in part})
+                live = [sid for sid in servers if state.get(sid) in LIVE]
+                pages, complete = await self._dirty_pages(volume, layer, live, epoch)
+                if not complete:
+                    for sid in recovering:
+                        if sid in servers:
+                            ready[sid] = False
+                found += len(pages)
+
+                async def one(
+                    page: int, volume: cm.Volume = volume, layer: cm.Layer = layer
+                ) -> bool:
+                    async with sem:
+                        return await self._resync_page(volume, layer, page, epoch, state)
+
+                results = await asyncio.gather(*(one(p) for p in sorted(pages)))
+                for page, ok in zip(sorted(pages), results, strict=True):
+                    if not ok:
+                        left += 1
+                        for sid in layer.placement[page % len(layer.placement)]:
+                            if sid in ready:
+                                ready[sid] = False
+        for sid, ok in ready.items():
+            if ok and self.leading():
+                log.info("storage server %s holds nothing dirty: back up", sid)
+                with contextlib.suppress(LaminaError):
+                    await self.propose(cm.SetServerState(sid, cm.ServerState.UP))
+        p = self.progress
+        p.rounds += 1
+        p.pages_found, p.pages_left = found, left
+        p.round_seconds = time.monotonic() - started
+        copied = p.bytes_copied - copied_before
+        p.copy_rate = copied / p.round_seconds if p.round_seconds > 0 else 0.0
+        p.recovering = tuple(recovering)
+        return p
+
+    # -- phase 1 -----------------------------------------------------------------------------
+
+    async def _dirty_pages(
+        self, volume: cm.Volume, layer: cm.Layer, live: list[str], epoch: int
+    ) -> tuple[set[int], bool]:
+        """Pages some live copy lists as dirty; whether every listing was complete."""
+        pages: set[int] = set()
+        complete = True
+        for sid in live:
+            start = 0
+            while True:
+                budget = self.limit - len(pages)
+                if budget <= 0:
+                    return pages, False
+                try:
+                    reply = await self._call(
+                        sid,
+                        m.EnumerateRequest(
+                            volume.id, epoch, layer.id, m.EnumerateWhat.DIRTY, start,
+                            min(budget, m.MAX_ENUMERATE),
+                        ),
+                    )  # fmt: skip
+                except (LaminaError, OSError, TimeoutError) as exc:
+                    log.info("enumerating layer %d on %s: %s", layer.id, sid, exc)
+                    self.progress.errors += 1
+                    complete = False
+                    break
+                assert isinstance(reply, m.EnumerateResponse)
+                pages.update(reply.pages)
+                if reply.done:
+                    break
+                start = reply.next_start
+        return pages, complete
+
+    # -- phase 2 -----------------------------------------------------------------------------
+
+    async def _resync_page(
+        self,
+        volume: cm.Volume,
+        layer: cm.Layer,
+        page: int,
+        epoch: int,
+        state: dict[str, cm.ServerState],
+    ) -> bool:
+        part = layer.placement[page % len(layer.placement)]
+        live = [i for i, sid in enumerate(part) if state.get(sid) in LIVE]
+        up = [i for i in live if state.get(part[i]) is cm.ServerState.UP]
+        size = volume.page_size
+        try:
+            answers = await asyncio.gather(
+                *(
+                    self._call(part[i], m.StatusRequest(volume.id, epoch, layer.id, (page,)))
+                    for i in live
+                )
+            )
+            statuses: dict[int, tuple[int, int, int]] = {}
+            for i, reply in zip(live, answers, strict=True):
+                assert isinstance(reply, m.StatusResponse)
+                _, st, mask, gen = reply.entries[0]
+                statuses[i] = (st, mask, gen)
+            need = bits(live)
+            states = {st for st, _, _ in statuses.values()}
+            if all(mask & need == need for _, mask, _ in statuses.values()) and (
+                states <= {PageState.PRESENT}
+                or states <= {PageState.ZERO}
+                or states <= {PageState.ABSENT}
+            ):
+                return True  # the live copies agree; any dirt is about copies not live
+            auth = authoritative({i: statuses[i][:2] for i in up})
+            if auth is None:
+                return not any(st != PageState.ABSENT for st, _, _ in statuses.values())
+            auth_state, _, auth_gen = statuses[auth]
+            if auth_state == PageState.PRESENT:
+                reply, data = await self._call_with_payload(
+                    part[auth], m.ReadRequest(volume.id, epoch, layer.id, page, size, 0, size)
+                )
+                assert isinstance(reply, m.ReadResponse)
+                if reply.generation != auth_gen:
+                    self.progress.conflicts += 1
+                    return False
+            else:
+                data = bytes(size)
+            gens = {i: statuses[i][2] for i in live}
+            masks = [statuses[i][1] for i in live]
+            for t in live:
+                if t == auth or not self._needs_copy(statuses, live, auth, t):
+                    continue
+                await self._throttle(size)
+                reply, _ = await self._call_with_payload(
+                    part[t],
+                    m.WriteRequest(
+                        volume.id, epoch, layer.id, page, size, 0, FULL, FULL, False,
+                        conditional=True, if_generation=gens[t],
+                    ),
+                    data,
+                )  # fmt: skip
+                assert isinstance(reply, m.WriteResponse)
+                gens[t] = reply.generation
+                self.progress.bytes_copied += size
+            mask = clean_mask(masks, live)
+            for i in [t for t in live if t != auth] + [auth]:  # the authoritative copy last
+                await self._call(
+                    part[i], m.MarkCleanRequest(volume.id, epoch, layer.id, page, gens[i], mask)
+                )
+        except Conflict:
+            self.progress.conflicts += 1
+            return False
+        except (LaminaError, OSError, TimeoutError) as exc:
+            log.info("resync of page %d of layer %d: %s", page, layer.id, exc)
+            self.progress.errors += 1
+            return False
+        self.progress.pages_resynced += 1
+        return True
+
+    @staticmethod
+    def _needs_copy(
+        statuses: dict[int, tuple[int, int, int]], live: list[int], auth: int, t: int
+    ) -> bool:
+        """Whether copy ``t`` may differ from the authoritative copy."""
+        state, mask, _ = statuses[t]
+        if state != statuses[auth][0] or not mask & (1 << auth):
+            return True
+        return any(not statuses[k][1] & (1 << t) for k in live)
+
+    async def _throttle(self, nbytes: int) -> None:
+        """Wait so that copies average at most ``rate_limit`` bytes per second."""
+        if not self.rate_limit:
+            return
+        now = time.monotonic()
+        self._budget = min(self.rate_limit, self._budget + (now - self._budget_t) * self.rate_limit)
+        self._budget_t = now
+        self._budget -= nbytes
+        if self._budget < 0:
+            await asyncio.sleep(-self._budget / self.rate_limit)
+
+    # -- connections --------------------------------------------------------------------------
+
+    async def _client(self, sid: str) -> Client:
+        client = self._clients.get(sid)
+        if client is not None and client.connected:
+            return client
+        cmap = self.service.map
+        server = cmap.servers.get(sid)
+        if server is None:
+            raise LaminaError(f"storage server {sid} is not in the map")
+        host, port = parse_addr(server.addr)
+        client = await Client.connect(
+            host, port, self.key, peer=f"worker/{self.service.manager_id}", timeout=2.0
+        )
+        self._clients[sid] = client
+        return client
+
+    async def _call_with_payload(
+        self, sid: str, msg: m.Message, payload: bytes | bytearray = b""
+    ) -> tuple[m.Message, bytes | bytearray]:
+        client = await self._client(sid)
+        try:
+            async with asyncio.timeout(10.0):
+                return await client.call_with_payload(msg, payload)
+        except TimeoutError:
+            self._clients.pop(sid, None)
+            client.close()
+            raise
+
+    async def _call(self, sid: str, msg: m.Message) -> m.Message:
+        reply, _ = await self._call_with_payload(sid, msg)
+        return reply
