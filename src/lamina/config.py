@@ -136,6 +136,8 @@ class ManagerConfig:
     storage_listen: str = "127.0.0.1:7350"
     lease_duration: float = 3.0
     session_timeout: float = 10.0
+    resync_rate: int = 64 << 20  # bytes/s the background worker may copy; 0: no limit
+    resync_parallel: int = 4  # pages the worker resynchronises at once
     port_file: str | None = None
     log_level: str = "INFO"
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -143,6 +145,10 @@ class ManagerConfig:
     def __post_init__(self) -> None:
         if not self.id or len(self.id) > 64 or not self.id.replace("-", "").isalnum():
             raise ConfigError(f"manager id {self.id!r} must be 1-64 letters, digits or '-'")
+        if self.resync_rate < 0:
+            raise ConfigError("resync_rate must be 0 (no limit) or a positive number of bytes/s")
+        if not 1 <= self.resync_parallel <= 64:
+            raise ConfigError("resync_parallel must be within 1..64")
         parse_addr(self.listen, "listen address")
         parse_addr(self.storage_listen, "storage listen address")
         if not 0.5 <= self.lease_duration <= 60:
@@ -178,6 +184,8 @@ _MANAGER_TYPES: dict[str, type | tuple[type, ...]] = {
     "storage_listen": str,
     "lease_duration": (int, float),
     "session_timeout": (int, float),
+    "resync_rate": int,
+    "resync_parallel": int,
     "port_file": str,
     "log_level": str,
 }

@@ -76,7 +76,14 @@ async def serve(cfg: ManagerConfig) -> None:
         rlog.close()
         raise ConfigError(f"cannot listen on {cfg.storage_listen}: {exc.strerror or exc}") from None
     duty_task = asyncio.ensure_future(duties.run())
-    worker = Worker(service, key, duties.leading, service.submit)
+    worker = Worker(
+        service,
+        key,
+        duties.leading,
+        service.submit,
+        parallel=cfg.resync_parallel,
+        rate_limit=cfg.resync_rate or None,
+    )
     duties.worker = worker
     worker_task = asyncio.ensure_future(worker.run())
     app = make_app(service, token, lambda: dataclasses.asdict(rlog.status()), duties)
