@@ -154,3 +154,65 @@ def test_pages_a_dead_writer_left_dirty_are_made_equal_and_clean(tmp_path: Path)
             first, second = asyncio.run(copies_of(lc, info, page))
             assert first == second, f"page {page}: the copies differ"
         assert status(lc)["resync"]["pages_resynced"] > 0  # it was the worker's doing
+
+
+def scrub(lc: LocalCluster, name: str) -> dict[str, Any]:
+    done = lc.cli("volume", "scrub", name, "--json", "--timeout", "60")
+    assert done.returncode == 0, done.stderr
+    doc: dict[str, Any] = json.loads(done.stdout)
+    assert doc["done"] is True
+    assert doc["error"] is None
+    return doc
+
+
+def test_scrub_finds_and_repairs_copies_that_differ(tmp_path: Path) -> None:
+    """Two kinds of damage no write recorded: a byte rotted on s1's disk (page 0), and a
+    copy on s2 that silently holds other bytes (page 3).  The scrub finds both, repairs
+    them from the good copy, and a second scrub finds nothing."""
+    pages = 6
+    with local_cluster(tmp_path / "cluster", 1, 2) as lc:
+        lc.create_volume("sv", pages * MiB, replicas=2, stripe=2)
+        model = random.Random(4).randbytes(pages * MiB)
+
+        async def fill() -> None:
+            async with await Cluster.connect(lc.cluster_file) as cluster:
+                vol = await cluster.open("sv")
+                await vol.write(0, model)
+                await vol.close()
+
+        asyncio.run(fill())
+        assert scrub(lc, "sv")["mismatches"] == 0
+        info = volume_info(lc, "sv")
+        layer = info["layers"][-1]["id"]
+        with (lc.root / "s1" / "layers" / f"{layer}.data").open("r+b") as f:
+            f.seek(5000)
+            old = f.read(1)[0]
+            f.seek(5000)
+            f.write(bytes([old ^ 0x55]))
+
+        async def overwrite_on_s2() -> None:
+            # a full-page WRITE that clears nobody's bit: the copies now differ silently
+            deadline = time.monotonic() + 20
+            while (st := status(lc))["published_epoch"] != st["epoch"]:  # the unlock's
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+            epoch = st["epoch"]
+            client = await storage_client(lc, "s2")
+            try:
+                await client.call(
+                    m.WriteRequest(info["id"], epoch, layer, 3, MiB, 0, 0xFFFFFFFF, 0xFFFFFFFF,
+                                   False),
+                    b"\xee" * MiB,
+                )  # fmt: skip
+            finally:
+                client.close()
+
+        asyncio.run(overwrite_on_s2())
+        report = scrub(lc, "sv")
+        assert report["pages_checked"] == pages
+        assert (report["mismatches"], report["repaired"], report["corrupt"]) == (2, 2, 1), report
+        again = scrub(lc, "sv")
+        assert (again["mismatches"], again["corrupt"], again["errors"]) == (0, 0, 0), again
+        for page in range(pages):
+            first, second = asyncio.run(copies_of(lc, info, page))
+            assert first == second == model[page * MiB : (page + 1) * MiB], f"page {page}"

@@ -376,6 +376,39 @@ async def report_server(request: web.Request) -> web.Response:
     return web.json_response({"state": state.value, "checked": checked})
 
 
+def _require_leader(request: web.Request) -> None:
+    svc, duties = request.app[SERVICE], request.app[DUTIES]
+    if duties.leading() and duties.worker is not None:
+        return
+    try:
+        leader = request.app[STATUS]().get("leader")
+    except LaminaError:
+        leader = None
+    where = f"the leader is at raft address {leader}" if leader else "no leader is known"
+    raise NotLeader(f"manager {svc.manager_id} is not the leader ({where})", leader)
+
+
+async def start_scrub(request: web.Request) -> web.Response:
+    """Start comparing every copy of the volume's pages (leader only); the report so far."""
+    _require_admin(request)
+    name = request.match_info["name"]
+    _volume_exists(request.app[SERVICE], name)
+    _require_leader(request)
+    report = request.app[DUTIES].worker.start_scrub(name)
+    return web.json_response(report.as_dict(), status=202)
+
+
+async def get_scrub(request: web.Request) -> web.Response:
+    """The report of the volume's latest scrub on this leader (done or running)."""
+    name = request.match_info["name"]
+    _volume_exists(request.app[SERVICE], name)
+    _require_leader(request)
+    report = request.app[DUTIES].worker.scrubs.get(name)
+    if report is None:
+        raise NotFound(f"no scrub of volume {name!r} on this leader (start one with POST)")
+    return web.json_response(report.as_dict())
+
+
 async def openapi(request: web.Request) -> web.Response:
     return web.json_response(OPENAPI)
 
@@ -404,6 +437,8 @@ def make_app(
     app.router.add_delete("/api/v1/volumes/{name}", delete_volume)
     app.router.add_post("/api/v1/volumes/{name}/lock", acquire_lock)
     app.router.add_delete("/api/v1/volumes/{name}/lock", release_lock)
+    app.router.add_post("/api/v1/volumes/{name}/scrub", start_scrub)
+    app.router.add_get("/api/v1/volumes/{name}/scrub", get_scrub)
     app.router.add_post("/api/v1/sessions/{session}/keepalive", keepalive)
     app.router.add_get("/api/v1/openapi.json", openapi)
     return app
@@ -521,6 +556,20 @@ OPENAPI: dict[str, Any] = {
                 admin=True,
                 answer="Epoch",
                 query={"session": "the holder's session id"},
+            ),
+        },
+        "/api/v1/volumes/{name}/scrub": {
+            "post": _op(
+                "start a scrub of the volume on the leader (503 elsewhere): every copy of "
+                "every page compared, differing pages repaired; answers the report so far "
+                "(poll GET until 'done')",
+                "202",
+                admin=True,
+            ),
+            "get": _op(
+                "the report of the volume's latest scrub on the leader: pages_total, "
+                "pages_checked, mismatches, repaired, corrupt, errors, done",
+                "200",
             ),
         },
         "/api/v1/sessions/{session}/keepalive": {

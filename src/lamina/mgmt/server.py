@@ -83,6 +83,7 @@ async def serve(cfg: ManagerConfig) -> None:
         service.submit,
         parallel=cfg.resync_parallel,
         rate_limit=cfg.resync_rate or None,
+        scrub_interval=cfg.scrub_interval,
     )
     duties.worker = worker
     worker_task = asyncio.ensure_future(worker.run())

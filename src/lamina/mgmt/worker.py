@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from lamina.config import parse_addr
-from lamina.errors import Conflict, LaminaError
+from lamina.errors import Conflict, Corrupt, LaminaError
 from lamina.mgmt import clustermap as cm
 from lamina.mgmt.service import ManagerService
 from lamina.storage.syncmask import FULL, authoritative, bits, clean_mask
@@ -74,6 +74,26 @@ class Progress:
         return doc
 
 
+@dataclass
+class ScrubReport:
+    """One scrub of one volume: every page present on a live copy, all copies compared."""
+
+    volume: str
+    started: float  # unix time
+    done: bool = False
+    pages_total: int = 0  # pages to compare (known once they are enumerated)
+    pages_checked: int = 0
+    mismatches: int = 0  # pages whose live copies differed (or failed their checksums)
+    repaired: int = 0  # of those, made equal and clean again
+    corrupt: int = 0  # copies that failed their checksums
+    errors: int = 0  # pages that could not be compared (a server failed, a conflict)
+    bytes_read: int = 0
+    error: str | None = None  # why the scrub stopped early, if it did
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 class Worker:
     def __init__(
         self,
@@ -86,6 +106,7 @@ class Worker:
         parallel: int = 4,
         interval: float = 1.0,
         rate_limit: float | None = None,
+        scrub_interval: float = 0.0,
     ) -> None:
         self.service = service
         self.key = key
@@ -95,7 +116,12 @@ class Worker:
         self.parallel = parallel
         self.interval = interval
         self.rate_limit = rate_limit
+        self.scrub_interval = scrub_interval
+        self._next_scrub = time.monotonic() + scrub_interval
+        self._background_scrub: asyncio.Task[None] | None = None
         self.progress = Progress()
+        self.scrubs: dict[str, ScrubReport] = {}
+        self._scrub_tasks: dict[str, asyncio.Task[ScrubReport]] = {}
         self._clients: dict[str, Client] = {}
         self._budget_t = time.monotonic()
         self._budget = 0.0
@@ -109,11 +135,35 @@ class Worker:
                     await self.run_once()
                 except Exception:
                     log.exception("background worker round failed; trying again")
+                self._maybe_scrub()
             else:
                 self.close()
             await asyncio.sleep(self.interval)
 
+    def _maybe_scrub(self) -> None:
+        """Every ``scrub_interval`` seconds (0: never), scrub every volume, one at a time,
+        throttled like the resync."""
+        now = time.monotonic()
+        if not self.scrub_interval or now < self._next_scrub:
+            return
+        if self._background_scrub is not None and not self._background_scrub.done():
+            return
+        self._next_scrub = now + self.scrub_interval
+        self._background_scrub = asyncio.ensure_future(self._scrub_all())
+
+    async def _scrub_all(self) -> None:
+        cmap = self.service.published
+        for name in sorted(cmap.volumes) if cmap is not None else ():
+            if not self.leading():
+                return
+            report = await self.scrub(name)
+            self.scrubs[name] = report
+
     def close(self) -> None:
+        for task in self._scrub_tasks.values():
+            task.cancel()
+        if self._background_scrub is not None:
+            self._background_scrub.cancel()
         for client in self._clients.values():
             client.close()
         self._clients.clear()
@@ -252,28 +302,11 @@ class Worker:
                     return False
             else:
                 data = bytes(size)
-            gens = {i: statuses[i][2] for i in live}
-            masks = [statuses[i][1] for i in live]
-            for t in live:
-                if t == auth or not self._needs_copy(statuses, live, auth, t):
-                    continue
-                await self._throttle(size)
-                reply, _ = await self._call_with_payload(
-                    part[t],
-                    m.WriteRequest(
-                        volume.id, epoch, layer.id, page, size, 0, FULL, FULL, False,
-                        conditional=True, if_generation=gens[t],
-                    ),
-                    data,
-                )  # fmt: skip
-                assert isinstance(reply, m.WriteResponse)
-                gens[t] = reply.generation
-                self.progress.bytes_copied += size
-            mask = clean_mask(masks, live)
-            for i in [t for t in live if t != auth] + [auth]:  # the authoritative copy last
-                await self._call(
-                    part[i], m.MarkCleanRequest(volume.id, epoch, layer.id, page, gens[i], mask)
-                )
+            targets = [t for t in live if t != auth and self._needs_copy(statuses, live, auth, t)]
+            copied = await self._repair(
+                volume, layer, page, epoch, part, live, auth, data, statuses, targets
+            )
+            self.progress.bytes_copied += copied  # not `+= await`: pages run concurrently
         except Conflict:
             self.progress.conflicts += 1
             return False
@@ -283,6 +316,184 @@ class Worker:
             return False
         self.progress.pages_resynced += 1
         return True
+
+    # -- scrub ------------------------------------------------------------------------------
+
+    def start_scrub(self, name: str) -> ScrubReport:
+        """Start scrubbing volume ``name`` in the background (unless it already is); its
+        report, which fills in as the scrub goes."""
+        running = self._scrub_tasks.get(name)
+        if running is not None and not running.done():
+            return self.scrubs[name]
+        report = ScrubReport(name, time.time())
+        self.scrubs[name] = report
+        task = asyncio.ensure_future(self.scrub(name, report))
+        self._scrub_tasks[name] = task
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return report
+
+    async def scrub(self, name: str, report: ScrubReport | None = None) -> ScrubReport:
+        """Compare every copy of every page of volume ``name`` that some live copy holds:
+        READ verifies each copy's checksums (a copy that fails is quarantined by its
+        server), the bytes are compared, and a page whose copies differ is repaired from
+        the authoritative copy like a resync (conditional WRITE, MARK_CLEAN by CAS)."""
+        report = report or ScrubReport(name, time.time())
+        try:
+            cmap = self.service.published
+            volume = None if cmap is None else cmap.volumes.get(name)
+            if cmap is None or volume is None:
+                raise LaminaError(f"no volume {name!r} in the published map")
+            epoch = cmap.published_epoch
+            state = {sid: s.state for sid, s in cmap.servers.items()}
+            sem = asyncio.Semaphore(self.parallel)
+            for lid in volume.layers:
+                layer = cmap.layers[lid]
+                live = sorted(
+                    {sid for part in layer.placement for sid in part if state.get(sid) in LIVE}
+                )
+                pages = await self._present_pages(volume, layer, live, epoch)
+                report.pages_total += len(pages)
+
+                async def one(page: int, layer: cm.Layer = layer) -> None:
+                    async with sem:
+                        await self._scrub_page(volume, layer, page, epoch, state, report)
+
+                await asyncio.gather(*(one(p) for p in sorted(pages)))
+        except (LaminaError, OSError, TimeoutError) as exc:
+            report.error = str(exc)
+        finally:
+            report.done = True
+        log.info("scrub of volume %s: %s", name, report.as_dict())
+        return report
+
+    async def _present_pages(
+        self, volume: cm.Volume, layer: cm.Layer, live: list[str], epoch: int
+    ) -> set[int]:
+        pages: set[int] = set()
+        for sid in live:
+            start = 0
+            while True:
+                reply = await self._call(
+                    sid,
+                    m.EnumerateRequest(
+                        volume.id, epoch, layer.id, m.EnumerateWhat.PRESENT, start,
+                        m.MAX_ENUMERATE,
+                    ),
+                )  # fmt: skip
+                assert isinstance(reply, m.EnumerateResponse)
+                pages.update(reply.pages)
+                if reply.done:
+                    break
+                start = reply.next_start
+        return pages
+
+    async def _scrub_page(
+        self,
+        volume: cm.Volume,
+        layer: cm.Layer,
+        page: int,
+        epoch: int,
+        state: dict[str, cm.ServerState],
+        report: ScrubReport,
+    ) -> None:
+        part = layer.placement[page % len(layer.placement)]
+        live = [i for i, sid in enumerate(part) if state.get(sid) in LIVE]
+        up = [i for i in live if state.get(part[i]) is cm.ServerState.UP]
+        size = volume.page_size
+        try:
+            statuses: dict[int, tuple[int, int, int]] = {}
+            contents: dict[int, bytes] = {}
+            corrupt: set[int] = set()
+            for i in live:
+                reply = await self._call(
+                    part[i], m.StatusRequest(volume.id, epoch, layer.id, (page,))
+                )
+                assert isinstance(reply, m.StatusResponse)
+                _, st, mask, gen = reply.entries[0]
+                statuses[i] = (st, mask, gen)
+                if st == PageState.QUARANTINED:
+                    corrupt.add(i)
+                    continue
+                if st != PageState.PRESENT:
+                    contents[i] = bytes(size)
+                    continue
+                await self._throttle(size)
+                try:
+                    read, data = await self._call_with_payload(
+                        part[i], m.ReadRequest(volume.id, epoch, layer.id, page, size, 0, size)
+                    )
+                except Corrupt:  # now quarantined by its server, at a new generation
+                    corrupt.add(i)
+                    again = await self._call(
+                        part[i], m.StatusRequest(volume.id, epoch, layer.id, (page,))
+                    )
+                    assert isinstance(again, m.StatusResponse)
+                    statuses[i] = again.entries[0][1:]
+                    continue
+                assert isinstance(read, m.ReadResponse)
+                report.bytes_read += size
+                contents[i] = bytes(data)
+                statuses[i] = (read.state, read.mask, read.generation)
+            report.pages_checked += 1
+            report.corrupt += len(corrupt)
+            if not corrupt and len(set(contents.values())) <= 1:
+                return
+            report.mismatches += 1
+            good = {i: statuses[i][:2] for i in up if i not in corrupt}
+            auth = authoritative(good)
+            if auth is None:
+                report.errors += 1
+                return
+            data = contents[auth]
+            targets = [t for t in live if t != auth and (t in corrupt or contents.get(t) != data)]
+            await self._repair(
+                volume, layer, page, epoch, part, live, auth, data, statuses, targets
+            )
+            report.repaired += 1
+            log.warning(
+                "scrub: page %d of layer %d differed between its copies; repaired from %s",
+                page, layer.id, part[auth],
+            )  # fmt: skip
+        except (LaminaError, OSError, TimeoutError) as exc:
+            log.info("scrub of page %d of layer %d: %s", page, layer.id, exc)
+            report.errors += 1
+
+    async def _repair(
+        self,
+        volume: cm.Volume,
+        layer: cm.Layer,
+        page: int,
+        epoch: int,
+        part: tuple[str, ...],
+        live: list[int],
+        auth: int,
+        data: bytes | bytearray,
+        statuses: dict[int, tuple[int, int, int]],
+        targets: list[int],
+    ) -> int:
+        """Copy the authoritative ``data`` to ``targets`` (each only if still at the
+        generation of its status), then mark every live copy clean by compare-and-set,
+        the authoritative one last; the bytes copied.  CONFLICT: something changed."""
+        size = volume.page_size
+        gens = {i: statuses[i][2] for i in live}
+        for t in targets:
+            await self._throttle(size)
+            written, _ = await self._call_with_payload(
+                part[t],
+                m.WriteRequest(
+                    volume.id, epoch, layer.id, page, size, 0, FULL, FULL, False,
+                    conditional=True, if_generation=gens[t],
+                ),
+                data,
+            )  # fmt: skip
+            assert isinstance(written, m.WriteResponse)
+            gens[t] = written.generation
+        mask = clean_mask([statuses[i][1] for i in live], live)
+        for i in [t for t in live if t != auth] + [auth]:
+            await self._call(
+                part[i], m.MarkCleanRequest(volume.id, epoch, layer.id, page, gens[i], mask)
+            )
+        return size * len(targets)
 
     @staticmethod
     def _needs_copy(
