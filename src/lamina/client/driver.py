@@ -1014,7 +1014,10 @@ class Volume:
             attempt += 1
             absent = [e for e in errors if isinstance(e, NotFound)]
             if absent and len(absent) == len(errors):
-                await self._copy_up(view, layer, ext.page, deadline)
+                try:
+                    await self._copy_up(view, layer, ext.page, deadline)
+                except (LaminaError, Failed) as exc:
+                    await self._recover(view, [exc], deadline, attempt, f"copy-up of {ext.page}")
                 continue
             corrupt = [e for e in errors if isinstance(e, Corrupt)]
             if corrupt and len(corrupt) == len(errors) and self.writable:
@@ -1077,7 +1080,20 @@ class Volume:
         zeros; CREATE_IF_ABSENT makes a late or repeated copy-up harmless [0050]."""
         data: Payload | None = None
         source: LayerView | None = None
-        for lower in view.layers[1:]:
+        part = layer.partition(page)
+        readable = view.readable(part)
+        statuses = await self._statuses(view, layer, page, view.writable(part))
+        if any(statuses[i][0] in (PageState.PRESENT, PageState.ZERO) for i in readable):
+            # Some up copy of the top layer holds the page: only others (a recovering copy
+            # that missed its creation) lack it.  They get that copy's bytes, not the
+            # lower layers' (which the page in the top layer has moved on from).
+            state, got = await self._read_page(view, layer, page, 0, view.page_size)
+            if state == PageState.PRESENT:
+                data = got
+            lower_layers: tuple[LayerView, ...] = ()
+        else:
+            lower_layers = view.layers[1:]
+        for lower in lower_layers:
             state, got = await self._read_page(view, lower, page, 0, view.page_size)
             if state == PageState.PRESENT:
                 data, source = got, lower
@@ -1087,7 +1103,6 @@ class Volume:
                 break
             if state == PageState.TOMBSTONE:
                 raise Deleted(f"page {page} of layer {lower.id} moved up")
-        part = layer.partition(page)
         copies = view.writable(part)
         if not copies:
             raise Unavailable(f"no copy of page {page} of layer {layer.id} is up")
