@@ -124,6 +124,10 @@ def _run_daemon(load: Callable[[], Any], run: Callable[[Any], None]) -> None:
     "--session-timeout", type=float,
     help="Seconds without keepalive before a volume lock is released (1-300). [10]",
 )  # fmt: skip
+@click.option(
+    "--rereplicate-after", type=float,
+    help="Seconds a storage server may stay down before its copies move elsewhere. [600]",
+)  # fmt: skip
 @click.option("--config", type=click.Path(dir_okay=False), help="TOML config (see etc/).")
 @click.option("--port-file", type=click.Path(dir_okay=False), help="Write the API port here.")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
@@ -138,6 +142,7 @@ def manager(
     storage_listen: str | None,
     lease_duration: float | None,
     session_timeout: float | None,
+    rereplicate_after: float | None,
     config: str | None,
     port_file: str | None,
     log_level: str | None,
@@ -157,6 +162,7 @@ def manager(
         "storage_listen": storage_listen,
         "lease_duration": lease_duration,
         "session_timeout": session_timeout,
+        "rereplicate_after": rereplicate_after,
         "port_file": port_file,
         "log_level": log_level,
     }
@@ -173,11 +179,25 @@ def manager(
 )
 @click.option("--servers", "n_servers", default=3, show_default=True, type=click.IntRange(1, 16))
 @click.option(
-    "--session-timeout", default=10.0, show_default=True, type=click.FloatRange(1, 300),
+    "--session-timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(1, 300),
     help="Seconds a volume lock's session may go without keepalive (managers started now).",
+)
+@click.option(
+    "--rereplicate-after", default=600.0, show_default=True, type=click.FloatRange(1),
+    help="Seconds a storage server may stay down before its copies move elsewhere.",
 )  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def up(root: str, n_managers: str, n_servers: int, session_timeout: float, as_json: bool) -> None:
+def up(
+    root: str,
+    n_managers: str,
+    n_servers: int,
+    session_timeout: float,
+    rereplicate_after: float,
+    as_json: bool,
+) -> None:
     """Start a local cluster on 127.0.0.1 (or the daemons of it that are not running)."""
     from lamina.localcluster import up as start
 
@@ -186,7 +206,7 @@ def up(root: str, n_managers: str, n_servers: int, session_timeout: float, as_js
         with console.status("starting the cluster...") as status:
             report = start(
                 base, int(n_managers), n_servers, say=status.update,
-                session_timeout=session_timeout,
+                session_timeout=session_timeout, rereplicate_after=rereplicate_after,
             )  # fmt: skip
     except LaminaError as exc:
         _fail(exc)

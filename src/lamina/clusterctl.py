@@ -396,6 +396,10 @@ def cluster_status(client: ManagerClient) -> dict[str, Any]:
     if leader is None:
         problems.append("no raft leader among the reachable managers")
     problems += [f"server {s['id']} is {s['state']}" for s in st["servers"] if s["state"] != "up"]
+    problems += [
+        f"cannot re-replicate server {sid}: {reason}"
+        for sid, reason in sorted(st.get("rereplication_problems", {}).items())
+    ]
     return {
         "managers": managers,
         "leader": None if leader is None else {"id": leader["id"], "url": leader["url"]},

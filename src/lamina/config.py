@@ -139,6 +139,7 @@ class ManagerConfig:
     resync_rate: int = 64 << 20  # bytes/s the background worker may copy; 0: no limit
     resync_parallel: int = 4  # pages the worker resynchronises at once
     scrub_interval: float = 7 * 86400.0  # seconds between background scrubs; 0: never
+    rereplicate_after: float = 600.0  # seconds down before a server's copies move
     port_file: str | None = None
     log_level: str = "INFO"
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -150,6 +151,8 @@ class ManagerConfig:
             raise ConfigError("resync_rate must be 0 (no limit) or a positive number of bytes/s")
         if not 1 <= self.resync_parallel <= 64:
             raise ConfigError("resync_parallel must be within 1..64")
+        if self.rereplicate_after < 1:
+            raise ConfigError("rereplicate_after must be at least 1 second")
         if self.scrub_interval < 0:
             raise ConfigError("scrub_interval must be 0 (never) or a number of seconds")
         parse_addr(self.listen, "listen address")
@@ -190,6 +193,7 @@ _MANAGER_TYPES: dict[str, type | tuple[type, ...]] = {
     "resync_rate": int,
     "resync_parallel": int,
     "scrub_interval": (int, float),
+    "rereplicate_after": (int, float),
     "port_file": str,
     "log_level": str,
 }

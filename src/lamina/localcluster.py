@@ -119,6 +119,7 @@ class ManagerProcess(_Daemon):
     storage_listen: str = ""  # where storage servers ask for leases (wire protocol)
     lease_duration: float = 3.0
     session_timeout: float = 10.0  # seconds a lock's session may go without keepalive
+    rereplicate_after: float = 600.0  # seconds a server stays down before re-replication
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
     detach: bool = False
@@ -134,6 +135,7 @@ class ManagerProcess(_Daemon):
             "--key", str(self.key), "--port-file", str(self.port_file),
             "--lease-duration", str(self.lease_duration),
             "--session-timeout", str(self.session_timeout),
+            "--rereplicate-after", str(self.rereplicate_after),
         ]  # fmt: skip
         if self.storage_listen:
             args += ["--storage-listen", self.storage_listen]
@@ -330,6 +332,7 @@ def up(
     n_servers: int = 3,
     say: Callable[[str], None] = print,
     session_timeout: float = 10.0,
+    rereplicate_after: float = 600.0,
 ) -> UpReport:
     """Start whatever daemons of the local cluster under ``root`` are not running, register
     the storage servers with the managers and write ``cluster.toml``; return once a
@@ -363,7 +366,7 @@ def up(
             id=mid, data=root / mid, key=root / "cluster.key", log=root / "log" / f"{mid}.log",
             port_file=root / "run" / f"{mid}.port", raft=raft, peers=raft_peers, port=port,
             storage_listen=f"127.0.0.1:{lease_port}", session_timeout=session_timeout,
-            detach=True,
+            rereplicate_after=rereplicate_after, detach=True,
         )  # fmt: skip
         say(f"starting manager {mid} (API {mp.url}, raft {raft})")
         mp.start()

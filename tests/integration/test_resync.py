@@ -35,6 +35,31 @@ def server_state(lc: LocalCluster, sid: str) -> str:
     return next(str(s["state"]) for s in status(lc)["servers"] if s["id"] == sid)
 
 
+def write_whole(lc: LocalCluster, name: str, data: bytes | bytearray) -> None:
+    """Write ``data`` at offset 0 of volume ``name`` through the driver, and close it."""
+
+    async def main() -> None:
+        async with await Cluster.connect(lc.cluster_file) as cluster:
+            vol = await cluster.open(name)
+            await vol.write(0, bytes(data))
+            await vol.close()
+
+    asyncio.run(main())
+
+
+def read_whole(lc: LocalCluster, name: str, size: int) -> bytes:
+    """The first ``size`` bytes of volume ``name``, read by a read-only driver."""
+
+    async def main() -> bytes:
+        async with await Cluster.connect(lc.cluster_file) as cluster:
+            vol = await cluster.open(name, read_only=True)
+            data = await vol.read(0, size)
+            await vol.close()
+            return data
+
+    return asyncio.run(main())
+
+
 def wait_state(lc: LocalCluster, sid: str, state: str, timeout: float = 30) -> float:
     start = time.monotonic()
     while (now := server_state(lc, sid)) != state:
@@ -59,13 +84,7 @@ def test_a_server_back_from_an_outage_gets_only_what_it_missed(tmp_path: Path) -
                     await vol.write(off, bytes(model[off : off + 4096 * 3]))
                 await vol.close()
 
-        async def fill() -> None:
-            async with await Cluster.connect(lc.cluster_file) as cluster:
-                vol = await cluster.open("vol")
-                await vol.write(0, bytes(model))
-                await vol.close()
-
-        asyncio.run(fill())
+        write_whole(lc, "vol", model)
         copied_before = status(lc)["resync"]["bytes_copied"]
         os.kill(lc.storage_pid("s2"), signal.SIGKILL)
         # writes go on without s2 (the driver waits until the map marks it down)
@@ -87,14 +106,7 @@ def test_a_server_back_from_an_outage_gets_only_what_it_missed(tmp_path: Path) -
         # now s1 dies: everything must come from s2, which was repaired
         os.kill(lc.storage_pid("s1"), signal.SIGKILL)
 
-        async def read_all() -> bytes:
-            async with await Cluster.connect(lc.cluster_file) as cluster:
-                vol = await cluster.open("vol", read_only=True)
-                data = await vol.read(0, pages * page)
-                await vol.close()
-                return data
-
-        assert asyncio.run(read_all()) == model
+        assert read_whole(lc, "vol", len(model)) == model
 
 
 async def copies_of(lc: LocalCluster, info: dict[str, Any], page: int) -> list[bytes]:
@@ -174,13 +186,7 @@ def test_scrub_finds_and_repairs_copies_that_differ(tmp_path: Path) -> None:
         lc.create_volume("sv", pages * MiB, replicas=2, stripe=2)
         model = random.Random(4).randbytes(pages * MiB)
 
-        async def fill() -> None:
-            async with await Cluster.connect(lc.cluster_file) as cluster:
-                vol = await cluster.open("sv")
-                await vol.write(0, model)
-                await vol.close()
-
-        asyncio.run(fill())
+        write_whole(lc, "sv", model)
         assert scrub(lc, "sv")["mismatches"] == 0
         info = volume_info(lc, "sv")
         layer = info["layers"][-1]["id"]
@@ -216,3 +222,31 @@ def test_scrub_finds_and_repairs_copies_that_differ(tmp_path: Path) -> None:
         for page in range(pages):
             first, second = asyncio.run(copies_of(lc, info, page))
             assert first == second == model[page * MiB : (page + 1) * MiB], f"page {page}"
+
+
+def test_a_server_down_too_long_is_replaced_and_its_copies_refilled(tmp_path: Path) -> None:
+    """s-X stays down past rereplicate_after: its copies move to the other servers as
+    filling copies, the worker fills them from the survivors and declares them done;
+    then a second server dies and the one left serves every page correctly."""
+    pages = 12
+    root = tmp_path / "cluster"
+    with local_cluster(root, 1, 3, "--rereplicate-after", "2") as lc:
+        lc.create_volume("rr", pages * MiB, replicas=2, stripe=3)
+        model = random.Random(8).randbytes(pages * MiB)
+
+        write_whole(lc, "rr", model)
+        os.kill(lc.storage_pid("s1"), signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while True:
+            (layer,) = volume_info(lc, "rr")["layers"]
+            held = {sid for part in layer["placement"] for sid in part}
+            if "s1" not in held and not layer["filling"]:
+                break
+            assert time.monotonic() < deadline, f"not re-replicated: {layer}"
+            time.sleep(0.3)
+        assert all(len(set(part)) == 2 for part in layer["placement"])
+        assert status(lc)["resync"]["bytes_copied"] >= (pages * MiB) * 2 // 3 // 2  # refilled
+        # the survivors now hold both copies of every partition: lose one more server
+        os.kill(lc.storage_pid("s2"), signal.SIGKILL)
+
+        assert read_whole(lc, "rr", len(model)) == model

@@ -24,9 +24,11 @@ from lamina.mgmt.clustermap import (
     Command,
     CreateVolume,
     DeleteVolume,
+    FillDone,
     Publish,
     ReleaseLock,
     RemoveServer,
+    Rereplicate,
     ResizeVolume,
     Server,
     ServerState,
@@ -88,6 +90,8 @@ def commands(zoned: bool) -> st.SearchStrategy[Command]:
         st.builds(Publish, st.integers(0, 40)),
         st.builds(AcquireLock, volume_names, sessions, lock_hosts, pids, since, st.booleans()),
         st.builds(ReleaseLock, volume_names, sessions),
+        st.builds(Rereplicate, server_ids),
+        st.builds(FillDone, st.integers(1, 8), st.integers(0, 5), server_ids),
     ]
     return st.one_of(options)
 
@@ -97,7 +101,7 @@ any_commands = st.booleans().flatmap(commands)
 
 #: one step of a log before it meets a map: (kind, a, b, c, d), see :func:`command_for`
 Choice = tuple[int, int, int, int, int]
-KINDS = 16
+KINDS = 18
 choices = st.tuples(st.integers(0, KINDS - 1), *[st.integers(0, 255)] * 4)
 
 
@@ -151,6 +155,15 @@ def command_for(cmap: ClusterMap, zoned: bool, choice: Choice) -> Command:
         return Publish(low + a % (cmap.epoch + 2 - low))
     if kind == 10:
         return Publish(a % 41)
+    if kind == 16:  # mostly aimed at a down server
+        down = [k for k in known if cmap.servers[k].state == "down"]
+        return Rereplicate(pick([*down, *down, *down, *known, *SERVER_IDS], b))
+    if kind == 17:
+        entries = [(lid, p, s) for lid in sorted(cmap.layers) for p, s in cmap.layers[lid].filling]
+        if entries and b % 4:
+            lid, part, server = entries[c % len(entries)]
+            return FillDone(lid, part, server)
+        return FillDone(1 + c % 8, d % 4, sid)
     if kind in {13, 15}:  # mostly aimed at a locked volume
         locked = [n for n in volumes if cmap.volumes[n].lock is not None]
         name = pick([*locked, *locked, *locked, *volumes, *VOLUME_NAMES], a)

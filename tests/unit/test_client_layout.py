@@ -108,7 +108,7 @@ def _doc() -> dict[str, Any]:
             "4": {"volume_id": 3, "placement": [["s1", "s2"]], "role": "snapshot",
                   "migrates_to": None},
             "7": {"volume_id": 3, "placement": [["s1", "s2"], ["s2", "s1"]], "role": "live",
-                  "migrates_to": None},
+                  "migrates_to": None, "filling": []},
         },
     }  # fmt: skip
 
@@ -119,12 +119,26 @@ def test_volume_view_reads_the_published_map() -> None:
     assert [layer.id for layer in view.layers] == [7, 4]  # top first
     assert view.top.partition(0) == ("s1", "s2")
     assert view.top.partition(5) == ("s2", "s1")  # striping: page mod partitions
-    assert view.readable(("s1", "s2")) == [0]  # a recovering server is never read
-    assert view.readable(("s2", "s1")) == [1]
+    top = view.top
+    assert view.readable(top, 0) == [0]  # a recovering server is never read
+    assert view.readable(top, 5) == [1]
+    assert view.writable(("s1", "s2")) == [0, 1]  # ... but it takes every write
     assert view.servers["s2"].port == 7402
     assert view.lock is not None
     assert view.lock.session == "abc"
     assert view.servers_of(view.top) == ["s1", "s2"]
+
+
+def test_a_copy_being_filled_is_written_but_never_read() -> None:
+    doc = _doc()
+    doc["servers"]["s2"]["state"] = "up"
+    doc["layers"]["7"]["filling"] = [[1, "s2"]]
+    view = volume_view(doc, "db")
+    assert view.top.filling == frozenset({(1, "s2")})
+    assert view.readable(view.top, 1) == [1]  # partition 1 is (s2, s1): s2 is filling
+    assert view.readable(view.top, 0) == [0, 1]  # s2's copy of partition 0 is fine
+    assert view.readable(view.layers[1], 1) == [0, 1]  # other layers: as usual
+    assert view.writable(("s2", "s1")) == [0, 1]
 
 
 def test_volume_view_errors() -> None:

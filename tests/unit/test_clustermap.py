@@ -831,3 +831,41 @@ def test_lock_times_show_as_utc() -> None:
     assert cm.format_since(T0 + 999) == "2026-11-25T10:00:00Z"
     assert cm.format_since(0) == "1970-01-01T00:00:00Z"
     assert cm.format_since(cm.MAX_SINCE_MS) == "9999-12-31T23:59:59Z"
+
+
+def test_rereplicate_moves_a_down_servers_copies_to_filling_copies() -> None:
+    """Every copy the down server held goes to the up server outside the partition with
+    the lowest fill, marked filling; FillDone ends that; every step fences the volume."""
+    before = cluster(SetServerState("s1", ServerState.DOWN))
+    assert validate(before, cm.Rereplicate("s2")) == "server s2 is up, not down"
+    assert validate(before, cm.Rereplicate("s3")) == "server s3 is up, not down"
+    after = apply(before, cm.Rereplicate("s1"))
+    (old,) = before.layers.values()
+    (layer,) = after.layers.values()
+    # in place: the copy order (the bit order of the masks) is kept
+    assert layer.placement == tuple(
+        tuple("s3" if sid == "s1" else sid for sid in part) for part in old.placement
+    )
+    assert not after.layers_on("s1")  # it holds nothing now: it may be removed
+    assert sorted(layer.filling) == [(0, "s3"), (1, "s3")]
+    assert after.volumes["db"].fence_epoch == after.epoch
+    assert validate(after, cm.Rereplicate("s1")) == "server s1 holds no partition copy"
+    done = apply(after, cm.FillDone(layer.id, 0, "s3"))
+    assert done.layers[layer.id].filling == ((1, "s3"),)
+    assert done.volumes["db"].fence_epoch == done.epoch
+    assert "is not being filled" in str(validate(done, cm.FillDone(layer.id, 0, "s3")))
+    assert cm.map_from_dict(json.loads(json.dumps(cm.map_to_dict(after)))) == after
+
+
+def test_rereplicate_without_a_free_server_says_why() -> None:
+    cmap = final(
+        [
+            AddServer("s1", "10.0.0.1:7000", 1),
+            AddServer("s2", "10.0.0.2:7000", 1),
+            CreateVolume("db", 1 << 30, replicas=2, stripe=1),
+            SetServerState("s1", ServerState.DOWN),
+        ]
+    )
+    reason = validate(cmap, cm.Rereplicate("s1"))
+    assert reason is not None
+    assert "no up server can take the copy of partition 0" in reason

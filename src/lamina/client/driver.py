@@ -673,7 +673,7 @@ class Volume:
         if inside and not self._closed:
             layer = view.layers[0]
             part = layer.placement[page % len(layer.placement)]
-            readable = view.readable(part)
+            readable = view.readable(layer, page)
             if readable:
                 i = self._pick(part, readable)
                 client = self.cluster.sender(part[i])
@@ -704,8 +704,7 @@ class Volume:
         except Exception:
             resp = None
         if (resp is not None and (layer_id, page) in self._clean) or (
-            resp is not None
-            and not needs_resync(resp.mask, view.readable(view.layers[0].partition(page)))
+            resp is not None and not needs_resync(resp.mask, view.readable(view.layers[0], page))
         ):
             state = resp.state
             if state == PageState.PRESENT:
@@ -844,7 +843,7 @@ class Volume:
     ) -> tuple[int, Payload]:
         """(state, data) of one page of one layer from an in-sync copy."""
         part = layer.partition(page)
-        readable = view.readable(part)
+        readable = view.readable(layer, page)
         if not readable:
             raise Unavailable(f"no copy of page {page} of layer {layer.id} is up")
         tried: list[int] = []
@@ -944,7 +943,7 @@ class Volume:
         self, view: VolumeView, layer: LayerView, page: int, exclude: frozenset[int]
     ) -> bool:
         part = layer.partition(page)
-        readable = view.readable(part)
+        readable = view.readable(layer, page)
         statuses = await self._statuses(view, layer, page, readable)
         auth = authoritative({i: (s, mask) for i, (s, mask, _) in statuses.items()}, exclude)
         if auth is None:
@@ -1081,7 +1080,7 @@ class Volume:
         data: Payload | None = None
         source: LayerView | None = None
         part = layer.partition(page)
-        readable = view.readable(part)
+        readable = view.readable(layer, page)
         statuses = await self._statuses(view, layer, page, view.writable(part))
         if any(statuses[i][0] in (PageState.PRESENT, PageState.ZERO) for i in readable):
             # Some up copy of the top layer holds the page: only others (a recovering copy

@@ -98,6 +98,8 @@ class LayerView:
     placement: tuple[tuple[str, ...], ...]
     role: str
     migrates_to: int | None
+    #: (partition index, server) of copies being filled: written, never read
+    filling: frozenset[tuple[int, str]] = frozenset()
 
     def partition(self, page: int) -> tuple[str, ...]:
         return self.placement[page % len(self.placement)]
@@ -118,7 +120,7 @@ class VolumeView:
     layers: tuple[LayerView, ...]  # top first
     servers: Mapping[str, ServerView]
     lock: LockView | None
-    _readable: dict[tuple[str, ...], list[int]] = field(
+    _readable: dict[tuple[int, int], list[int]] = field(
         default_factory=dict, compare=False, repr=False
     )
     _writable: dict[tuple[str, ...], list[int]] = field(
@@ -133,13 +135,19 @@ class VolumeView:
         server = self.servers.get(server_id)
         return server is not None and server.state == "up"
 
-    def readable(self, partition: tuple[str, ...]) -> list[int]:
-        """Indices of the copies a read may use: those on ``up`` servers (the caller must
-        not change the list: it is remembered per partition)."""
-        known = self._readable.get(partition)
+    def readable(self, layer: LayerView, page: int) -> list[int]:
+        """Indices of the copies of ``page`` of ``layer`` a read may use: those on ``up``
+        servers that are not being filled (the caller must not change the list: it is
+        remembered per layer and partition)."""
+        pidx = page % len(layer.placement)
+        key = (layer.id, pidx)
+        known = self._readable.get(key)
         if known is None:
-            known = self._readable[partition] = [
-                i for i, sid in enumerate(partition) if self.is_up(sid)
+            part = layer.placement[pidx]
+            known = self._readable[key] = [
+                i
+                for i, sid in enumerate(part)
+                if self.is_up(sid) and (pidx, sid) not in layer.filling
             ]
         return known
 
@@ -191,6 +199,7 @@ def volume_view(doc: Mapping[str, Any], name: str) -> VolumeView:
                 tuple(tuple(part) for part in layer_docs[str(lid)]["placement"]),
                 layer_docs[str(lid)]["role"],
                 layer_docs[str(lid)]["migrates_to"],
+                frozenset((int(p), str(sid)) for p, sid in layer_docs[str(lid)].get("filling", ())),
             )
             for lid in reversed(vol["layers"])
         )

@@ -54,6 +54,18 @@ A revoked lock is revoked by the same path: session expiry (the leader proposes
 ReleaseLock, see :mod:`lamina.mgmt.sessions`), break-lock (``lamina volume unlock``) and
 takeover.
 
+Re-replication
+--------------
+``Rereplicate(id)`` moves every partition copy of a ``down`` server to another ``up``
+server, in place (the copy keeps its index: the bit order of the sync masks does not
+change): the one outside the partition (and its zones, when zones are in force) with
+the lowest fill ``(copies + 1) / capacity``, ties to the smaller id.  The new copy is
+listed in its layer's ``filling`` as ``(partition index, server id)``: drivers write to
+it and never read from it, and the leader's worker copies its partition to it from the
+surviving copies.  ``FillDone(layer, partition, server)`` ends that.  Both fence the
+volumes they change.  Rejected (with the partition named) when no server can take a
+copy; the down server then keeps it.
+
 Server states
 -------------
 A new server starts ``up``.  The legal transitions (:data:`TRANSITIONS`); every other,
@@ -92,6 +104,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum, StrEnum
+from fractions import Fraction
 from types import MappingProxyType
 from typing import Any, ClassVar, NoReturn, TypeAlias, TypeVar, assert_never
 
@@ -190,6 +203,9 @@ class Layer:
     placement: tuple[tuple[str, ...], ...]  # partitions: the ordered ids holding the copies
     role: LayerRole
     migrates_to: int | None
+    #: (partition index, server id) of copies being filled after a re-replication: they
+    #: take every write but serve no read until the worker has copied their partition
+    filling: tuple[tuple[int, str], ...] = ()
 
 
 K = TypeVar("K")
@@ -453,6 +469,36 @@ class ReleaseLock:
 
 
 @dataclass(frozen=True, slots=True)
+class Rereplicate:
+    """Give every partition copy the ``down`` server ``id`` holds to another ``up``
+    server (placement rules: not already in the partition, distinct zones when zones are
+    in force, the lowest fill), as a copy that is *filling* until the worker has copied
+    its partition (:class:`FillDone`)."""
+
+    TAG: ClassVar[str] = "rereplicate"
+    id: str
+
+    def __post_init__(self) -> None:
+        check_id("server id", self.id)
+
+
+@dataclass(frozen=True, slots=True)
+class FillDone:
+    """Copy ``server`` of partition ``partition`` of layer ``layer`` holds everything:
+    it may serve reads."""
+
+    TAG: ClassVar[str] = "fill_done"
+    layer: int
+    partition: int
+    server: str
+
+    def __post_init__(self) -> None:
+        check_int("layer id", self.layer, 1)
+        check_int("partition", self.partition, 0, MAX_STRIPE - 1)
+        check_id("server id", self.server)
+
+
+@dataclass(frozen=True, slots=True)
 class Publish:
     """Raise ``published_epoch`` to ``epoch`` (the only command that keeps ``epoch``)."""
 
@@ -472,6 +518,8 @@ Command: TypeAlias = (
     | DeleteVolume
     | AcquireLock
     | ReleaseLock
+    | Rereplicate
+    | FillDone
     | Publish
 )
 COMMAND_TYPES: tuple[type[Command], ...] = (
@@ -483,6 +531,8 @@ COMMAND_TYPES: tuple[type[Command], ...] = (
     DeleteVolume,
     AcquireLock,
     ReleaseLock,
+    Rereplicate,
+    FillDone,
     Publish,
 )
 _BY_TAG: dict[str, type[Command]] = {cls.TAG: cls for cls in COMMAND_TYPES}
@@ -539,6 +589,19 @@ def validate(cmap: ClusterMap, cmd: Command) -> str | None:
             if volume is None:
                 return f"unknown volume {cmd.name}"
             return _check_volume_change(volume, cmd)
+        case Rereplicate():
+            replaced = _rereplaced(cmap, cmd.id)
+            return replaced if isinstance(replaced, str) else None
+        case FillDone():
+            layer = cmap.layers.get(cmd.layer)
+            if layer is None:
+                return f"unknown layer {cmd.layer}"
+            if (cmd.partition, cmd.server) not in layer.filling:
+                return (
+                    f"copy {cmd.server} of partition {cmd.partition} of layer {cmd.layer} "
+                    "is not being filled"
+                )
+            return None
         case Publish():
             if cmd.epoch > cmap.epoch:
                 return f"cannot publish epoch {cmd.epoch}: the map is at epoch {cmap.epoch}"
@@ -546,6 +609,48 @@ def validate(cmap: ClusterMap, cmd: Command) -> str | None:
                 return f"epoch {cmd.epoch} is not above the published epoch {cmap.published_epoch}"
             return None
     assert_never(cmd)
+
+
+def _rereplaced(cmap: ClusterMap, server_id: str) -> dict[int, Layer] | str:
+    """The layers after every partition copy on ``server_id`` moved to another up server,
+    or why that cannot be done.  Deterministic: layers and partitions in order, each copy
+    to the eligible up server with the lowest fill ``(copies + 1) / capacity`` (ties: the
+    smaller id), counting the copies given so far."""
+    server = cmap.servers.get(server_id)
+    if server is None:
+        return f"unknown server {server_id}"
+    if server.state is not ServerState.DOWN:
+        return f"server {server_id} is {server.state.value}, not down"
+    layers = cmap.layers_on(server_id)
+    if not layers:
+        return f"server {server_id} holds no partition copy"
+    up = cmap.up_servers()
+    zoned = zones_in_force(up)
+    copies = cmap.copies_per_server()
+    out: dict[int, Layer] = {}
+    for layer in layers:
+        placement = list(layer.placement)
+        filling = [f for f in layer.filling if f[1] != server_id]
+        for pidx, part in enumerate(placement):
+            if server_id not in part:
+                continue
+            others = {cmap.servers[o].zone for o in part if o != server_id and o in cmap.servers}
+            eligible = [s for s in up if s.id not in part and not (zoned and s.zone in others)]
+            if not eligible:
+                return (
+                    f"no up server can take the copy of partition {pidx} of layer {layer.id} "
+                    f"that {server_id} holds (partition {', '.join(part)}): add a server"
+                )
+            best = min(
+                eligible, key=lambda s: (Fraction(copies.get(s.id, 0) + 1, s.capacity), s.id)
+            )
+            copies[best.id] = copies.get(best.id, 0) + 1
+            placement[pidx] = tuple(best.id if sid == server_id else sid for sid in part)
+            filling.append((pidx, best.id))
+        out[layer.id] = dataclasses.replace(
+            layer, placement=tuple(placement), filling=tuple(sorted(filling))
+        )
+    return out
 
 
 def _check_volume_change(
@@ -680,6 +785,18 @@ def apply(cmap: ClusterMap, cmd: Command) -> ClusterMap:
                 next_volume_id=vid + 1,
                 next_layer_id=lid + 1,
             )
+        case Rereplicate():
+            replaced = _rereplaced(cmap, cmd.id)
+            assert not isinstance(replaced, str)
+            volumes = _fenced(cmap, _affected(cmap, cmd), epoch)
+            layers = _frozen({**cmap.layers, **replaced})
+            return replace(cmap, epoch=epoch, volumes=volumes, layers=layers)
+        case FillDone():
+            layer = cmap.layers[cmd.layer]
+            done = tuple(f for f in layer.filling if f != (cmd.partition, cmd.server))
+            layers = _frozen({**cmap.layers, layer.id: replace(layer, filling=done)})
+            volumes = _fenced(cmap, _affected(cmap, cmd), epoch)
+            return replace(cmap, epoch=epoch, volumes=volumes, layers=layers)
         case ResizeVolume():
             volume = replace(cmap.volumes[cmd.name], size=cmd.size, fence_epoch=epoch)
             return replace(cmap, epoch=epoch, volumes=_frozen({**cmap.volumes, cmd.name: volume}))
@@ -733,8 +850,10 @@ def _affected(cmap: ClusterMap, cmd: Command) -> frozenset[int]:
     match cmd:
         case AddServer() | Publish():
             return frozenset()
-        case RemoveServer() | SetServerState():
+        case RemoveServer() | SetServerState() | Rereplicate():
             return frozenset(layer.volume_id for layer in cmap.layers_on(cmd.id))
+        case FillDone():
+            return frozenset({cmap.layers[cmd.layer].volume_id})
         case CreateVolume():
             return frozenset({cmap.next_volume_id})
         case ResizeVolume() | DeleteVolume() | AcquireLock() | ReleaseLock():
@@ -850,6 +969,7 @@ def map_to_dict(cmap: ClusterMap) -> dict[str, Any]:
                 "placement": [list(part) for part in layer.placement],
                 "role": layer.role.value,
                 "migrates_to": layer.migrates_to,
+                "filling": [list(f) for f in layer.filling],
             }
             for lid, layer in sorted(cmap.layers.items())
         },
@@ -878,7 +998,8 @@ _VOLUME_KEYS = ("id", "size", "page_size", "replicas", "stripe", "layers", "fenc
 #: keys a map saved before the key existed may lack (their absence means None)
 _VOLUME_OPTIONAL = ("lock",)
 _LOCK_KEYS = ("session", "host", "pid", "since")
-_LAYER_KEYS = ("volume_id", "placement", "role", "migrates_to")
+_LAYER_KEYS = ("volume_id", "placement", "role", "migrates_to", "filling")
+_LAYER_OPTIONAL = ("filling",)
 
 
 def _record(
@@ -961,13 +1082,18 @@ def map_from_dict(data: Mapping[str, Any]) -> ClusterMap:
         if type(key) is not str or not _LAYER_KEY_RE.fullmatch(key):
             raise ProtocolError(f"layer id {_show(key)} is not a positive decimal integer")
         lid = int(key)
-        r = _record(raw, f"layer {lid}", _LAYER_KEYS)
+        r = _record(raw, f"layer {lid}", _LAYER_KEYS, _LAYER_OPTIONAL)
         parts = _list(r["placement"], f"placement of layer {lid}", MAX_STRIPE)
         placement = tuple(
             tuple(_list(part, f"partition of layer {lid}", MAX_REPLICAS)) for part in parts
         )
         role = _enum(r["role"], f"role of layer {lid}", LayerRole)
-        layers[lid] = Layer(lid, r["volume_id"], placement, role, r["migrates_to"])
+        raw_filling = _list(r["filling"] or [], f"filling copies of layer {lid}", 1 << 10)
+        filling = tuple(tuple(_list(f, f"filling copy of layer {lid}", 2)) for f in raw_filling)
+        layers[lid] = Layer(
+            lid, r["volume_id"], placement, role, r["migrates_to"],
+            filling,  # checked by check_map below
+        )  # fmt: skip
     cmap = ClusterMap(
         _int(d["epoch"], "epoch"),
         _int(d["published_epoch"], "published epoch"),
@@ -1056,6 +1182,15 @@ def _check_map(cmap: ClusterMap) -> None:
                     fail(f"layer {lid} places a copy on unknown server {_show(sid)}")
             if len(set(part)) != len(part):
                 fail(f"layer {lid} has two copies of a partition on one server")
+        for entry in layer.filling:
+            if (
+                type(entry) is not tuple
+                or len(entry) != 2
+                or type(entry[0]) is not int
+                or not 0 <= entry[0] < len(layer.placement)
+                or entry[1] not in layer.placement[entry[0]]
+            ):
+                fail(f"layer {lid} fills {_show(entry)}, not a copy of one of its partitions")
         target = layer.migrates_to
         if target is not None and (
             type(target) is not int

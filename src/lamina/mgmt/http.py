@@ -179,6 +179,7 @@ async def get_status(request: web.Request) -> web.Response:
             "servers": _servers_json(cmap),
             "volumes": sorted(cmap.volumes),
             "worker": _worker_json(request),
+            "rereplication_problems": dict(request.app[DUTIES].rereplication_problems),
         }
     )
 

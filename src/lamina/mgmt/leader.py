@@ -98,6 +98,7 @@ class LeaderDuties:
         grace: float = 2.5,
         period: float = 0.2,
         session_timeout: float = 10.0,
+        rereplicate_after: float = 600.0,
     ) -> None:
         self.service = service
         self.key = key
@@ -116,6 +117,10 @@ class LeaderDuties:
         self._tasks: set[asyncio.Task[None]] = set()
         #: the background worker (lamina.mgmt.worker), whose progress the API shows
         self.worker: Any = None
+        self.rereplicate_after = rereplicate_after
+        self.rereplication_problems: dict[str, str] = {}
+        self._down_since: dict[str, float] = {}
+        self._leading_since = 0.0
 
     # -- RequestHandler ----------------------------------------------------------------
 
@@ -167,6 +172,7 @@ class LeaderDuties:
         if not self.table.leading:
             log.info("manager %s leads: waiting one lease before judging servers", self.server_id)
             self.table.become_leader(now)
+            self._leading_since = now
         cmap = self.service.map
         for sid, server in sorted(cmap.servers.items()):
             if server.state in (cm.ServerState.UP, cm.ServerState.RECOVERING) and (
@@ -181,12 +187,38 @@ class LeaderDuties:
         if now >= self._next_expiry:
             self._next_expiry = now + EXPIRY_PERIOD
             self.expire_sessions(cmap, now)
+        self.rereplicate(cmap, now)
         if (
             self.service.reclaim
             and self.key is not None
             and (self._reclaiming is None or self._reclaiming.done())
         ):
             self._reclaiming = asyncio.ensure_future(self.reclaim_once())
+
+    def rereplicate(self, cmap: cm.ClusterMap, now: float) -> None:
+        """Re-replicate the copies of every server ``down`` for ``rereplicate_after``
+        seconds (counted from when this leader first saw it down, or took over): they go
+        to other servers and the worker fills them.  Why it cannot be done is kept in
+        ``rereplication_problems`` (``lamina status`` shows it)."""
+        for sid, server in sorted(cmap.servers.items()):
+            if server.state is not cm.ServerState.DOWN or not cmap.layers_on(sid):
+                self._down_since.pop(sid, None)
+                self.rereplication_problems.pop(sid, None)
+                continue
+            since = max(self._down_since.setdefault(sid, now), self._leading_since)
+            if now - since < self.rereplicate_after:
+                continue
+            cmd = cm.Rereplicate(sid)
+            reason = cm.validate(cmap, cmd)
+            if reason is None:
+                log.warning(
+                    "storage server %s down for %.0f s: re-replicating its copies", sid, now - since
+                )
+                self._propose(cmd)
+            elif self.rereplication_problems.get(sid) != reason:
+                log.error("cannot re-replicate storage server %s: %s", sid, reason)
+            if reason is not None:
+                self.rereplication_problems[sid] = reason
 
     def expire_sessions(self, cmap: cm.ClusterMap, now: float) -> None:
         """Propose ReleaseLock for every lock whose session has expired at this leader."""

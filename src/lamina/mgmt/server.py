@@ -67,6 +67,7 @@ async def serve(cfg: ManagerConfig) -> None:
         cfg.lease_duration,
         key,
         session_timeout=cfg.session_timeout,
+        rereplicate_after=cfg.rereplicate_after,
     )
     loop = asyncio.get_running_loop()
     shost, sport = parse_addr(cfg.storage_listen)

@@ -200,12 +200,22 @@ class Worker:
                         return await self._resync_page(volume, layer, page, epoch, state)
 
                 results = await asyncio.gather(*(one(p) for p in sorted(pages)))
+                unsettled: set[int] = set()  # partitions with a page left dirty
                 for page, ok in zip(sorted(pages), results, strict=True):
                     if not ok:
                         left += 1
+                        unsettled.add(page % len(layer.placement))
                         for sid in layer.placement[page % len(layer.placement)]:
                             if sid in ready:
                                 ready[sid] = False
+                for pidx, sid in layer.filling:
+                    filled = await self._fill(volume, layer, pidx, sid, epoch, state, sem)
+                    if filled and complete and pidx not in unsettled and self.leading():
+                        log.info(
+                            "copy %s of partition %d of layer %d is filled", sid, pidx, layer.id
+                        )
+                        with contextlib.suppress(LaminaError):
+                            await self.propose(cm.FillDone(layer.id, pidx, sid))
         for sid, ok in ready.items():
             if ok and self.leading():
                 log.info("storage server %s holds nothing dirty: back up", sid)
@@ -219,6 +229,81 @@ class Worker:
         p.copy_rate = copied / p.round_seconds if p.round_seconds > 0 else 0.0
         p.recovering = tuple(recovering)
         return p
+
+    # -- filling new copies (re-replication) -------------------------------------------
+
+    async def _fill(
+        self,
+        volume: cm.Volume,
+        layer: cm.Layer,
+        pidx: int,
+        target: str,
+        epoch: int,
+        state: dict[str, cm.ServerState],
+        sem: asyncio.Semaphore,
+    ) -> bool:
+        """Copy to ``target`` every page of partition ``pidx`` that a trusted copy holds
+        and ``target`` does not (a conditional WRITE at generation 0: a page a client
+        created there meanwhile is left alone).  Pages copied earlier are not copied
+        again, so a new leader resumes where the old one was.  Whether every page is there."""
+        part = layer.placement[pidx]
+        if state.get(target) is not cm.ServerState.UP:
+            return False
+        live = [i for i, sid in enumerate(part) if state.get(sid) in LIVE]
+        sources = [i for i in _trusted(part, live, state, layer, pidx) if part[i] != target]
+        if not sources:
+            return False
+        source = part[sources[0]]
+        n = len(layer.placement)
+        try:
+            held = await self._present_pages(volume, layer, [source], epoch)
+        except (LaminaError, OSError, TimeoutError) as exc:
+            log.info("filling %s: listing %s: %s", target, source, exc)
+            self.progress.errors += 1
+            return False
+        pages = sorted(p for p in held if p % n == pidx)
+
+        async def one(page: int) -> bool:
+            async with sem:
+                return await self._fill_page(volume, layer, page, epoch, source, target)
+
+        results = await asyncio.gather(*(one(p) for p in pages))
+        return all(results)
+
+    async def _fill_page(
+        self, volume: cm.Volume, layer: cm.Layer, page: int, epoch: int, source: str, target: str
+    ) -> bool:
+        size = volume.page_size
+        status = m.StatusRequest(volume.id, epoch, layer.id, (page,))
+        try:
+            reply = await self._call(target, status)
+            assert isinstance(reply, m.StatusResponse)
+            if reply.entries[0][1] != PageState.ABSENT:
+                return True
+            read, data = await self._call_with_payload(
+                source, m.ReadRequest(volume.id, epoch, layer.id, page, size, 0, size)
+            )
+            assert isinstance(read, m.ReadResponse)
+            if read.state == PageState.ABSENT:
+                return True
+            payload = data if read.state == PageState.PRESENT else bytes(size)
+            await self._throttle(size)
+            await self._call_with_payload(
+                target,
+                m.WriteRequest(
+                    volume.id, epoch, layer.id, page, size, 0, FULL, FULL, False,
+                    conditional=True, if_generation=0,
+                ),
+                payload,
+            )  # fmt: skip
+        except Conflict:
+            return True  # created meanwhile by a client's copy-up: it has the page
+        except (LaminaError, OSError, TimeoutError) as exc:
+            log.info("filling page %d of layer %d on %s: %s", page, layer.id, target, exc)
+            self.progress.errors += 1
+            return False
+        self.progress.bytes_copied += size
+        return True
 
     # -- phase 1 -----------------------------------------------------------------------------
 
@@ -266,7 +351,7 @@ class Worker:
     ) -> bool:
         part = layer.placement[page % len(layer.placement)]
         live = [i for i, sid in enumerate(part) if state.get(sid) in LIVE]
-        up = [i for i in live if state.get(part[i]) is cm.ServerState.UP]
+        up = _trusted(part, live, state, layer, page % len(layer.placement))
         size = volume.page_size
         try:
             answers = await asyncio.gather(
@@ -398,7 +483,7 @@ class Worker:
     ) -> None:
         part = layer.placement[page % len(layer.placement)]
         live = [i for i, sid in enumerate(part) if state.get(sid) in LIVE]
-        up = [i for i in live if state.get(part[i]) is cm.ServerState.UP]
+        up = _trusted(part, live, state, layer, page % len(layer.placement))
         size = volume.page_size
         try:
             statuses: dict[int, tuple[int, int, int]] = {}
@@ -548,3 +633,19 @@ class Worker:
     async def _call(self, sid: str, msg: m.Message) -> m.Message:
         reply, _ = await self._call_with_payload(sid, msg)
         return reply
+
+
+def _trusted(
+    part: tuple[str, ...],
+    live: list[int],
+    state: dict[str, cm.ServerState],
+    layer: cm.Layer,
+    pidx: int,
+) -> list[int]:
+    """The copies of partition ``pidx`` a resynchronisation may copy from: ``up`` and not
+    being filled."""
+    return [
+        i
+        for i in live
+        if state.get(part[i]) is cm.ServerState.UP and (pidx, part[i]) not in layer.filling
+    ]
