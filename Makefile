@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.stamp
 
 LINT_PATHS := src tests bench
 
-.PHONY: help venv deps lint test up bench bench-nbd clean
+.PHONY: help venv deps lint test up bench bench-nbd bench-resync clean
 
 help:
 	@echo "Targets:"
@@ -20,6 +20,7 @@ help:
 	@echo "  make up     start the local cluster, create volume demo, export it over NBD and use it"
 	@echo "  make bench  run the storage benchmark"
 	@echo "  make bench-nbd  run lamina nbd against nbdkit and qemu-nbd with fio (about 25 min)"
+	@echo "  make bench-resync  measure resync after a storage server outage and its cost to fio (about 3 min)"
 	@echo "  make clean  remove the venv, build artifacts and caches"
 
 venv: $(STAMP)
@@ -62,6 +63,9 @@ bench: venv
 
 bench-nbd: deps venv
 	$(BIN)/python bench/nbd.py
+
+bench-resync: deps venv
+	$(BIN)/python bench/resync.py
 
 clean:
 	rm -rf $(VENV) build dist .mypy_cache .ruff_cache .pytest_cache .hypothesis
