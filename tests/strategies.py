@@ -159,6 +159,7 @@ _OVERRIDES: dict[type[m.Message], Callable[[], MessageStrategy]] = {
     m.WriteRequest: _write_requests,
     m.CreateRequest: lambda: _paged_requests(m.CreateRequest),
     m.TombstoneRequest: lambda: _paged_requests(m.TombstoneRequest),
+    m.ChecksumRequest: lambda: _paged_requests(m.ChecksumRequest),
     m.EnumerateRequest: _enumerate_requests,
     m.SetEpochRequest: _set_epoch_requests,
     m.LeaseResponse: _lease_responses,

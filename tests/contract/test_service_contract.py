@@ -408,6 +408,35 @@ async def test_a_conditional_write_applies_only_at_the_expected_generation(
 
 
 @in_loop
+async def test_checksum_is_the_crc_of_the_page_verified_where_it_is_stored(
+    make_store: MakeStore,
+) -> None:
+    """CHECKSUM answers the crc32c of the page's bytes without sending them."""
+    from crc32c import crc32c
+
+    service = StorageService(make_store(), "s1", Clock())
+
+    async def checksum(page: int) -> m.ChecksumResponse:
+        reply, payload = await call(service, m.ChecksumRequest(VOL, 1, LAYER, page, PAGE))
+        assert isinstance(reply, m.ChecksumResponse)
+        assert payload == b""
+        return reply
+
+    absent = await checksum(0)
+    assert (absent.state, absent.crc) == (PageState.ABSENT, 0)
+    written = await write(service, write_req(0), page_bytes(7))
+    got = await checksum(0)
+    assert (got.state, got.crc, got.generation) == (
+        PageState.PRESENT, crc32c(page_bytes(7)), written.generation,
+    )  # fmt: skip
+    await write(service, write_req(0, 5), b"xyz")
+    changed = page_bytes(7)[:5] + b"xyz" + page_bytes(7)[8:]
+    assert (await checksum(0)).crc == crc32c(changed)
+    await call(service, m.CreateRequest(VOL, 1, LAYER, 1, PAGE, FULL, True))
+    assert (await checksum(1)).crc == crc32c(bytes(PAGE))  # a ZERO page: the zeros' crc
+
+
+@in_loop
 async def test_mark_clean_can_set_any_mask(make_store: MakeStore) -> None:
     """MARK_CLEAN sets the given mask (a resync that left one copy out marks it out)."""
     service = StorageService(make_store(), "s1", Clock())

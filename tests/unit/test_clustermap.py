@@ -94,7 +94,7 @@ def fenced_names(step: Step) -> set[str]:
         return set()
     if isinstance(cmd, CreateVolume | ResizeVolume | AcquireLock | ReleaseLock):
         return {cmd.name}
-    if isinstance(cmd, SetServerState | RemoveServer):
+    if isinstance(cmd, SetServerState | RemoveServer | cm.Rereplicate):
         return {
             v.name
             for v in before.volumes.values()
@@ -102,6 +102,8 @@ def fenced_names(step: Step) -> set[str]:
             for part in before.layers[lid].placement
             if cmd.id in part
         }
+    if isinstance(cmd, cm.FillDone):
+        return {v.name for v in before.volumes.values() if cmd.layer in v.layers}
     return set()
 
 

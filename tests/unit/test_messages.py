@@ -240,7 +240,7 @@ def test_header_that_is_not_a_field_array_raises(cls: type[m.Message], header: b
         decode(cls, header)
 
 
-@pytest.mark.parametrize("op", [0, 4, 9, 21, 255])
+@pytest.mark.parametrize("op", [0, 4, 9, 22, 255])
 def test_unknown_operation_raises(op: int) -> None:
     """An operation code without a message class is refused."""
     with pytest.raises(ProtocolError, match="unknown operation"):

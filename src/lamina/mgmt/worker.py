@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from lamina.config import parse_addr
-from lamina.errors import Conflict, Corrupt, LaminaError
+from lamina.errors import Conflict, Corrupt, LaminaError, Unavailable
 from lamina.mgmt import clustermap as cm
 from lamina.mgmt.service import ManagerService
 from lamina.storage.syncmask import FULL, authoritative, bits, clean_mask
@@ -51,6 +51,10 @@ from lamina.wire.messages import PageState
 log = logging.getLogger(__name__)
 
 LIVE = (cm.ServerState.UP, cm.ServerState.RECOVERING)
+#: tries (0.1 s apart) of a request a server refuses while it catches up to an epoch
+CATCH_UP_RETRIES = 40
+#: seconds of copying the throttle lets through at once (bursts stay short)
+THROTTLE_BURST = 0.1
 
 
 @dataclass
@@ -64,6 +68,7 @@ class Progress:
     bytes_copied: int = 0  # total
     conflicts: int = 0  # total
     errors: int = 0  # total
+    deferred: int = 0  # total: dirty pages left one round for their writer
     round_seconds: float = 0.0
     copy_rate: float = 0.0  # bytes/s during the last round
     recovering: tuple[str, ...] = ()
@@ -125,6 +130,8 @@ class Worker:
         self._clients: dict[str, Client] = {}
         self._budget_t = time.monotonic()
         self._budget = 0.0
+        #: generations of the dirty pages left for the next round, by (layer, page)
+        self._seen_dirty: dict[tuple[int, int], tuple[int, ...]] = {}
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -152,8 +159,7 @@ class Worker:
         self._background_scrub = asyncio.ensure_future(self._scrub_all())
 
     async def _scrub_all(self) -> None:
-        cmap = self.service.published
-        for name in sorted(cmap.volumes) if cmap is not None else ():
+        for name in sorted(self.service.map.volumes):
             if not self.leading():
                 return
             report = await self.scrub(name)
@@ -169,13 +175,14 @@ class Worker:
         self._clients.clear()
 
     async def run_once(self) -> Progress:
-        """One round over every volume; returns the progress after it."""
-        cmap = self.service.published
-        if cmap is None:
-            return self.progress
+        """One round over every volume; returns the progress after it.  The worker is the
+        leader itself: it works on the newest committed map at its epoch (a server that
+        has not learnt that epoch yet answers UNAVAILABLE and the round is retried), so a
+        state change is acted on at once, not a publication later."""
+        cmap = self.service.map
         started = time.monotonic()
         copied_before = self.progress.bytes_copied
-        epoch = cmap.published_epoch
+        epoch = cmap.epoch
         state = {sid: s.state for sid, s in cmap.servers.items()}
         recovering = sorted(sid for sid, st in state.items() if st is cm.ServerState.RECOVERING)
         ready = dict.fromkeys(recovering, True)
@@ -187,6 +194,8 @@ class Worker:
                 servers = sorted({sid for part in layer.placement for sid in part})
                 live = [sid for sid in servers if state.get(sid) in LIVE]
                 pages, complete = await self._dirty_pages(volume, layer, live, epoch)
+                for key in [k for k in self._seen_dirty if k[0] == lid and k[1] not in pages]:
+                    del self._seen_dirty[key]  # clean again by itself
                 if not complete:
                     for sid in recovering:
                         if sid in servers:
@@ -373,6 +382,17 @@ class Worker:
                 or states <= {PageState.ABSENT}
             ):
                 return True  # the live copies agree; any dirt is about copies not live
+            key = (layer.id, page)
+            gens_now = tuple(statuses[i][2] for i in live)
+            urgent = any(state.get(part[i]) is not cm.ServerState.UP or i not in up for i in live)
+            if not urgent and self._seen_dirty.get(key) != gens_now:
+                # Dirt on a page whose copies are all trusted is most often a write whose
+                # tokens are still on their way: look again next round, and resync only if
+                # nothing changed meanwhile (a hot page is left to its writer).
+                self._seen_dirty[key] = gens_now
+                self.progress.deferred += 1
+                return False
+            self._seen_dirty.pop(key, None)
             auth = authoritative({i: statuses[i][:2] for i in up})
             if auth is None:
                 return not any(st != PageState.ABSENT for st, _, _ in statuses.values())
@@ -419,16 +439,17 @@ class Worker:
 
     async def scrub(self, name: str, report: ScrubReport | None = None) -> ScrubReport:
         """Compare every copy of every page of volume ``name`` that some live copy holds:
-        READ verifies each copy's checksums (a copy that fails is quarantined by its
-        server), the bytes are compared, and a page whose copies differ is repaired from
-        the authoritative copy like a resync (conditional WRITE, MARK_CLEAN by CAS)."""
+        CHECKSUM makes each server verify its copy against its block checksums (a copy
+        that fails is quarantined) and answer the page's crc32c; only where the digests
+        differ are bytes read, from the authoritative copy, and the page repaired like a
+        resync (conditional WRITE, MARK_CLEAN by CAS)."""
         report = report or ScrubReport(name, time.time())
         try:
-            cmap = self.service.published
-            volume = None if cmap is None else cmap.volumes.get(name)
-            if cmap is None or volume is None:
-                raise LaminaError(f"no volume {name!r} in the published map")
-            epoch = cmap.published_epoch
+            cmap = self.service.map
+            volume = cmap.volumes.get(name)
+            if volume is None:
+                raise LaminaError(f"no volume {name!r}")
+            epoch = cmap.epoch
             state = {sid: s.state for sid, s in cmap.servers.items()}
             sem = asyncio.Semaphore(self.parallel)
             for lid in volume.layers:
@@ -487,27 +508,15 @@ class Worker:
         size = volume.page_size
         try:
             statuses: dict[int, tuple[int, int, int]] = {}
-            contents: dict[int, bytes] = {}
+            digests: dict[int, tuple[bool, int]] = {}  # (holds data or zeros, crc)
             corrupt: set[int] = set()
-            for i in live:
-                reply = await self._call(
-                    part[i], m.StatusRequest(volume.id, epoch, layer.id, (page,))
-                )
-                assert isinstance(reply, m.StatusResponse)
-                _, st, mask, gen = reply.entries[0]
-                statuses[i] = (st, mask, gen)
-                if st == PageState.QUARANTINED:
-                    corrupt.add(i)
-                    continue
-                if st != PageState.PRESENT:
-                    contents[i] = bytes(size)
-                    continue
+            for i in live:  # checksums first: each copy is verified where it is stored
                 await self._throttle(size)
                 try:
-                    read, data = await self._call_with_payload(
-                        part[i], m.ReadRequest(volume.id, epoch, layer.id, page, size, 0, size)
+                    summed = await self._call(
+                        part[i], m.ChecksumRequest(volume.id, epoch, layer.id, page, size)
                     )
-                except Corrupt:  # now quarantined by its server, at a new generation
+                except Corrupt:  # quarantined by its server, now or earlier
                     corrupt.add(i)
                     again = await self._call(
                         part[i], m.StatusRequest(volume.id, epoch, layer.id, (page,))
@@ -515,13 +524,13 @@ class Worker:
                     assert isinstance(again, m.StatusResponse)
                     statuses[i] = again.entries[0][1:]
                     continue
-                assert isinstance(read, m.ReadResponse)
-                report.bytes_read += size
-                contents[i] = bytes(data)
-                statuses[i] = (read.state, read.mask, read.generation)
+                assert isinstance(summed, m.ChecksumResponse)
+                statuses[i] = (summed.state, summed.mask, summed.generation)
+                holds = summed.state in (PageState.PRESENT, PageState.ZERO)
+                digests[i] = (holds, summed.crc)
             report.pages_checked += 1
             report.corrupt += len(corrupt)
-            if not corrupt and len(set(contents.values())) <= 1:
+            if not corrupt and len(set(digests.values())) <= 1:
                 return
             report.mismatches += 1
             good = {i: statuses[i][:2] for i in up if i not in corrupt}
@@ -529,8 +538,19 @@ class Worker:
             if auth is None:
                 report.errors += 1
                 return
-            data = contents[auth]
-            targets = [t for t in live if t != auth and (t in corrupt or contents.get(t) != data)]
+            data: bytes | bytearray = bytes(size)  # bytes only where the checksums differ
+            if statuses[auth][0] == PageState.PRESENT:
+                read, data = await self._call_with_payload(
+                    part[auth], m.ReadRequest(volume.id, epoch, layer.id, page, size, 0, size)
+                )
+                assert isinstance(read, m.ReadResponse)
+                report.bytes_read += size
+                if read.generation != statuses[auth][2]:
+                    report.errors += 1  # it changed meanwhile: a write in flight
+                    return
+            targets = [
+                t for t in live if t != auth and (t in corrupt or digests[t] != digests[auth])
+            ]
             await self._repair(
                 volume, layer, page, epoch, part, live, auth, data, statuses, targets
             )
@@ -591,11 +611,13 @@ class Worker:
         return any(not statuses[k][1] & (1 << t) for k in live)
 
     async def _throttle(self, nbytes: int) -> None:
-        """Wait so that copies average at most ``rate_limit`` bytes per second."""
+        """Wait so that copies average at most ``rate_limit`` bytes per second (bursts of
+        at most ``THROTTLE_BURST`` seconds' worth)."""
         if not self.rate_limit:
             return
         now = time.monotonic()
-        self._budget = min(self.rate_limit, self._budget + (now - self._budget_t) * self.rate_limit)
+        burst = self.rate_limit * THROTTLE_BURST
+        self._budget = min(burst, self._budget + (now - self._budget_t) * self.rate_limit)
         self._budget_t = now
         self._budget -= nbytes
         if self._budget < 0:
@@ -621,14 +643,22 @@ class Worker:
     async def _call_with_payload(
         self, sid: str, msg: m.Message, payload: bytes | bytearray = b""
     ) -> tuple[m.Message, bytes | bytearray]:
-        client = await self._client(sid)
-        try:
-            async with asyncio.timeout(10.0):
-                return await client.call_with_payload(msg, payload)
-        except TimeoutError:
-            self._clients.pop(sid, None)
-            client.close()
-            raise
+        for attempt in range(CATCH_UP_RETRIES):
+            client = await self._client(sid)
+            try:
+                async with asyncio.timeout(10.0):
+                    return await client.call_with_payload(msg, payload)
+            except TimeoutError:
+                self._clients.pop(sid, None)
+                client.close()
+                raise
+            except Unavailable as exc:
+                # the server has not learnt the map's epoch yet (it asks at its next lease
+                # renewal): a moment later it has
+                if "catching up" not in exc.message or attempt == CATCH_UP_RETRIES - 1:
+                    raise
+                await asyncio.sleep(0.1)
+        raise AssertionError("unreachable")
 
     async def _call(self, sid: str, msg: m.Message) -> m.Message:
         reply, _ = await self._call_with_payload(sid, msg)

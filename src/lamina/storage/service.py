@@ -28,6 +28,8 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from crc32c import crc32c
+
 from lamina.errors import (
     BadRequest,
     Conflict,
@@ -94,6 +96,7 @@ class StorageService:
             m.DeleteLayerRequest: self.delete_layer,
             m.SetEpochRequest: self.set_epoch,
             m.FlushRequest: self.flush,
+            m.ChecksumRequest: self.checksum,
         }
 
     # -- RequestHandler ---------------------------------------------------------------------
@@ -291,6 +294,19 @@ class StorageService:
             msg.volume_id, msg.layer_id, msg.page_size, msg.page, data, msg.mask
         )
         return m.CreateResponse(created, gen), b""
+
+    def checksum(self, msg: m.ChecksumRequest, payload: Payload) -> Result:
+        self._admit(msg)
+        self.store.check_layer(msg.volume_id, msg.layer_id, msg.page_size)
+        info = self.store.info(msg.layer_id, msg.page)
+        if info.state == PageState.QUARANTINED:
+            raise Corrupt(f"page {msg.page} of layer {msg.layer_id} is quarantined")
+        crc = 0
+        if info.state == PageState.PRESENT:
+            crc = crc32c(self.store.read(msg.layer_id, msg.page, 0, msg.page_size))
+        elif info.state == PageState.ZERO:
+            crc = crc32c(bytes(msg.page_size))
+        return m.ChecksumResponse(int(info.state), info.generation, info.mask, crc), b""
 
     def status(self, msg: m.StatusRequest, payload: Payload) -> Result:
         self._admit(msg)

@@ -52,6 +52,7 @@ class Op(IntEnum):
     DELETE_LAYER = 18
     SET_EPOCH = 19
     FLUSH = 20
+    CHECKSUM = 21
     LEASE = 30
 
 
@@ -652,6 +653,35 @@ class SetEpochRequest(Message):
 @dataclass(frozen=True, slots=True)
 class SetEpochResponse(Message):
     epoch: int = w_u64()
+
+
+@request(Op.CHECKSUM)
+@dataclass(frozen=True, slots=True)
+class ChecksumRequest(DataRequest):
+    """The crc32c of a whole page copy, computed where it is stored: its data is read and
+    verified against its block checksums first (a mismatch: CORRUPT, the page is then
+    quarantined), and only the digest crosses the network (scrub: checksums first)."""
+
+    volume_id: int = w_u64()
+    epoch: int = w_u64()
+    layer_id: int = w_u64()
+    page: int = w_u64()
+    page_size: int = w_page_size()
+
+    def _validate(self) -> None:
+        _check_page(self.page, self.page_size)
+
+
+@response(Op.CHECKSUM)
+@dataclass(frozen=True, slots=True)
+class ChecksumResponse(Message):
+    """``crc`` is the crc32c of the page's bytes (a ZERO page: of page_size zero bytes;
+    an ABSENT or TOMBSTONE page: 0)."""
+
+    state: int = w_u8()
+    generation: int = w_u64()
+    mask: int = w_u32()
+    crc: int = w_u32()
 
 
 @request(Op.FLUSH)
