@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -120,6 +121,7 @@ class LeaderDuties:
         self.rereplicate_after = rereplicate_after
         self.rereplication_problems: dict[str, str] = {}
         self._down_since: dict[str, float] = {}
+        self._pushing: dict[str, asyncio.Task[None]] = {}
         self._leading_since = 0.0
 
     # -- RequestHandler ----------------------------------------------------------------
@@ -180,10 +182,12 @@ class LeaderDuties:
             ):
                 log.warning("storage server %s: lease over, marking it down", sid)
                 self._propose(cm.SetServerState(sid, cm.ServerState.DOWN))
-        if cmap.published_epoch < cmap.epoch and self.table.may_publish(
-            cmap.epoch, publication_waits_for(cmap), now
-        ):
-            self._propose(cm.Publish(cmap.epoch))
+        if cmap.published_epoch < cmap.epoch:
+            waits = publication_waits_for(cmap)
+            if self.table.may_publish(cmap.epoch, waits, now):
+                self._propose(cm.Publish(cmap.epoch))
+            elif self.key is not None:
+                self._push_epoch(cmap, waits)
         if now >= self._next_expiry:
             self._next_expiry = now + EXPIRY_PERIOD
             self.expire_sessions(cmap, now)
@@ -194,6 +198,40 @@ class LeaderDuties:
             and (self._reclaiming is None or self._reclaiming.done())
         ):
             self._reclaiming = asyncio.ensure_future(self.reclaim_once())
+
+    def _push_epoch(self, cmap: cm.ClusterMap, waits: set[str]) -> None:
+        """SET_EPOCH to every live server the publication waits for: its answer is an
+        acknowledgement like the epoch of its next LEASE request, only sooner (clients
+        then wait for a new map a round trip, not a lease renewal)."""
+        for sid in sorted(waits):
+            server = cmap.servers.get(sid)
+            if (
+                server is None
+                or server.state not in (cm.ServerState.UP, cm.ServerState.RECOVERING)
+                or self.table.acked.get(sid, 0) >= cmap.epoch
+                or sid in self._pushing
+            ):
+                continue
+            task = asyncio.ensure_future(
+                self._push(sid, server.addr, cmap.epoch, fences_of(cmap, sid))
+            )
+            self._pushing[sid] = task
+            task.add_done_callback(functools.partial(self._pushed, sid))
+
+    def _pushed(self, sid: str, task: asyncio.Task[None]) -> None:
+        self._pushing.pop(sid, None)
+
+    async def _push(
+        self, sid: str, addr: str, epoch: int, fences: tuple[tuple[int, int], ...]
+    ) -> None:
+        try:
+            reply = await self._call(addr, m.SetEpochRequest(epoch, fences), 1.0, 2.0)
+        except (LaminaError, OSError, TimeoutError) as exc:
+            log.debug("SET_EPOCH %d to %s: %s", epoch, sid, exc)
+            return
+        assert isinstance(reply, m.SetEpochResponse)
+        if self.table.leading:
+            self.table.acked[sid] = max(self.table.acked.get(sid, 0), reply.epoch)
 
     def rereplicate(self, cmap: cm.ClusterMap, now: float) -> None:
         """Re-replicate the copies of every server ``down`` for ``rereplicate_after``
@@ -343,7 +381,7 @@ class LeaderDuties:
     async def close(self) -> None:
         if self._reclaiming is not None:
             self._reclaiming.cancel()
-        for check in list(self._checks.values()):
+        for check in [*self._checks.values(), *self._pushing.values()]:
             check.cancel()
         for task in list(self._tasks):
             task.cancel()
