@@ -21,10 +21,13 @@ from lamina.localcluster import down
 MiB = 1 << 20
 
 
-def lamina(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run the lamina CLI; the finished process (check its returncode yourself)."""
+def lamina(
+    *args: str, timeout: float = 120, prefix: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Run the lamina CLI (after ``prefix``, e.g. ``ip netns exec NS``); the finished
+    process (check its returncode yourself)."""
     return subprocess.run(
-        [sys.executable, "-m", "lamina", *args],
+        [*prefix, sys.executable, "-m", "lamina", *args],
         capture_output=True, text=True, timeout=timeout, check=False,
     )  # fmt: skip
 
@@ -65,16 +68,19 @@ class Exporter:
 
 
 class LocalCluster:
-    """A cluster started with `lamina up` under ``root``."""
+    """A cluster started with `lamina up` under ``root``.  Its CLI commands and exporters
+    run after ``prefix`` (e.g. ``ip netns exec NS``: in a network namespace)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, prefix: tuple[str, ...] = ()) -> None:
         self.root = root
+        self.prefix = prefix
         self.cluster_file = root / "cluster.toml"
         self._exporters: list[Exporter] = []
         self._n = 0
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return lamina(*args, "--cluster", str(self.cluster_file), timeout=timeout)
+        return lamina(*args, "--cluster", str(self.cluster_file), timeout=timeout,
+                      prefix=self.prefix)  # fmt: skip
 
     def up(self, managers: int = 1, servers: int = 2, *extra: str) -> dict[str, Any]:
         done = lamina(
@@ -119,7 +125,7 @@ class LocalCluster:
         with log.open("wb") as out:
             proc = subprocess.Popen(
                 [
-                    sys.executable, "-m", "lamina", "nbd", volume, *where,
+                    *self.prefix, sys.executable, "-m", "lamina", "nbd", volume, *where,
                     "--cluster", str(self.cluster_file), *extra,
                 ],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -179,3 +185,43 @@ def random_file(path: Path, size: int, seed: int = 1) -> Path:
             left -= n
     os.sync()
     return path
+
+
+#: the verified writer of the fault tests: random writes of 4-64 KiB, 8 in flight, each
+#: block stamped with a crc32c that fio checks when it reads the region back
+FIO_VERIFY = (
+    "--rw=randwrite", "--bsrange=4k-64k", "--iodepth=8", "--verify=crc32c",
+    "--verify_fatal=1", "--do_verify=1", "--thread", "--output-format=json",
+)  # fmt: skip
+
+
+def start_fio(
+    uri: str, cwd: Path, *extra: str, prefix: tuple[str, ...] = ()
+) -> subprocess.Popen[bytes]:
+    """Start fio's nbd engine on ``uri`` with ``FIO_VERIFY`` and ``extra`` (size, rate,
+    --verify_only ...); its state files land in ``cwd``.  ``prefix`` goes before the
+    command (e.g. ``ip netns exec NS``)."""
+    return subprocess.Popen(
+        [*prefix, "fio", "--name=verified", "--ioengine=nbd", f"--uri={uri}", *FIO_VERIFY,
+         *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd,
+    )  # fmt: skip
+
+
+def fio_result(proc: subprocess.Popen[bytes], timeout: float = 120) -> dict[str, Any]:
+    """Wait for a fio job started by :func:`start_fio`; its one job's JSON result, after
+    checking that fio exited 0 and the job reports no error."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"fio did not finish in {timeout}s: {err.decode()[-2000:]}") from None
+    text = err.decode(errors="replace")[-2000:] + out.decode(errors="replace")[-2000:]
+    assert proc.returncode == 0, f"fio exited {proc.returncode}: {text}"
+    assert b"{" in out, text
+    doc = json.loads(out[out.index(b"{") :])
+    (job,) = doc["jobs"]
+    assert job["error"] == 0, f"fio job error {job['error']}: {text}"
+    result: dict[str, Any] = job
+    return result
