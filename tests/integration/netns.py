@@ -9,10 +9,11 @@ them (nothing is added to the host's own network):
 - ``managers`` (10.213.0.2): the manager m1;
 - ``server`` (10.213.0.3): storage server s2.
 
-The bridge joins the three.  :meth:`Namespaces.cut` adds a blackhole route to each side
-of the managers-s2 path (and :meth:`Namespaces.heal` removes them): s2 can then neither
-renew its lease nor be reached by the manager, while s1, the exporter and the CLI reach
-both.  Ports are fixed: each namespace starts with no sockets of its own.
+The bridge joins the three.  :meth:`Namespaces.cut` parts s2 from the managers (or from
+the client namespace) both ways, and :meth:`Namespaces.heal` joins them again: cut from
+the managers, s2 can neither renew its lease nor be reached by the manager, while s1,
+the exporter and the CLI reach both.  Ports are fixed: each namespace starts with no
+sockets of its own.
 """
 
 from __future__ import annotations
@@ -70,15 +71,25 @@ class Namespaces:
             ip("-n", c, "link", "set", port, "up")
             ip("-n", ns, "addr", "add", f"{addr}/24", "dev", "eth0")
             ip("-n", ns, "link", "set", "eth0", "up")
+        # in s2's namespace the rules of a cut come before the local table (pref 0 by
+        # default), which would otherwise take every packet addressed to s2
+        ip("-n", self.server, "rule", "add", "pref", "100", "lookup", "local")
+        ip("-n", self.server, "rule", "del", "pref", "0")
 
-    def cut(self) -> None:
-        """Drop every packet between the managers and s2, both ways."""
-        ip("-n", self.server, "route", "add", "blackhole", f"{MANAGERS}/32")
-        ip("-n", self.managers, "route", "add", "blackhole", f"{SERVER}/32")
+    def cut(self, peer: str = MANAGERS, *, one_way: bool = False) -> None:
+        """Drop the packets between s2 and ``peer`` (MANAGERS, or CLIENT: the exporter, the
+        CLI and s1) in s2's namespace: those from ``peer`` as they arrive (the peer's TCP
+        sees only silence and retransmits until healed) and, unless ``one_way``, those s2
+        sends to ``peer`` (a blackhole route)."""
+        ip("-n", self.server, "rule", "add", "pref", "10", "from", peer, "iif", "eth0",
+           "blackhole")  # fmt: skip
+        if not one_way:
+            ip("-n", self.server, "route", "add", "blackhole", f"{peer}/32")
 
-    def heal(self) -> None:
-        ip("-n", self.server, "route", "del", "blackhole", f"{MANAGERS}/32")
-        ip("-n", self.managers, "route", "del", "blackhole", f"{SERVER}/32")
+    def heal(self, peer: str = MANAGERS, *, one_way: bool = False) -> None:
+        ip("-n", self.server, "rule", "del", "pref", "10")
+        if not one_way:
+            ip("-n", self.server, "route", "del", "blackhole", f"{peer}/32")
 
     def remove(self) -> None:
         for ns in reversed(self.made):

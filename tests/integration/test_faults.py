@@ -4,7 +4,9 @@ fio writes random blocks through `lamina nbd` to a 2-replica striped volume, eac
 stamped with a crc32c, and reads the whole region back; meanwhile one fault is injected:
 a storage server killed and restarted, a storage server paused past its lease, the
 manager leader killed, a storage server cut off from the managers, bytes rotting on one
-copy.  After each: fio saw no I/O error and every block read back as written (DESIGN
+copy.  One more test cuts what the client sends to a storage server, under a writer that
+overwrites the same blocks (tests/integration/rewriter.py), which fio's write-once
+verification could not judge; it shows a lost update (marked xfail).  After each: fio saw no I/O error and every block read back as written (DESIGN
 section 10, invariants 1 and 2); once the cluster is quiet, `lamina volume scrub` finds
 every copy of every page identical (invariant 3), and a second fio pass (`--verify_only`)
 reads everything back again.
@@ -13,9 +15,11 @@ reads everything back again.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,13 +29,14 @@ import pytest
 from lamina.errors import LaminaError, NoLease, StaleEpoch, Unavailable
 from lamina.wire import messages as m
 from lamina.wire.connection import Client
-from tests.integration.netns import SERVER, netns_cluster
+from tests.integration.netns import CLIENT, SERVER, netns_cluster
 from tests.integration.test_driver import storage_client, volume_info
 from tests.integration.test_resync import copies_of, scrub, server_state, status, wait_state
 from tests.integration.volumes import (
     Exporter,
     LocalCluster,
     MiB,
+    finished,
     fio_result,
     local_cluster,
     start_fio,
@@ -322,3 +327,70 @@ def test_a_storage_server_cut_off_from_the_managers(tmp_path: Path) -> None:
         missed(lc)
         # the exporter reached s2 during the cut and was refused, not cut off
         assert "s2 failed a request: NO_LEASE" in exporter.log.read_text(), exporter.log_text()
+
+
+def rewriter(lc: LocalCluster, *args: str) -> subprocess.Popen[bytes]:
+    """tests/integration/rewriter.py with ``args``, in the cluster's namespace."""
+    script = Path(__file__).with_name("rewriter.py")
+    return subprocess.Popen(
+        [*lc.prefix, sys.executable, str(script), args[0], str(lc.cluster_file), "v", *args[1:]],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+
+def rewriter_report(proc: subprocess.Popen[bytes], timeout: float = 120) -> dict[str, Any]:
+    """The JSON report of a finished rewriter (which must exit 0)."""
+    out, err = finished(proc, "the rewriter", timeout)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    report: dict[str, Any] = json.loads(out)
+    return report
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="product bug: lost update.  The driver gives up a connection whose writes are "
+    "unacknowledged (request_timeout) and redoes them at the same epoch on a new one, as "
+    "the server was not marked down (it answers the manager's PING).  The kernel still "
+    "retransmits the old connection's writes; s2 applies them on arrival over newer "
+    "acknowledged ones (a page whose cleared mask is already durable takes a write at "
+    "once), and their never-confirmed clear mask makes s2's stale copy the authoritative "
+    "one, so resync copies the old bytes over the good copy too.",
+)
+def test_a_storage_server_cut_off_from_the_client(tmp_path: Path) -> None:
+    """(d') What the client sends to s2 stops arriving (one way: s2 keeps its path to the
+    manager, and so its lease, and its answers still reach the client) while a writer
+    overwrites the same blocks round after round.  The writes wait: s2 answers the
+    manager's PING, so it is not marked down, and the driver gives up its connection to
+    s2 with unacknowledged writes in it.  Healed, the writes are redone on a new
+    connection at the same epoch and the writer goes on, then moves to other blocks of
+    the same pages; the kernel still retransmits the old connection's writes, which reach
+    s2 about 12.6 s after the cut.  No block may read back older than its last
+    acknowledged write, neither then nor once the cluster is quiet."""
+    with netns_cluster(tmp_path / "cluster") as lc:
+        lc.create_volume("v", VOLUME, replicas=2, stripe=2)
+        state, switch, stop = tmp_path / "acked.json", tmp_path / "switch", tmp_path / "stop"
+        writer = rewriter(lc, "write", str(state), str(switch), str(stop), "2")
+        time.sleep(3.0)
+        assert writer.poll() is None, writer.communicate()
+        lc.nets.cut(CLIENT, one_way=True)
+        try:
+            # the driver gives up the connection after 5-6 s; its kernel retransmits the
+            # writes in it about 0.2, 0.6, 1.4, 3.0, 6.2 (all lost) and 12.6 s after the cut
+            time.sleep(7.0)
+            assert server_state(lc, "s2") == "up"  # it holds its lease all along
+        finally:
+            lc.nets.heal(CLIENT, one_way=True)
+        time.sleep(2.5)  # a new connection, the writes redone, a few more rounds
+        switch.touch()  # from now on only the side blocks are written
+        time.sleep(6.0)  # the old connection's writes land meanwhile
+        stop.touch()
+        report = rewriter_report(writer)
+        assert report["errors"] == [], report
+        assert report["rounds"] > 5, report
+        assert report["wrong"] == [], report
+        wait_quiet(lc)
+        first = scrub(lc, "v")
+        again = rewriter_report(rewriter(lc, "check", str(state)))
+        assert again["wrong"] == [], (again, first)
+        assert (first["mismatches"], first["corrupt"], first["errors"]) == (0, 0, 0), first

@@ -208,15 +208,23 @@ def start_fio(
     )  # fmt: skip
 
 
+def finished(proc: subprocess.Popen[bytes], what: str, timeout: float) -> tuple[bytes, bytes]:
+    """The output and error output of ``proc`` once it exits; killed, and the test failed,
+    if it runs longer than ``timeout`` seconds."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(
+            f"{what} did not finish in {timeout}s: {err.decode()[-2000:]}"
+        ) from None
+
+
 def fio_result(proc: subprocess.Popen[bytes], timeout: float = 120) -> dict[str, Any]:
     """Wait for a fio job started by :func:`start_fio`; its one job's JSON result, after
     checking that fio exited 0 and the job reports no error."""
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        raise AssertionError(f"fio did not finish in {timeout}s: {err.decode()[-2000:]}") from None
+    out, err = finished(proc, "fio", timeout)
     text = err.decode(errors="replace")[-2000:] + out.decode(errors="replace")[-2000:]
     assert proc.returncode == 0, f"fio exited {proc.returncode}: {text}"
     assert b"{" in out, text
