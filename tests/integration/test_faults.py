@@ -4,12 +4,14 @@ fio writes random blocks through `lamina nbd` to a 2-replica striped volume, eac
 stamped with a crc32c, and reads the whole region back; meanwhile one fault is injected:
 a storage server killed and restarted, a storage server paused past its lease, the
 manager leader killed, a storage server cut off from the managers, bytes rotting on one
-copy.  One more test cuts what the client sends to a storage server, under a writer that
-overwrites the same blocks (tests/integration/rewriter.py), which fio's write-once
-verification could not judge; it shows a lost update (marked xfail).  After each: fio saw no I/O error and every block read back as written (DESIGN
+copy.  After each: fio saw no I/O error and every block read back as written (DESIGN
 section 10, invariants 1 and 2); once the cluster is quiet, `lamina volume scrub` finds
 every copy of every page identical (invariant 3), and a second fio pass (`--verify_only`)
 reads everything back again.
+
+One more test cuts what the client sends to a storage server, under a writer that
+overwrites the same blocks (tests/integration/rewriter.py), which fio's write-once
+verification could not judge; it shows a lost update (marked xfail).
 """
 
 from __future__ import annotations
