@@ -11,7 +11,8 @@ reads everything back again.
 
 One more test cuts what the client sends to a storage server, under a writer that
 overwrites the same blocks (tests/integration/rewriter.py), which fio's write-once
-verification could not judge; it shows a lost update (marked xfail).
+verification could not judge: no acknowledged overwrite may be lost to a write that was
+redone after its connection was given up.
 """
 
 from __future__ import annotations
@@ -348,17 +349,6 @@ def rewriter_report(proc: subprocess.Popen[bytes], timeout: float = 120) -> dict
     return report
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="product bug: lost update.  The driver gives up a connection whose writes are "
-    "unacknowledged (request_timeout) and redoes them at the same epoch on a new one, as "
-    "the server was not marked down (it answers the manager's PING).  The kernel still "
-    "retransmits the old connection's writes; s2 applies them on arrival over newer "
-    "acknowledged ones (a page whose cleared mask is already durable takes a write at "
-    "once), and their never-confirmed clear mask makes s2's stale copy the authoritative "
-    "one, so resync copies the old bytes over the good copy too.",
-)
 def test_a_storage_server_cut_off_from_the_client(tmp_path: Path) -> None:
     """(d') What the client sends to s2 stops arriving (one way: s2 keeps its path to the
     manager, and so its lease, and its answers still reach the client) while a writer
@@ -367,7 +357,9 @@ def test_a_storage_server_cut_off_from_the_client(tmp_path: Path) -> None:
     s2 with unacknowledged writes in it.  Healed, the writes are redone on a new
     connection at the same epoch and the writer goes on, then moves to other blocks of
     the same pages; the kernel still retransmits the old connection's writes, which reach
-    s2 about 12.6 s after the cut.  No block may read back older than its last
+    s2 about 12.6 s after the cut, unless the driver reset the abandoned connection
+    (it does: SO_LINGER 0, so nothing queued on it is ever delivered).  No block may read
+    back older than its last
     acknowledged write, neither then nor once the cluster is quiet."""
     with netns_cluster(tmp_path / "cluster") as lc:
         lc.create_volume("v", VOLUME, replicas=2, stripe=2)

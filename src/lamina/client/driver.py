@@ -316,7 +316,7 @@ class Cluster:
                         "storage server %s answered nothing for %.1f s; reconnecting", sid, stalled
                     )
                     self._clients.pop(sid, None)
-                    client.close()
+                    client.abandon()  # and everything queued on it, so nothing lands late
 
     def report(self, sid: str, error: BaseException) -> None:
         """Tell the managers (at most once a second per server) that ``sid`` failed."""

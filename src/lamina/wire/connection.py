@@ -23,6 +23,7 @@ import contextlib
 import itertools
 import logging
 import socket
+import struct
 import time
 from collections.abc import Awaitable, Coroutine
 from typing import Any, Protocol, TypeVar, cast
@@ -473,6 +474,20 @@ class Client:
     def close(self) -> None:
         if self._proto.transport is not None:
             self._proto.transport.close()
+
+    def abandon(self) -> None:
+        """Drop the connection *and every byte not yet delivered*: the socket is reset
+        (SO_LINGER 0), so the kernel neither retransmits requests queued in it nor lets
+        them reach the server late.  For a connection given up with requests in flight:
+        a write the server had not received must never land after it was redone."""
+        transport = self._proto.transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
 
     async def __aenter__(self) -> Client:
         return self
