@@ -140,6 +140,7 @@ class Cluster:
         self._keepalive: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._reported: dict[str, float] = {}
+        self._generation = 0
         self.keepalive_interval = 1.0
         self.closed = False
 
@@ -253,9 +254,11 @@ class Cluster:
         addr = self._addrs.get(sid)
         if addr is None:
             raise Unavailable(f"storage server {sid} is not in the map")
+        self._generation += 1  # a newer connection makes the server drop older ones
         client = await Client.connect(
             addr[0], addr[1], self.key, peer=f"driver {self.host}:{self.pid}",
-            timeout=self.request_timeout,
+            timeout=self.request_timeout, client_id=self.session,
+            generation=self._generation,
         )  # fmt: skip
         if client.server_id != sid:
             client.close()

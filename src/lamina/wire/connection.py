@@ -75,6 +75,11 @@ def _nodelay(transport: asyncio.BaseTransport) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+#: per request handler (one server), the newest authenticated connection of each client
+#: that names itself in HELLO: client -> (generation, connection)
+_NEWEST: dict[int, dict[str, tuple[int, ServerConnection]]] = {}
+
+
 class ServerConnection(asyncio.BufferedProtocol):
     """One accepted connection of a server role."""
 
@@ -88,6 +93,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._transport: asyncio.Transport | None = None
         self._authenticated = False
         self._client_nonce: bytes | None = None
+        self._claim: tuple[str, int] = ("", 0)  # (client, generation) named in HELLO
         self._server_nonce = hs.new_nonce()
         self._tasks: set[asyncio.Task[None]] = set()
         self._peer = "?"
@@ -118,6 +124,38 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._transport = None
         for task in self._tasks:
             task.cancel()
+        client = self._claim[0]
+        newest = _NEWEST.get(id(self._handler), {})
+        if client and newest.get(client, (0, None))[1] is self:
+            del newest[client]
+
+    def _supersede(self) -> bool:
+        """Register this connection as its client's newest; drop (abort: unread input
+        is discarded, requests waiting are cancelled) an older one.  False if a newer
+        connection of the client is already open: this one is stale."""
+        client, generation = self._claim
+        if not client:
+            return True
+        newest = _NEWEST.setdefault(id(self._handler), {})
+        known = newest.get(client)
+        if known is not None and known[1] is not self:
+            if known[0] > generation:
+                log.warning("refused a stale connection of %s (%d < %d)", client, generation,
+                            known[0])  # fmt: skip
+                return False
+            log.info("connection %d of %s replaces %d", generation, client, known[0])
+            known[1].abort()
+        newest[client] = (generation, self)
+        return True
+
+    def abort(self) -> None:
+        """Drop the connection at once, unread input and waiting requests included."""
+        transport = self._transport
+        self._transport = None
+        for task in self._tasks:
+            task.cancel()
+        if transport is not None:
+            transport.abort()
 
     # Reading pauses while the peer does not drain our answers, and while too many of
     # its requests wait (each may hold a payload of up to 16 MiB).
@@ -249,6 +287,7 @@ class ServerConnection(asyncio.BufferedProtocol):
                     f"this server {hs.SUPPORTED_VERSIONS[0]}..{hs.SUPPORTED_VERSIONS[1]}"
                 )
             self._client_nonce = msg.nonce
+            self._claim = (msg.client, msg.generation)
             proof = hs.server_proof(self._key, msg.nonce, self._server_nonce)
             reply = m.HelloResponse(version, self._server_nonce, proof, self._handler.server_id)
             self._send_reply(frame.op, frame.request_id, (reply, b""))
@@ -259,6 +298,12 @@ class ServerConnection(asyncio.BufferedProtocol):
             except AuthFailed as exc:
                 log.warning("refused %s: %s", self._peer, exc.message)
                 self._send_error(frame.op, frame.request_id, exc)
+                self._close()
+                return
+            if not self._supersede():
+                self._send_error(frame.op, frame.request_id, AuthFailed(
+                    "a newer connection of this client is open: this one is stale"
+                ))  # fmt: skip
                 self._close()
                 return
             self._authenticated = True
@@ -383,6 +428,8 @@ class Client:
         key: bytes,
         peer: str = "client",
         timeout: float = 10.0,
+        client_id: str = "",
+        generation: int = 0,
     ) -> Client:
         """Connect and run the handshake; raises AuthFailed, Unavailable, ProtocolError."""
         loop = asyncio.get_running_loop()
@@ -396,7 +443,9 @@ class Client:
             async with asyncio.timeout(timeout):
                 my_nonce = hs.new_nonce()
                 lo, hi = hs.SUPPORTED_VERSIONS
-                hello = await client.call(m.HelloRequest(lo, hi, my_nonce, peer[:64]))
+                hello = await client.call(
+                    m.HelloRequest(lo, hi, my_nonce, peer[:64], client_id, generation)
+                )
                 assert isinstance(hello, m.HelloResponse)
                 hs.check_proof(hs.server_proof(key, my_nonce, hello.nonce), hello.proof)
                 proof = hs.client_proof(key, hello.nonce, my_nonce)

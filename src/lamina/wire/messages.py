@@ -181,8 +181,8 @@ def w_page_size() -> Any:
     )
 
 
-def w_text(max_len: int = 64) -> Any:
-    return _f(_text(max_len), f"v.__class__ is str and len(v) <= {max_len}")
+def w_text(max_len: int = 64, default: Any = dataclasses.MISSING) -> Any:
+    return _f(_text(max_len), f"v.__class__ is str and len(v) <= {max_len}", default)
 
 
 def w_nonce() -> Any:
@@ -388,10 +388,16 @@ def _check_range(page_size_: int, offset: int, length: int) -> None:
 @request(Op.HELLO)
 @dataclass(frozen=True, slots=True)
 class HelloRequest(Message):
+    """``client`` and ``generation``: a client that reconnects names itself and numbers
+    its connections; once a newer one has authenticated, the server drops the older
+    ones and whatever they still carry ("" : no such claim)."""
+
     min_version: int = w_u8()
     max_version: int = w_u8()
     nonce: bytes = w_nonce()
     peer: str = w_text()
+    client: str = w_text(default="")
+    generation: int = w_u64(0)
 
 
 @response(Op.HELLO)
