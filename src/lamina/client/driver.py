@@ -1016,8 +1016,10 @@ class Volume:
             attempt += 1
             absent = [e for e in errors if isinstance(e, NotFound)]
             if absent and len(absent) == len(errors):
+                # every copy written said NOT_FOUND: nobody in the top layer holds the page
+                everywhere = len(absent) == len(view.writable(layer.partition(ext.page)))
                 try:
-                    await self._copy_up(view, layer, ext.page, deadline)
+                    await self._copy_up(view, layer, ext.page, deadline, everywhere)
                 except (LaminaError, Failed) as exc:
                     await self._recover(view, [exc], deadline, attempt, f"copy-up of {ext.page}")
                 continue
@@ -1076,16 +1078,26 @@ class Volume:
         return []
 
     async def _copy_up(
-        self, view: VolumeView, layer: LayerView, page: int, deadline: float
+        self,
+        view: VolumeView,
+        layer: LayerView,
+        page: int,
+        deadline: float,
+        absent_everywhere: bool = False,
     ) -> None:
         """Put ``page`` into the top layer: the uppermost lower layer's copy of it, or
-        zeros; CREATE_IF_ABSENT makes a late or repeated copy-up harmless [0050]."""
+        zeros; CREATE_IF_ABSENT makes a late or repeated copy-up harmless [0050].
+        ``absent_everywhere``: every copy of the top layer just said it lacks the page
+        (the usual first write of a page), so there is no holder to look for."""
         data: Payload | None = None
         source: LayerView | None = None
         part = layer.partition(page)
         readable = view.readable(layer, page)
-        statuses = await self._statuses(view, layer, page, view.writable(part))
-        if any(statuses[i][0] in (PageState.PRESENT, PageState.ZERO) for i in readable):
+        holders = []
+        if not absent_everywhere:
+            statuses = await self._statuses(view, layer, page, view.writable(part))
+            holders = [i for i in readable if statuses[i][0] in (PageState.PRESENT, PageState.ZERO)]
+        if holders:
             # Some up copy of the top layer holds the page: only others (a recovering copy
             # that missed its creation) lack it.  They get that copy's bytes, not the
             # lower layers' (which the page in the top layer has moved on from).
