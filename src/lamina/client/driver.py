@@ -179,12 +179,17 @@ class Cluster:
             raise LocalError("the cluster connection is closed")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.io_timeout
+        volume_name, at, _ = name.partition("@")
+        if at and not read_only:
+            raise BadRequest(f"snapshot {name} is read-only: open it read-only")
         if read_only:
             doc = await self.managers.get_map()
-            if name not in doc.get("volumes", {}):
+            try:
+                volume_view(doc, name)
+            except NotFound:
                 # just created? Wait for the map that made it to be published.
                 current = await self.managers.get_map(current=True)
-                fence = current.get("volumes", {}).get(name, {}).get("fence_epoch")
+                fence = current.get("volumes", {}).get(volume_name, {}).get("fence_epoch")
                 if isinstance(fence, int):
                     doc = await self.managers.wait_map(fence, deadline)
             view = volume_view(doc, name)
@@ -856,7 +861,7 @@ class Volume:
             tried.append(i)
             sid = part[i]
             req = m.ReadRequest(
-                view.id, view.epoch, layer.id, page, view.page_size, offset, length,
+                layer.owner, view.epoch, layer.id, page, view.page_size, offset, length,
                 self.cluster.take_tokens(sid),
             )  # fmt: skip
             try:
@@ -884,7 +889,7 @@ class Volume:
                     resp, data = await self._call(
                         part[auth],
                         m.ReadRequest(
-                            view.id, view.epoch, layer.id, page, view.page_size, offset, length
+                            layer.owner, view.epoch, layer.id, page, view.page_size, offset, length
                         ),
                     )
                     state = resp.state
@@ -905,7 +910,7 @@ class Volume:
         """{copy: (state, mask, generation)} by STATUS; raises the first failure."""
         part = layer.partition(page)
         answers = await _all(
-            self._call(part[i], m.StatusRequest(view.id, view.epoch, layer.id, (page,)))
+            self._call(part[i], m.StatusRequest(layer.owner, view.epoch, layer.id, (page,)))
             for i in copies
         )
         out = {}
@@ -955,7 +960,7 @@ class Volume:
         size = view.page_size
         if state == PageState.PRESENT:
             resp, data = await self._call(
-                part[auth], m.ReadRequest(view.id, view.epoch, layer.id, page, size, 0, size)
+                part[auth], m.ReadRequest(layer.owner, view.epoch, layer.id, page, size, 0, size)
             )
             if resp.state != PageState.PRESENT or resp.generation != gen:
                 return False
@@ -969,7 +974,7 @@ class Volume:
                 self._call(
                     part[i],
                     m.WriteRequest(
-                        view.id, view.epoch, layer.id, page, size, 0, FULL, FULL, False,
+                        layer.owner, view.epoch, layer.id, page, size, 0, FULL, FULL, False,
                         conditional=True, if_generation=statuses[i][2],
                     ),
                     data,
@@ -985,7 +990,7 @@ class Volume:
         try:
             await _all(
                 self._call(
-                    part[i], m.MarkCleanRequest(view.id, view.epoch, layer.id, page, g, mask)
+                    part[i], m.MarkCleanRequest(layer.owner, view.epoch, layer.id, page, g, mask)
                 )
                 for i, g in gens.items()
             )
@@ -1150,7 +1155,8 @@ class Volume:
         if source is not None and source.migrates_to == layer.id:
             await _all(
                 self._call(
-                    sid, m.TombstoneRequest(view.id, view.epoch, source.id, page, view.page_size)
+                    sid,
+                    m.TombstoneRequest(source.owner, view.epoch, source.id, page, view.page_size),
                 )
                 for sid in _up_copies(view, source, page)
             )

@@ -100,6 +100,9 @@ class LayerView:
     migrates_to: int | None
     #: (partition index, server) of copies being filled: written, never read
     filling: frozenset[tuple[int, str]] = frozenset()
+    #: the id of the volume the layer belongs to (a clone reads its origin's layers,
+    #: and every request about a layer names the layer's own volume); 0: the viewed one
+    owner: int = 0
 
     def partition(self, page: int) -> tuple[str, ...]:
         return self.placement[page % len(self.placement)]
@@ -185,13 +188,22 @@ def _addr(addr: Any) -> tuple[str, int]:
 
 
 def volume_view(doc: Mapping[str, Any], name: str) -> VolumeView:
-    """The view of volume ``name`` in a map document; NotFound if it has no such volume,
-    ProtocolError if the document is not a map."""
+    """The view of volume ``name`` (or of snapshot ``VOLUME@SNAPSHOT``: the volume's
+    layers up to the snapshot's) in a map document; NotFound if it has no such volume or
+    snapshot, ProtocolError if the document is not a map."""
+    volume_name, at, snapshot = name.partition("@")
     try:
         volumes = doc["volumes"]
-        if name not in volumes:
-            raise NotFound(f"no volume named {name!r}")
-        vol = volumes[name]
+        if volume_name not in volumes:
+            raise NotFound(f"no volume named {volume_name!r}")
+        vol = volumes[volume_name]
+        stack = list(vol["layers"])
+        if at:
+            # a snapshot: the stack up to and including its layer, never written
+            snaps = {s["name"]: s["layer"] for s in vol.get("snapshots") or ()}
+            if snapshot not in snaps:
+                raise NotFound(f"volume {volume_name!r} has no snapshot {snapshot!r}")
+            stack = stack[: stack.index(snaps[snapshot]) + 1]
         layer_docs = doc["layers"]
         layers = tuple(
             LayerView(
@@ -200,8 +212,9 @@ def volume_view(doc: Mapping[str, Any], name: str) -> VolumeView:
                 layer_docs[str(lid)]["role"],
                 layer_docs[str(lid)]["migrates_to"],
                 frozenset((int(p), str(sid)) for p, sid in layer_docs[str(lid)].get("filling", ())),
+                int(layer_docs[str(lid)]["volume_id"]),
             )
-            for lid in reversed(vol["layers"])
+            for lid in reversed(stack)
         )
         servers = {
             sid: ServerView(sid, *_addr(s["addr"]), s["state"]) for sid, s in doc["servers"].items()

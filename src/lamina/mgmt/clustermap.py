@@ -121,6 +121,9 @@ DEFAULT_PAGE_SIZE = 1 << 20
 MAX_REPLICAS = 8
 MAX_STRIPE = 64
 MAX_INT = (1 << 63) - 1
+#: layers in one volume's stack (snapshots, clone origins and migrations count)
+MAX_STACK = 256
+MAX_MIGRATE_SERVERS = 256
 MAX_LOCK_HOST_LEN = 255
 #: 9999-12-31T23:59:59.999Z in milliseconds: the last lock time a date can show
 MAX_SINCE_MS = 253_402_300_799_999
@@ -191,9 +194,25 @@ class Volume:
     page_size: int
     replicas: int
     stripe: int
-    layers: tuple[int, ...]  # bottom -> top
+    layers: tuple[int, ...]  # bottom -> top; the lower ones may be another volume's
     fence_epoch: int
     lock: Lock | None = None
+    #: (name, layer id, unix ms when taken), oldest first: the snapshot is the stack up
+    #: to and including that layer (one of this volume's own)
+    snapshots: tuple[tuple[str, int, int], ...] = ()
+    #: "VOLUME@SNAPSHOT" this volume was cloned from, while it shares layers with it
+    origin: str = ""
+    #: the worker is copying the shared layers into this volume's lowest own layer
+    flattening: bool = False
+    #: (target layer id, placement it came from) of each layer of a running migration:
+    #: what ``AbortMigration`` returns to; empty when no migration runs
+    migration: tuple[tuple[int, tuple[tuple[str, ...], ...]], ...] = ()
+
+    def snapshot_layer(self, name: str) -> int | None:
+        for snap, lid, _ in self.snapshots:
+            if snap == name:
+                return lid
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +276,16 @@ class ClusterMap:
             if volume.id == volume_id:
                 return volume
         return None
+
+    def own_layers(self, volume: Volume) -> tuple[int, ...]:
+        """The layers of ``volume``'s stack that are its own (a clone's bottom layers are
+        its origin's), bottom first."""
+        return tuple(lid for lid in volume.layers if self.layers[lid].volume_id == volume.id)
+
+    def stacking(self, layer_id: int) -> list[Volume]:
+        """The volumes whose stack holds layer ``layer_id`` (its owner and its clones),
+        by name."""
+        return [self.volumes[n] for n in sorted(self.volumes) if layer_id in self.volumes[n].layers]
 
     def copies_per_server(self) -> dict[str, int]:
         """Partition copies each server holds, over every layer."""
@@ -499,6 +528,139 @@ class FillDone:
 
 
 @dataclass(frozen=True, slots=True)
+class CreateSnapshot:
+    """Freeze the top layer of volume ``name`` as snapshot ``snapshot`` and push a new,
+    empty top layer on the same servers [0056]: O(1), no data moves.  ``since`` is the
+    proposer's clock in unix milliseconds."""
+
+    TAG: ClassVar[str] = "create_snapshot"
+    name: str
+    snapshot: str
+    since: int
+
+    def __post_init__(self) -> None:
+        check_id("volume name", self.name)
+        check_id("snapshot name", self.snapshot)
+        check_int("since", self.since, 0, MAX_SINCE_MS)
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteSnapshot:
+    """Forget snapshot ``snapshot`` of volume ``name``: its layer ``migrates_to`` the
+    layer above it, so the worker merges it up and the space returns [0058]."""
+
+    TAG: ClassVar[str] = "delete_snapshot"
+    name: str
+    snapshot: str
+
+    def __post_init__(self) -> None:
+        check_id("volume name", self.name)
+        check_id("snapshot name", self.snapshot)
+
+
+@dataclass(frozen=True, slots=True)
+class RollbackVolume:
+    """Make volume ``name`` read as snapshot ``snapshot`` again: the layers above the
+    snapshot are dropped and a new empty top layer is pushed on it."""
+
+    TAG: ClassVar[str] = "rollback_volume"
+    name: str
+    snapshot: str
+
+    def __post_init__(self) -> None:
+        check_id("volume name", self.name)
+        check_id("snapshot name", self.snapshot)
+
+
+@dataclass(frozen=True, slots=True)
+class CloneVolume:
+    """A new writable volume ``name`` whose lower layers are those of snapshot
+    ``snapshot`` of volume ``source`` (shared, not copied) under a new empty top layer."""
+
+    TAG: ClassVar[str] = "clone_volume"
+    source: str
+    snapshot: str
+    name: str
+
+    def __post_init__(self) -> None:
+        check_id("volume name", self.source)
+        check_id("snapshot name", self.snapshot)
+        check_id("volume name", self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class FlattenVolume:
+    """Start copying what clone ``name`` still shares into its own lowest layer."""
+
+    TAG: ClassVar[str] = "flatten_volume"
+    name: str
+
+    def __post_init__(self) -> None:
+        check_id("volume name", self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class FlattenDone:
+    """The worker copied every shared page of ``name``: drop the shared layers."""
+
+    TAG: ClassVar[str] = "flatten_done"
+    name: str
+
+    def __post_init__(self) -> None:
+        check_id("volume name", self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class MigrateVolume:
+    """Move volume ``name``'s own layers to a new placement [0048]: each layer gets a new
+    layer right above it, placed over ``servers`` (empty: every up server) with
+    ``replicas`` copies of ``stripe`` partitions (0: keep the volume's), and
+    ``migrates_to`` it; the worker moves the pages, and ``MigrationDone`` retires each
+    emptied source."""
+
+    TAG: ClassVar[str] = "migrate_volume"
+    name: str
+    servers: tuple[str, ...] = ()
+    replicas: int = 0
+    stripe: int = 0
+
+    def __post_init__(self) -> None:
+        check_id("volume name", self.name)
+        if type(self.servers) is not tuple or len(self.servers) > MAX_MIGRATE_SERVERS:
+            raise BadRequest(f"servers must be a list of at most {MAX_MIGRATE_SERVERS} ids")
+        for sid in self.servers:
+            check_id("server id", sid)
+        if len(set(self.servers)) != len(self.servers):
+            raise BadRequest("a server is listed twice")
+        check_int("replicas", self.replicas, 0, MAX_REPLICAS)
+        check_int("stripe", self.stripe, 0, MAX_STRIPE)
+
+
+@dataclass(frozen=True, slots=True)
+class AbortMigration:
+    """Send volume ``name``'s running migration back: every layer it moves to gets a new
+    layer above it on the placement it came from, and migrates there."""
+
+    TAG: ClassVar[str] = "abort_migration"
+    name: str
+
+    def __post_init__(self) -> None:
+        check_id("volume name", self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationDone:
+    """Layer ``layer`` (a migration source) holds no page any more: it leaves every stack
+    and the map, and its space is reclaimed."""
+
+    TAG: ClassVar[str] = "migration_done"
+    layer: int
+
+    def __post_init__(self) -> None:
+        check_int("layer id", self.layer, 1)
+
+
+@dataclass(frozen=True, slots=True)
 class Publish:
     """Raise ``published_epoch`` to ``epoch`` (the only command that keeps ``epoch``)."""
 
@@ -520,6 +682,15 @@ Command: TypeAlias = (
     | ReleaseLock
     | Rereplicate
     | FillDone
+    | CreateSnapshot
+    | DeleteSnapshot
+    | RollbackVolume
+    | CloneVolume
+    | FlattenVolume
+    | FlattenDone
+    | MigrateVolume
+    | AbortMigration
+    | MigrationDone
     | Publish
 )
 COMMAND_TYPES: tuple[type[Command], ...] = (
@@ -533,6 +704,15 @@ COMMAND_TYPES: tuple[type[Command], ...] = (
     ReleaseLock,
     Rereplicate,
     FillDone,
+    CreateSnapshot,
+    DeleteSnapshot,
+    RollbackVolume,
+    CloneVolume,
+    FlattenVolume,
+    FlattenDone,
+    MigrateVolume,
+    AbortMigration,
+    MigrationDone,
     Publish,
 )
 _BY_TAG: dict[str, type[Command]] = {cls.TAG: cls for cls in COMMAND_TYPES}
@@ -588,7 +768,7 @@ def validate(cmap: ClusterMap, cmd: Command) -> str | None:
             volume = cmap.volumes.get(cmd.name)
             if volume is None:
                 return f"unknown volume {cmd.name}"
-            return _check_volume_change(volume, cmd)
+            return _check_volume_change(volume, cmd, _clones(cmap, volume))
         case Rereplicate():
             replaced = _rereplaced(cmap, cmd.id)
             return replaced if isinstance(replaced, str) else None
@@ -602,6 +782,18 @@ def validate(cmap: ClusterMap, cmd: Command) -> str | None:
                     "is not being filled"
                 )
             return None
+        case (
+            CreateSnapshot()
+            | DeleteSnapshot()
+            | RollbackVolume()
+            | CloneVolume()
+            | FlattenVolume()
+            | FlattenDone()
+            | MigrateVolume()
+            | AbortMigration()
+            | MigrationDone()
+        ):
+            return _check_layer_command(cmap, cmd)
         case Publish():
             if cmd.epoch > cmap.epoch:
                 return f"cannot publish epoch {cmd.epoch}: the map is at epoch {cmap.epoch}"
@@ -654,9 +846,12 @@ def _rereplaced(cmap: ClusterMap, server_id: str) -> dict[int, Layer] | str:
 
 
 def _check_volume_change(
-    volume: Volume, cmd: ResizeVolume | DeleteVolume | AcquireLock | ReleaseLock
+    volume: Volume,
+    cmd: ResizeVolume | DeleteVolume | AcquireLock | ReleaseLock,
+    clones: Sequence[str] = (),
 ) -> str | None:
-    """Why ``cmd`` may not change ``volume`` (which exists), or ``None``."""
+    """Why ``cmd`` may not change ``volume`` (which exists), or ``None``; ``clones``
+    names the volumes that share a layer of it."""
     lock = volume.lock
     match cmd:
         case ResizeVolume():
@@ -670,6 +865,11 @@ def _check_volume_change(
         case DeleteVolume():
             if lock is not None:
                 return f"volume {cmd.name} is locked by {describe_lock(lock)}: unlock it first"
+            if clones:
+                return (
+                    f"volume {cmd.name} is the origin of {', '.join(clones)}: flatten "
+                    "(lamina volume flatten NAME) or delete them first"
+                )
         case AcquireLock():
             if lock is not None and lock.session != cmd.session and not cmd.takeover:
                 return f"volume {cmd.name} is locked by {describe_lock(lock)}"
@@ -805,6 +1005,18 @@ def apply(cmap: ClusterMap, cmd: Command) -> ClusterMap:
             volumes = {k: v for k, v in cmap.volumes.items() if k != cmd.name}
             layers = {k: v for k, v in cmap.layers.items() if v.volume_id != gone.id}
             return replace(cmap, epoch=epoch, volumes=_frozen(volumes), layers=_frozen(layers))
+        case (
+            CreateSnapshot()
+            | DeleteSnapshot()
+            | RollbackVolume()
+            | CloneVolume()
+            | FlattenVolume()
+            | FlattenDone()
+            | MigrateVolume()
+            | AbortMigration()
+            | MigrationDone()
+        ):
+            return _layer_change(cmap, cmd, epoch)[0]
         case AcquireLock() | ReleaseLock():
             volume = cmap.volumes[cmd.name]
             lock = _lock_after(volume.lock, cmd)
@@ -835,6 +1047,402 @@ def _fenced(cmap: ClusterMap, volume_ids: Iterable[int], epoch: int) -> Mapping[
     )
 
 
+# --- layers: snapshots, clones, migration [0048]-[0060] --------------------------------
+
+LayerCommand: TypeAlias = (
+    CreateSnapshot
+    | DeleteSnapshot
+    | RollbackVolume
+    | CloneVolume
+    | FlattenVolume
+    | FlattenDone
+    | MigrateVolume
+    | AbortMigration
+    | MigrationDone
+)
+
+
+def _clones(cmap: ClusterMap, volume: Volume) -> list[str]:
+    """The other volumes whose stacks hold a layer of ``volume``, by name."""
+    own = set(cmap.own_layers(volume))
+    return [
+        name
+        for name in sorted(cmap.volumes)
+        if name != volume.name and own.intersection(cmap.volumes[name].layers)
+    ]
+
+
+def _sources_into(cmap: ClusterMap, layer_id: int) -> list[int]:
+    """The layers that still migrate into ``layer_id``, by id."""
+    return [lid for lid in sorted(cmap.layers) if cmap.layers[lid].migrates_to == layer_id]
+
+
+def _migrating(volume: Volume) -> str | None:
+    if not volume.migration:
+        return None
+    return (
+        f"volume {volume.name} is migrating: wait for it to finish "
+        f"or abort it (lamina volume migrate {volume.name} --abort)"
+    )
+
+
+def _snapshot_of(cmap: ClusterMap, name: str, snapshot: str) -> tuple[Volume, int] | str:
+    volume = cmap.volumes.get(name)
+    if volume is None:
+        return f"unknown volume {name}"
+    lid = volume.snapshot_layer(snapshot)
+    if lid is None:
+        return f"volume {name} has no snapshot {snapshot}"
+    return volume, lid
+
+
+def _movable(cmap: ClusterMap, volume: Volume) -> list[int]:
+    """The own layers of ``volume`` a migration moves: all but those already merging
+    into a layer above (which moves, so their pages follow)."""
+    return [lid for lid in cmap.own_layers(volume) if cmap.layers[lid].migrates_to is None]
+
+
+def _migration_targets(
+    cmap: ClusterMap, volume: Volume, cmd: MigrateVolume
+) -> list[tuple[tuple[str, ...], ...]] | str:
+    """The placement of each own layer's new layer (bottom first), or why there is none."""
+    if cmd.servers:
+        candidates = []
+        for sid in cmd.servers:
+            server = cmap.servers.get(sid)
+            if server is None:
+                return f"unknown server {sid}"
+            if server.state is not ServerState.UP:
+                return f"server {sid} is {server.state.value}, not up"
+            candidates.append(server)
+    else:
+        candidates = cmap.up_servers()
+    replicas = cmd.replicas or volume.replicas
+    stripe = cmd.stripe or volume.stripe
+    own = _movable(cmap, volume)
+    used = {sid for lid in own for part in cmap.layers[lid].placement for sid in part}
+    if (
+        replicas == volume.replicas
+        and stripe == volume.stripe
+        and used == {s.id for s in candidates}
+    ):
+        return f"volume {volume.name} already lies on exactly those servers"
+    load = cmap.copies_per_server()
+    out = []
+    for _ in own:
+        try:
+            placement = place(candidates, stripe, replicas, load)
+        except PlacementError as exc:
+            return f"volume {volume.name}: {exc.message}"
+        for part in placement:
+            for sid in part:
+                load[sid] = load.get(sid, 0) + 1
+        out.append(placement)
+    return out
+
+
+def _check_layer_command(cmap: ClusterMap, cmd: LayerCommand) -> str | None:
+    match cmd:
+        case CreateSnapshot():
+            volume = cmap.volumes.get(cmd.name)
+            if volume is None:
+                return f"unknown volume {cmd.name}"
+            if volume.snapshot_layer(cmd.snapshot) is not None:
+                return f"volume {cmd.name} already has a snapshot {cmd.snapshot}"
+            if len(volume.layers) >= MAX_STACK:
+                return (
+                    f"volume {cmd.name} has {len(volume.layers)} layers, the most a volume "
+                    "may have: delete snapshots first"
+                )
+            return None
+        case DeleteSnapshot():
+            found = _snapshot_of(cmap, cmd.name, cmd.snapshot)
+            if isinstance(found, str):
+                return found
+            volume, lid = found
+            users = [v.name for v in cmap.stacking(lid) if v.id != volume.id]
+            if users:
+                return (
+                    f"snapshot {cmd.snapshot} of volume {cmd.name} is the origin of "
+                    f"{', '.join(users)}: flatten (lamina volume flatten NAME) or delete "
+                    "them first"
+                )
+            if volume.flattening and cmap.own_layers(volume)[0] == lid:
+                return (
+                    f"volume {cmd.name} is being flattened into snapshot {cmd.snapshot}'s "
+                    "layer: delete it once the flatten is done"
+                )
+            return None
+        case RollbackVolume():
+            found = _snapshot_of(cmap, cmd.name, cmd.snapshot)
+            if isinstance(found, str):
+                return found
+            volume, lid = found
+            if volume.lock is not None:
+                return (
+                    f"volume {cmd.name} is attached by {describe_lock(volume.lock)}: "
+                    "detach it first (a rollback changes the data under its writer)"
+                )
+            idx = volume.layers.index(lid)
+            newer = [n for n, other, _ in volume.snapshots if volume.layers.index(other) > idx]
+            if newer:
+                return (
+                    f"snapshot(s) {', '.join(newer)} of volume {cmd.name} are newer than "
+                    f"{cmd.snapshot}: delete them first"
+                )
+            busy = _migrating(volume)
+            if busy is not None:
+                return busy
+            merging = [x for x in volume.layers[idx + 1 :] if cmap.layers[x].migrates_to]
+            if merging:
+                return (
+                    f"layer {merging[0]} of volume {cmd.name} is still being merged: "
+                    "try again when it is done"
+                )
+            return None
+        case CloneVolume():
+            found = _snapshot_of(cmap, cmd.source, cmd.snapshot)
+            if isinstance(found, str):
+                return found
+            source, lid = found
+            if source.layers.index(lid) + 2 > MAX_STACK:
+                return f"a clone of {cmd.source}@{cmd.snapshot} would stack too many layers"
+            return _check_create(
+                cmap,
+                CreateVolume(cmd.name, source.size, source.replicas, source.stripe,
+                             source.page_size),
+            )  # fmt: skip
+        case FlattenVolume() | FlattenDone():
+            volume = cmap.volumes.get(cmd.name)
+            if volume is None:
+                return f"unknown volume {cmd.name}"
+            if isinstance(cmd, FlattenDone):
+                return None if volume.flattening else f"volume {cmd.name} is not being flattened"
+            if len(cmap.own_layers(volume)) == len(volume.layers):
+                return f"volume {cmd.name} shares no layer with another volume: nothing to flatten"
+            if volume.flattening:
+                return f"volume {cmd.name} is already being flattened"
+            busy = _migrating(volume)
+            if busy is not None:
+                return busy
+            lowest = cmap.own_layers(volume)[0]
+            if cmap.layers[lowest].migrates_to is not None:
+                return (
+                    f"layer {lowest} of volume {cmd.name} is still being merged: "
+                    "try again when it is done"
+                )
+            return None
+        case MigrateVolume():
+            volume = cmap.volumes.get(cmd.name)
+            if volume is None:
+                return f"unknown volume {cmd.name}"
+            busy = _migrating(volume)
+            if busy is not None:
+                return busy
+            if volume.flattening:
+                return f"volume {cmd.name} is being flattened: migrate it once that is done"
+            if len(volume.layers) + len(cmap.own_layers(volume)) > MAX_STACK:
+                return f"volume {cmd.name} has too many layers to migrate: delete snapshots"
+            targets = _migration_targets(cmap, volume, cmd)
+            return targets if isinstance(targets, str) else None
+        case AbortMigration():
+            volume = cmap.volumes.get(cmd.name)
+            if volume is None:
+                return f"unknown volume {cmd.name}"
+            if not volume.migration:
+                return f"volume {cmd.name} is not migrating"
+            for _, placement in volume.migration:
+                for part in placement:
+                    for sid in part:
+                        if sid not in cmap.servers:
+                            return f"server {sid} of the old placement was removed: no way back"
+            if len(volume.layers) + len(volume.migration) > MAX_STACK:
+                return f"volume {cmd.name} has too many layers to abort its migration"
+            return None
+        case MigrationDone():
+            layer = cmap.layers.get(cmd.layer)
+            if layer is None:
+                return f"unknown layer {cmd.layer}"
+            if layer.migrates_to is None:
+                return f"layer {cmd.layer} is not migrating"
+            into = _sources_into(cmap, cmd.layer)
+            if into:
+                return (
+                    f"layer {cmd.layer} still receives pages from layer(s) "
+                    f"{', '.join(map(str, into))}"
+                )
+            return None
+    assert_never(cmd)
+
+
+def _layer_of(volume: Volume, snapshot: str) -> int:
+    lid = volume.snapshot_layer(snapshot)
+    assert lid is not None, "validated"
+    return lid
+
+
+def _layer_change(
+    cmap: ClusterMap, cmd: LayerCommand, epoch: int
+) -> tuple[ClusterMap, frozenset[int]]:
+    """The map after ``cmd`` (valid) and the ids of the volumes whose stacks it changed
+    (they are fenced at ``epoch``)."""
+    replace = dataclasses.replace
+    layers = dict(cmap.layers)
+    volumes = dict(cmap.volumes)
+    next_layer, next_volume = cmap.next_layer_id, cmap.next_volume_id
+    touched: set[int] = set()
+
+    def new_layer(volume_id: int, placement: tuple[tuple[str, ...], ...]) -> int:
+        nonlocal next_layer
+        lid, next_layer = next_layer, next_layer + 1
+        layers[lid] = Layer(lid, volume_id, placement, LayerRole.LIVE, None)
+        return lid
+
+    def insert_above(below: int, lid: int) -> None:
+        for name in sorted(volumes):
+            v = volumes[name]
+            if below in v.layers:
+                i = v.layers.index(below) + 1
+                volumes[name] = replace(v, layers=(*v.layers[:i], lid, *v.layers[i:]))
+                touched.add(v.id)
+
+    def moved_snapshots(v: Volume, renames: Mapping[int, int]) -> tuple[tuple[str, int, int], ...]:
+        return tuple((n, renames.get(lid, lid), t) for n, lid, t in v.snapshots)
+
+    match cmd:
+        case CreateSnapshot():
+            v = volumes[cmd.name]
+            top = v.layers[-1]
+            lid = new_layer(v.id, layers[top].placement)
+            snaps = (*v.snapshots, (cmd.snapshot, top, cmd.since))
+            # during a migration the new top is on the new placement: an abort moves it
+            # back to where the frozen top came from
+            back = [(lid, old) for t, old in v.migration if t == top]
+            volumes[v.name] = replace(
+                v, layers=(*v.layers, lid), snapshots=snaps, migration=(*v.migration, *back)
+            )
+            touched.add(v.id)
+        case DeleteSnapshot():
+            v = volumes[cmd.name]
+            lid = _layer_of(v, cmd.snapshot)
+            upper = v.layers[v.layers.index(lid) + 1]
+            layers[lid] = replace(layers[lid], migrates_to=upper)
+            snaps = tuple(s for s in v.snapshots if s[0] != cmd.snapshot)
+            volumes[v.name] = replace(v, snapshots=snaps)
+            touched.add(v.id)
+        case RollbackVolume():
+            v = volumes[cmd.name]
+            lid = _layer_of(v, cmd.snapshot)
+            idx = v.layers.index(lid)
+            placement = layers[v.layers[-1]].placement
+            for dropped in v.layers[idx + 1 :]:
+                del layers[dropped]
+            top = new_layer(v.id, placement)
+            volumes[v.name] = replace(v, layers=(*v.layers[: idx + 1], top))
+            touched.add(v.id)
+        case CloneVolume():
+            src = volumes[cmd.source]
+            lid = _layer_of(src, cmd.snapshot)
+            vid, next_volume = next_volume, next_volume + 1
+            placement = place(cmap.up_servers(), src.stripe, src.replicas, cmap.copies_per_server())
+            top = new_layer(vid, placement)
+            stack = (*src.layers[: src.layers.index(lid) + 1], top)
+            volumes[cmd.name] = Volume(
+                cmd.name, vid, src.size, src.page_size, src.replicas, src.stripe, stack, epoch,
+                origin=f"{src.name}@{cmd.snapshot}",
+            )  # fmt: skip
+            touched.add(vid)
+        case FlattenVolume():
+            volumes[cmd.name] = replace(volumes[cmd.name], flattening=True)
+            touched.add(volumes[cmd.name].id)
+        case FlattenDone():
+            v = volumes[cmd.name]
+            volumes[v.name] = replace(v, layers=cmap.own_layers(v), origin="", flattening=False)
+            touched.add(v.id)
+        case MigrateVolume():
+            v = volumes[cmd.name]
+            targets = _migration_targets(cmap, v, cmd)
+            assert not isinstance(targets, str)
+            renames: dict[int, int] = {}
+            for source, placement in zip(_movable(cmap, v), targets, strict=True):
+                renames[source] = new_layer(v.id, placement)
+                layers[source] = replace(layers[source], migrates_to=renames[source])
+                insert_above(source, renames[source])
+            v = volumes[v.name]
+            volumes[v.name] = replace(
+                v,
+                replicas=cmd.replicas or v.replicas,
+                stripe=cmd.stripe or v.stripe,
+                snapshots=moved_snapshots(v, renames),
+                migration=tuple((t, layers[s].placement) for s, t in renames.items()),
+            )
+            touched.add(v.id)
+        case AbortMigration():
+            v = volumes[cmd.name]
+            renames = {}
+            for target, placement in v.migration:
+                if layers[target].migrates_to is not None:
+                    continue  # merging into a layer above (a deleted snapshot's)
+                renames[target] = new_layer(v.id, placement)
+                layers[target] = replace(layers[target], migrates_to=renames[target])
+                insert_above(target, renames[target])
+            v = volumes[v.name]
+            home = v.migration[0][1]
+            volumes[v.name] = replace(
+                v,
+                replicas=len(home[0]),
+                stripe=len(home),
+                snapshots=moved_snapshots(v, renames),
+                migration=tuple((renames[t], layers[t].placement) for t in renames),
+            )
+            touched.add(v.id)
+        case MigrationDone():
+            del layers[cmd.layer]
+            for name in sorted(volumes):
+                v = volumes[name]
+                if cmd.layer in v.layers:
+                    stack = tuple(x for x in v.layers if x != cmd.layer)
+                    # the migration is over once none of its layers receives pages
+                    moving_to = {t for t, _ in v.migration}
+                    running = any(x.migrates_to in moving_to for x in layers.values())
+                    left = v.migration if running else ()
+                    volumes[name] = replace(v, layers=stack, migration=left)
+                    touched.add(v.id)
+        case _:
+            assert_never(cmd)
+    for v in volumes.values():
+        if v.id in touched:
+            volumes[v.name] = replace(v, fence_epoch=epoch)
+    _set_roles(layers, volumes)
+    out = replace(
+        cmap,
+        epoch=epoch,
+        volumes=_frozen(volumes),
+        layers=_frozen(layers),
+        next_layer_id=next_layer,
+        next_volume_id=next_volume,
+    )
+    return out, frozenset(touched)
+
+
+def _set_roles(layers: dict[int, Layer], volumes: Mapping[str, Volume]) -> None:
+    """Give every layer the role its place says: a migration source; the top of its
+    owner (live); a layer others migrate into; else a snapshot layer."""
+    tops = {v.layers[-1] for v in volumes.values()}
+    targets = {layer.migrates_to for layer in layers.values()}
+    for lid, layer in layers.items():
+        if layer.migrates_to is not None:
+            role = LayerRole.MIGRATION_SOURCE
+        elif lid in tops:
+            role = LayerRole.LIVE
+        elif lid in targets:
+            role = LayerRole.MIGRATION_TARGET
+        else:
+            role = LayerRole.SNAPSHOT
+        if role is not layer.role:
+            layers[lid] = dataclasses.replace(layer, role=role)
+
+
 # --- what a command affects ------------------------------------------------------------
 
 
@@ -858,6 +1466,18 @@ def _affected(cmap: ClusterMap, cmd: Command) -> frozenset[int]:
             return frozenset({cmap.next_volume_id})
         case ResizeVolume() | DeleteVolume() | AcquireLock() | ReleaseLock():
             return frozenset({cmap.volumes[cmd.name].id})
+        case (
+            CreateSnapshot()
+            | DeleteSnapshot()
+            | RollbackVolume()
+            | CloneVolume()
+            | FlattenVolume()
+            | FlattenDone()
+            | MigrateVolume()
+            | AbortMigration()
+            | MigrationDone()
+        ):
+            return _layer_change(cmap, cmd, cmap.epoch + 1)[1]
     assert_never(cmd)
 
 
@@ -960,6 +1580,13 @@ def map_to_dict(cmap: ClusterMap) -> dict[str, Any]:
                 "layers": list(v.layers),
                 "fence_epoch": v.fence_epoch,
                 "lock": lock_to_dict(v.lock),
+                "snapshots": [{"name": n, "layer": lid, "since": t} for n, lid, t in v.snapshots],
+                "origin": v.origin,
+                "flattening": v.flattening,
+                "migration": [
+                    {"layer": lid, "from": [list(part) for part in placement]}
+                    for lid, placement in v.migration
+                ],
             }
             for name, v in sorted(cmap.volumes.items())
         },
@@ -994,9 +1621,14 @@ _MAP_KEYS = (
     "layers",
 )
 _SERVER_KEYS = ("addr", "state", "capacity", "zone")
-_VOLUME_KEYS = ("id", "size", "page_size", "replicas", "stripe", "layers", "fence_epoch", "lock")
+_VOLUME_KEYS = (
+    "id", "size", "page_size", "replicas", "stripe", "layers", "fence_epoch", "lock",
+    "snapshots", "origin", "flattening", "migration",
+)  # fmt: skip
 #: keys a map saved before the key existed may lack (their absence means None)
-_VOLUME_OPTIONAL = ("lock",)
+_VOLUME_OPTIONAL = ("lock", "snapshots", "origin", "flattening", "migration")
+_SNAPSHOT_KEYS = ("name", "layer", "since")
+_MIGRATION_KEYS = ("layer", "from")
 _LOCK_KEYS = ("session", "host", "pid", "since")
 _LAYER_KEYS = ("volume_id", "placement", "role", "migrates_to", "filling")
 _LAYER_OPTIONAL = ("filling",)
@@ -1070,9 +1702,22 @@ def map_from_dict(data: Mapping[str, Any]) -> ClusterMap:
         if r["lock"] is not None:
             k = _record(r["lock"], f"lock of volume {name}", _LOCK_KEYS)
             lock = Lock(k["session"], k["host"], k["pid"], k["since"])
+        snapshots = []
+        for raw_snap in _list(r["snapshots"] or [], f"snapshots of volume {name}", MAX_STACK):
+            k = _record(raw_snap, f"snapshot of volume {name}", _SNAPSHOT_KEYS)
+            snapshots.append((k["name"], k["layer"], k["since"]))
+        migration = []
+        for raw_move in _list(r["migration"] or [], f"migration of volume {name}", MAX_STACK):
+            k = _record(raw_move, f"migration of volume {name}", _MIGRATION_KEYS)
+            parts = _list(k["from"], f"migration of volume {name}", MAX_STRIPE)
+            placement = tuple(
+                tuple(_list(part, f"migration of volume {name}", MAX_REPLICAS)) for part in parts
+            )
+            migration.append((k["layer"], placement))
         volumes[name] = Volume(
             name, r["id"], r["size"], r["page_size"], r["replicas"], r["stripe"], stack,
-            r["fence_epoch"], lock,
+            r["fence_epoch"], lock, tuple(snapshots), r["origin"] or "", bool(r["flattening"]),
+            tuple(migration),
         )  # fmt: skip
     layers: dict[int, Layer] = {}
     raw_layers = d["layers"]
@@ -1154,15 +1799,35 @@ def _check_map(cmap: ClusterMap) -> None:
             check_lock_fields(v.lock.session, v.lock.host, v.lock.pid, v.lock.since)
         if type(v.layers) is not tuple or not v.layers:
             fail(f"volume {name} has no layer stack")
+        if len(v.layers) > MAX_STACK:
+            fail(f"volume {name} stacks {len(v.layers)} layers")
+        if len(set(v.layers)) != len(v.layers):
+            fail(f"volume {name} stacks a layer twice")
         for lid in v.layers:
             layer = cmap.layers.get(lid) if type(lid) is int else None
             if layer is None:
                 fail(f"volume {name} stacks unknown layer {_show(lid)}")
-            elif layer.volume_id != v.id:
-                fail(f"volume {name} stacks layer {lid} of volume #{layer.volume_id}")
-            elif lid in owner:
-                fail(f"layer {lid} is stacked twice")
-            owner[lid] = name
+            elif layer.volume_id == v.id:
+                owner[lid] = name
+        own = [lid for lid in v.layers if lid in owner and owner[lid] == name]
+        # a clone's stack is its origin's shared part, then its own layers
+        if not own or tuple(own) != v.layers[len(v.layers) - len(own) :]:
+            fail(f"volume {name}'s own layers are not the top of its stack")
+        if (len(own) < len(v.layers)) != bool(v.origin) and not v.flattening:
+            fail(f"volume {name} shares layers but names no origin, or the reverse")
+        if type(v.origin) is not str or type(v.flattening) is not bool:
+            fail(f"volume {name} has a bad origin or flattening flag")
+        names = [snap[0] for snap in v.snapshots]
+        if len(set(names)) != len(names):
+            fail(f"volume {name} has two snapshots of one name")
+        for snap in v.snapshots:
+            if type(snap) is not tuple or len(snap) != 3 or snap[1] not in own:
+                fail(f"snapshot {_show(snap)} of volume {name} is not one of its own layers")
+            check_id("snapshot name", snap[0])
+            check_int("snapshot time", snap[2], 0, MAX_SINCE_MS)
+        for move in v.migration:
+            if type(move) is not tuple or len(move) != 2 or move[0] not in own:
+                fail(f"migration {_show(move)} of volume {name} is not to one of its layers")
     for lid, layer in cmap.layers.items():
         if layer.id != lid:
             fail(f"layer {lid} is filed as {layer.id}")
@@ -1170,7 +1835,7 @@ def _check_map(cmap: ClusterMap) -> None:
         if lid >= cmap.next_layer_id:
             fail(f"layer {lid} is not below the next layer id {cmap.next_layer_id}")
         if lid not in owner:
-            fail(f"layer {lid} is in no volume's stack")
+            fail(f"layer {lid} is not in its volume's stack")
         check_enum(f"role of layer {lid}", layer.role, LayerRole)
         if not 1 <= len(layer.placement) <= MAX_STRIPE:
             fail(f"layer {lid} has {len(layer.placement)} partitions")

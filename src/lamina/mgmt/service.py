@@ -13,6 +13,7 @@ thread replaces as a whole, so a reader never sees half a change.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Any, Protocol
 
 import msgpack
 
-from lamina.errors import Conflict, LaminaError
+from lamina.errors import Conflict, LaminaError, Unavailable
 from lamina.mgmt import clustermap as cm
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class ManagerService:
         self._unpublished: dict[int, cm.ClusterMap] = {}
         self.log: Log | None = None
         self.applied = 0
-        # Layers of deleted volumes whose space the leader still has to reclaim:
+        # Layers gone from the map whose space the leader still has to reclaim:
         # layer id -> (volume id, servers that may hold its pages).  Built by applying
         # the log, so every manager has it and a new leader carries on.
         self.reclaim: dict[int, tuple[int, tuple[str, ...]]] = {}
@@ -68,12 +69,14 @@ class ManagerService:
         reason = cm.validate(self.map, cmd)
         if reason is not None:
             return False, reason
-        if isinstance(cmd, cm.DeleteVolume):
-            gone = self.map.volumes[cmd.name]
-            for lid in gone.layers:
-                servers = sorted({s for part in self.map.layers[lid].placement for s in part})
-                self.reclaim[lid] = (gone.id, tuple(servers))
+        before = self.map
         self.map = cm.apply(self.map, cmd)
+        # a layer that left the map (deleted volume, rollback, finished migration or
+        # merge) leaves its pages on its servers until the leader reclaims them
+        for lid in before.layers.keys() - self.map.layers.keys():
+            layer = before.layers[lid]
+            servers = sorted({s for part in layer.placement for s in part})
+            self.reclaim[lid] = (layer.volume_id, tuple(servers))
         if isinstance(cmd, cm.Publish):
             seen = self._unpublished.get(cmd.epoch)
             if seen is not None:
@@ -117,6 +120,19 @@ class ManagerService:
             self.reclaim[layer_id] = (entry[0], left)
         else:
             del self.reclaim[layer_id]
+
+    async def wait_published(self, epoch: int, timeout: float = 10.0) -> None:
+        """Return once this manager has applied the publication of ``epoch`` (clients may
+        then see it); Unavailable after ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.map.published_epoch < epoch:
+            if loop.time() > deadline:
+                raise Unavailable(
+                    f"epoch {epoch} is not published after {timeout:g} s "
+                    f"(published: {self.map.published_epoch})"
+                )
+            await asyncio.sleep(0.02)
 
     async def submit(self, cmd: cm.Command, timeout: float = 5.0) -> Outcome:
         """Commit a change; its new epoch, or Rejected with the managers' reason."""

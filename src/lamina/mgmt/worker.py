@@ -36,14 +36,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lamina.config import parse_addr
 from lamina.errors import Conflict, Corrupt, LaminaError, Unavailable
 from lamina.mgmt import clustermap as cm
 from lamina.mgmt.service import ManagerService
-from lamina.storage.syncmask import FULL, authoritative, bits, clean_mask
+from lamina.storage.syncmask import FULL, authoritative, bits, clean_mask, needs_resync
 from lamina.wire import messages as m
 from lamina.wire.connection import Client
 from lamina.wire.messages import PageState
@@ -72,10 +72,15 @@ class Progress:
     round_seconds: float = 0.0
     copy_rate: float = 0.0  # bytes/s during the last round
     recovering: tuple[str, ...] = ()
+    #: by source layer: {volume, layer, to, moved (pages, total), left (last round)}
+    moved: dict[int, dict[str, Any]] = field(default_factory=dict)
+    #: volume -> shared pages the last round could not copy yet
+    flattening: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         doc = asdict(self)
         doc["recovering"] = list(self.recovering)
+        doc["moved"] = [self.moved[k] for k in sorted(self.moved)]
         return doc
 
 
@@ -189,11 +194,11 @@ class Worker:
         found = left = 0
         sem = asyncio.Semaphore(self.parallel)
         for volume in sorted(cmap.volumes.values(), key=lambda v: v.id):
-            for lid in volume.layers:
+            for lid in cmap.own_layers(volume):  # a shared layer is its owner's to repair
                 layer = cmap.layers[lid]
                 servers = sorted({sid for part in layer.placement for sid in part})
                 live = [sid for sid in servers if state.get(sid) in LIVE]
-                pages, complete = await self._dirty_pages(volume, layer, live, epoch)
+                pages, complete = await self._listed(volume, layer, live, epoch)
                 for key in [k for k in self._seen_dirty if k[0] == lid and k[1] not in pages]:
                     del self._seen_dirty[key]  # clean again by itself
                 if not complete:
@@ -225,6 +230,9 @@ class Worker:
                         )
                         with contextlib.suppress(LaminaError):
                             await self.propose(cm.FillDone(layer.id, pidx, sid))
+        if self.leading():
+            await self._move_all(cmap, epoch, state, sem)
+            await self._flatten_all(cmap, epoch, state, sem)
         for sid, ok in ready.items():
             if ok and self.leading():
                 log.info("storage server %s holds nothing dirty: back up", sid)
@@ -316,10 +324,16 @@ class Worker:
 
     # -- phase 1 -----------------------------------------------------------------------------
 
-    async def _dirty_pages(
-        self, volume: cm.Volume, layer: cm.Layer, live: list[str], epoch: int
+    async def _listed(
+        self,
+        volume: cm.Volume,
+        layer: cm.Layer,
+        live: list[str],
+        epoch: int,
+        what: m.EnumerateWhat = m.EnumerateWhat.DIRTY,
     ) -> tuple[set[int], bool]:
-        """Pages some live copy lists as dirty; whether every listing was complete."""
+        """Up to ``limit`` pages some live copy lists as ``what`` (dirty, or present);
+        whether every listing was complete."""
         pages: set[int] = set()
         complete = True
         for sid in live:
@@ -332,7 +346,7 @@ class Worker:
                     reply = await self._call(
                         sid,
                         m.EnumerateRequest(
-                            volume.id, epoch, layer.id, m.EnumerateWhat.DIRTY, start,
+                            volume.id, epoch, layer.id, what, start,
                             min(budget, m.MAX_ENUMERATE),
                         ),
                     )  # fmt: skip
@@ -422,6 +436,251 @@ class Worker:
         self.progress.pages_resynced += 1
         return True
 
+    # -- layers: moving pages up (migration, merge of a deleted snapshot), flattening ------
+
+    async def _move_all(
+        self,
+        cmap: cm.ClusterMap,
+        epoch: int,
+        state: dict[str, cm.ServerState],
+        sem: asyncio.Semaphore,
+    ) -> None:
+        """Move pages out of every layer that ``migrates_to`` another (DESIGN section 8):
+        each page an in-sync source copy holds is created in the target layer if absent
+        there (CREATE_IF_ABSENT: a client's copy-up or a newer write wins) and tombstoned
+        on every source copy.  A source found empty, complete on every partition, and
+        into which nothing migrates any more is retired (``MigrationDone``)."""
+        moving: dict[int, dict[str, Any]] = {}
+        for lid in sorted(cmap.layers):
+            source = cmap.layers[lid]
+            if source.migrates_to is None:
+                continue
+            target = cmap.layers[source.migrates_to]
+            volume = cmap.volume_by_id(source.volume_id)
+            if volume is None:
+                continue
+            live = sorted(
+                {sid for part in source.placement for sid in part if state.get(sid) in LIVE}
+            )
+            pages, listed = await self._listed(volume, source, live, epoch, m.EnumerateWhat.PRESENT)
+
+            async def one(
+                page: int,
+                volume: cm.Volume = volume,
+                source: cm.Layer = source,
+                target: cm.Layer = target,
+            ) -> bool:
+                async with sem:
+                    return await self._move_page(volume, source, target, page, epoch, state)
+
+            results = await asyncio.gather(*(one(p) for p in sorted(pages)))
+            moved = sum(results)
+            entry = moving.setdefault(
+                lid, {"volume": volume.name, "layer": lid, "to": target.id, "moved": 0}
+            )
+            entry["left"] = len(pages) - moved
+            entry["moved"] = self.progress.moved.get(lid, {}).get("moved", 0) + moved
+            whole = all(
+                _trusted(part, list(range(len(part))), state, source, pidx)
+                for pidx, part in enumerate(source.placement)
+            )
+            if (
+                listed
+                and not pages
+                and whole
+                and not any(x.migrates_to == lid for x in cmap.layers.values())
+                and self.leading()
+            ):
+                log.info("layer %d holds no page any more: retiring it", lid)
+                with contextlib.suppress(LaminaError):
+                    await self.propose(cm.MigrationDone(lid))
+                entry["left"] = 0
+        self.progress.moved = moving
+
+    async def _move_page(
+        self,
+        volume: cm.Volume,
+        source: cm.Layer,
+        target: cm.Layer,
+        page: int,
+        epoch: int,
+        state: dict[str, cm.ServerState],
+    ) -> bool:
+        """Move one page from ``source`` up into ``target``; whether it is done."""
+        pidx = page % len(source.placement)
+        part = source.placement[pidx]
+        live = [i for i, sid in enumerate(part) if state.get(sid) in LIVE]
+        try:
+            statuses = await self._statuses(volume, source, page, epoch, part, live)
+            if any(st == PageState.TOMBSTONE for st, _, _ in statuses.values()):
+                auth = None  # moved already: only copies that missed the tombstone are left
+            else:
+                trusted = _trusted(part, live, state, source, pidx)
+                if any(needs_resync(statuses[i][1], trusted) for i in trusted):
+                    return False  # the resync makes it clean first
+                auth = authoritative({i: statuses[i][:2] for i in trusted})
+                if auth is None:
+                    return False
+            if auth is not None:
+                size = volume.page_size
+                st = statuses[auth][0]
+                data: bytes | bytearray = b""
+                if st == PageState.PRESENT:
+                    reply, data = await self._call_with_payload(
+                        part[auth], m.ReadRequest(volume.id, epoch, source.id, page, size, 0, size)
+                    )
+                    assert isinstance(reply, m.ReadResponse)
+                await self._throttle(size)
+                await self._create(volume, target, page, epoch, state, data, st == PageState.ZERO)
+                self.progress.bytes_copied += size
+            await asyncio.gather(
+                *(
+                    self._call(
+                        part[i],
+                        m.TombstoneRequest(volume.id, epoch, source.id, page, volume.page_size),
+                    )
+                    for i in live
+                )
+            )
+        except (LaminaError, OSError, TimeoutError) as exc:
+            log.info("moving page %d of layer %d: %s", page, source.id, exc)
+            self.progress.errors += 1
+            return False
+        return True
+
+    async def _create(
+        self,
+        volume: cm.Volume,
+        layer: cm.Layer,
+        page: int,
+        epoch: int,
+        state: dict[str, cm.ServerState],
+        data: bytes | bytearray,
+        zero: bool,
+    ) -> None:
+        """CREATE_IF_ABSENT ``page`` on every live copy of ``layer``; a copy that is not
+        live is left out of the masks, so the resync gives it the page when it is back."""
+        part = layer.placement[page % len(layer.placement)]
+        live = [i for i, sid in enumerate(part) if state.get(sid) in LIVE]
+        if not live:
+            raise Unavailable(f"no copy of page {page} of layer {layer.id} is live")
+        mask = FULL & ~(bits(range(len(part))) & ~bits(live))
+        await asyncio.gather(
+            *(
+                self._call_with_payload(
+                    part[i],
+                    m.CreateRequest(volume.id, epoch, layer.id, page, volume.page_size, mask, zero),
+                    b"" if zero else data,
+                )
+                for i in live
+            )
+        )
+
+    async def _statuses(
+        self,
+        volume: cm.Volume,
+        layer: cm.Layer,
+        page: int,
+        epoch: int,
+        part: tuple[str, ...],
+        copies: list[int],
+    ) -> dict[int, tuple[int, int, int]]:
+        answers = await asyncio.gather(
+            *(
+                self._call(part[i], m.StatusRequest(volume.id, epoch, layer.id, (page,)))
+                for i in copies
+            )
+        )
+        out: dict[int, tuple[int, int, int]] = {}
+        for i, reply in zip(copies, answers, strict=True):
+            assert isinstance(reply, m.StatusResponse)
+            _, st, mask, gen = reply.entries[0]
+            out[i] = (st, mask, gen)
+        return out
+
+    async def _flatten_all(
+        self,
+        cmap: cm.ClusterMap,
+        epoch: int,
+        state: dict[str, cm.ServerState],
+        sem: asyncio.Semaphore,
+    ) -> None:
+        """For every volume being flattened: each page its shared layers hold goes, as the
+        uppermost of them holds it, into the volume's lowest own layer if absent there;
+        once a complete round copied everything, ``FlattenDone``."""
+        for volume in sorted(cmap.volumes.values(), key=lambda v: v.id):
+            if not volume.flattening:
+                continue
+            own = cmap.own_layers(volume)
+            shared = [cmap.layers[lid] for lid in volume.layers[: len(volume.layers) - len(own)]]
+            lowest = cmap.layers[own[0]]
+            pages: set[int] = set()
+            try:
+                for layer in shared:
+                    owner = cmap.volume_by_id(layer.volume_id)
+                    assert owner is not None
+                    live = sorted(
+                        {sid for part in layer.placement for sid in part if state.get(sid) in LIVE}
+                    )
+                    pages |= await self._present_pages(owner, layer, live, epoch)
+            except (LaminaError, OSError, TimeoutError) as exc:
+                log.info("listing the shared layers of %s: %s", volume.name, exc)
+                self.progress.errors += 1
+                continue
+
+            async def one(page: int, volume: cm.Volume = volume, lowest: cm.Layer = lowest,
+                          shared: list[cm.Layer] = shared) -> bool:  # fmt: skip
+                async with sem:
+                    return await self._flatten_page(
+                        cmap, volume, shared, lowest, page, epoch, state
+                    )
+
+            results = await asyncio.gather(*(one(p) for p in sorted(pages)))
+            self.progress.flattening[volume.name] = sum(not ok for ok in results)
+            if all(results) and self.leading():
+                log.info("volume %s holds every page it shared: flattened", volume.name)
+                with contextlib.suppress(LaminaError):
+                    await self.propose(cm.FlattenDone(volume.name))
+                self.progress.flattening.pop(volume.name, None)
+
+    async def _flatten_page(
+        self,
+        cmap: cm.ClusterMap,
+        volume: cm.Volume,
+        shared: list[cm.Layer],
+        lowest: cm.Layer,
+        page: int,
+        epoch: int,
+        state: dict[str, cm.ServerState],
+    ) -> bool:
+        size = volume.page_size
+        try:
+            for layer in reversed(shared):  # the uppermost holder wins
+                owner = cmap.volume_by_id(layer.volume_id)
+                assert owner is not None
+                pidx = page % len(layer.placement)
+                part = layer.placement[pidx]
+                trusted = _trusted(part, list(range(len(part))), state, layer, pidx)
+                if not trusted:
+                    return False
+                reply, data = await self._call_with_payload(
+                    part[trusted[0]], m.ReadRequest(owner.id, epoch, layer.id, page, size, 0, size)
+                )
+                assert isinstance(reply, m.ReadResponse)
+                if reply.state == PageState.TOMBSTONE:
+                    return False  # moving up inside the origin: next round
+                if reply.state in (PageState.PRESENT, PageState.ZERO):
+                    await self._throttle(size)
+                    zero = reply.state == PageState.ZERO
+                    await self._create(volume, lowest, page, epoch, state, data, zero)
+                    self.progress.bytes_copied += size
+                    return True
+            return True
+        except (LaminaError, OSError, TimeoutError) as exc:
+            log.info("flattening page %d of %s: %s", page, volume.name, exc)
+            self.progress.errors += 1
+            return False
+
     # -- scrub ------------------------------------------------------------------------------
 
     def start_scrub(self, name: str) -> ScrubReport:
@@ -452,7 +711,7 @@ class Worker:
             epoch = cmap.epoch
             state = {sid: s.state for sid, s in cmap.servers.items()}
             sem = asyncio.Semaphore(self.parallel)
-            for lid in volume.layers:
+            for lid in cmap.own_layers(volume):
                 layer = cmap.layers[lid]
                 live = sorted(
                     {sid for part in layer.placement for sid in part if state.get(sid) in LIVE}
@@ -475,6 +734,7 @@ class Worker:
     async def _present_pages(
         self, volume: cm.Volume, layer: cm.Layer, live: list[str], epoch: int
     ) -> set[int]:
+        """The pages some copy on ``live`` holds (data or zeros)."""
         pages: set[int] = set()
         for sid in live:
             start = 0
