@@ -62,6 +62,7 @@ from lamina.client.layout import (
     clean_mask,
     clear_mask,
     needs_resync,
+    presence_fixed,
     restore_mask,
     split,
     volume_view,
@@ -90,6 +91,9 @@ from lamina.wire.handshake import load_key
 from lamina.wire.messages import PageState
 
 log = logging.getLogger(__name__)
+
+#: pages of a layer beyond which the driver keeps no presence map of it (memory bound)
+MAX_PRESENCE = 1 << 22
 T = TypeVar("T")
 
 #: a write's tokens go back on their own after this long if no request carries them
@@ -450,6 +454,14 @@ class Volume:
         self._idle: dict[tuple[int, int], asyncio.Event] = {}
         self._resyncs: dict[tuple[int, int], asyncio.Future[None]] = {}
         self._rr = random.randrange(1 << 16)
+        # presence maps: the pages each layer holds, for the layers whose set of pages
+        # can change only by this client's copy-ups (so a read skips the layers that
+        # lack its page: one round trip, however deep the chain)
+        self._presence: dict[int, set[int]] = {}
+        self._presence_loading: dict[int, asyncio.Future[None]] = {}
+        self._fixed: set[int] = set()
+        self._created: dict[int, set[int]] = {}  # copied up while the map was loading
+        self._cache_presence(view)
 
     # -- BlockBackend ---------------------------------------------------------------------
 
@@ -602,6 +614,7 @@ class Volume:
             log.error("%s", self._lost.message)
         if view.layers != self.view.layers:
             self._clean.clear()
+        self._cache_presence(view)
         self.cluster.learn(view)
         self.view = view
 
@@ -679,7 +692,12 @@ class Volume:
         client = None
         inside = offset >= 0 and 0 < length <= page_size - in_page and offset + length <= view.size
         if inside and not self._closed:
-            layer = view.layers[0]
+            # the first layer that may hold the page: the presence maps skip the others
+            k, last = self._holder(view, page)
+            if k < 0:
+                out.set_result(bytes(length))  # no layer holds it: zeros, no round trip
+                return out
+            layer = view.layers[k]
             part = layer.placement[page % len(layer.placement)]
             readable = view.readable(layer, page)
             if readable:
@@ -688,21 +706,39 @@ class Volume:
         if client is None:
             return self._slow(out, self.read(offset, length))
         tokens = self.cluster.take_tokens(part[i])
-        req = m.ReadRequest(view.id, view.epoch, layer.id, page, page_size, in_page, length, tokens)
+        req = m.ReadRequest(
+            layer.owner, view.epoch, layer.id, page, page_size, in_page, length, tokens
+        )
         client.send(req).add_done_callback(
-            lambda fut: self._read_answered(fut, out, view, layer.id, page, offset, length)
+            lambda fut: self._read_answered(fut, out, view, layer, page, offset, length, last)
         )
         return out
+
+    def _holder(self, view: VolumeView, page: int) -> tuple[int, bool]:
+        """(index in ``view.layers`` of the first layer a read of ``page`` must ask, or -1
+        if the presence maps show that no layer holds it; whether every layer below that
+        one is known not to hold it)."""
+        presence = self._presence
+        first = -1
+        for k, layer in enumerate(view.layers):
+            pages = presence.get(layer.id)
+            if first < 0:
+                if pages is None or page in pages:
+                    first = k
+            elif pages is None or page in pages:
+                return first, False
+        return first, True
 
     def _read_answered(
         self,
         fut: asyncio.Future[Frame],
         out: asyncio.Future[Payload],
         view: VolumeView,
-        layer_id: int,
+        layer: LayerView,
         page: int,
         offset: int,
         length: int,
+        last: bool,
     ) -> None:
         if out.done():
             return
@@ -711,17 +747,78 @@ class Volume:
             resp, data = Client.unpack(fut.result())
         except Exception:
             resp = None
-        if (resp is not None and (layer_id, page) in self._clean) or (
-            resp is not None and not needs_resync(resp.mask, view.readable(view.layers[0], page))
+        if (resp is not None and (layer.id, page) in self._clean) or (
+            resp is not None and not needs_resync(resp.mask, view.readable(layer, page))
         ):
             state = resp.state
             if state == PageState.PRESENT:
                 out.set_result(data)
                 return
-            if state == PageState.ZERO or (state == PageState.ABSENT and len(view.layers) == 1):
+            if state == PageState.ZERO or (state == PageState.ABSENT and last):
                 out.set_result(bytes(length))
                 return
         self._slow(out, self.read(offset, length))
+
+    # -- presence maps ---------------------------------------------------------------------
+
+    def _cache_presence(self, view: VolumeView) -> None:
+        """Keep the presence maps of the layers whose set of pages only this client's own
+        copy-ups can change (:func:`lamina.client.layout.presence_fixed`) and drop the
+        others.  A layer that gains pages behind our back (a migration or merge target, a
+        flatten target, the top when others may write) is never trusted, and a page that
+        leaves a layer leaves a tombstone, which restarts the read: so a read that skips
+        a layer on the word of its presence map never misses newer data."""
+        fixed = {layer.id for layer in view.layers if presence_fixed(view, layer, self.writable)}
+        for lid in [lid for lid in self._presence if lid not in fixed]:
+            del self._presence[lid]
+        self._fixed = fixed
+
+    async def _load_presence(self, view: VolumeView, layer: LayerView) -> None:
+        """ENUMERATE the pages ``layer`` holds on each server with a readable copy of it,
+        once (bounded: a layer of more than ``MAX_PRESENCE`` pages is not mapped)."""
+        if layer.id not in self._fixed or layer.id in self._presence:
+            return
+        loading = self._presence_loading.get(layer.id)
+        if loading is not None:
+            await asyncio.shield(loading)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._presence_loading[layer.id] = fut
+        try:
+            servers = sorted(
+                {
+                    layer.placement[p][i]
+                    for p in range(len(layer.placement))
+                    for i in view.readable(layer, p)
+                }
+            )
+            if any(not view.readable(layer, p) for p in range(len(layer.placement))):
+                return  # a partition has no readable copy: no map
+            pages: set[int] = set()
+            for sid in servers:
+                start = 0
+                while len(pages) <= MAX_PRESENCE:
+                    resp, _ = await self._call(
+                        sid,
+                        m.EnumerateRequest(
+                            layer.owner, view.epoch, layer.id, m.EnumerateWhat.PRESENT, start,
+                            m.MAX_ENUMERATE,
+                        ),
+                    )  # fmt: skip
+                    pages.update(resp.pages)
+                    if resp.done:
+                        break
+                    start = resp.next_start
+            # pages copied up while the listing ran may have been passed over by it
+            pages |= self._created.pop(layer.id, set())
+            if len(pages) <= MAX_PRESENCE and layer.id in self._fixed:
+                self._presence[layer.id] = pages
+        except (LaminaError, Failed) as exc:
+            log.info("no presence map of layer %d: %s", layer.id, exc)
+        finally:
+            del self._presence_loading[layer.id]
+            self._created.pop(layer.id, None)
+            fut.set_result(None)
 
     def start_write(self, offset: int, data: Payload, fua: bool) -> asyncio.Future[None]:
         """:meth:`write` as a future, for the NBD server: a write within one page whose
@@ -837,6 +934,11 @@ class Volume:
 
     async def _read_layers(self, view: VolumeView, ext: Extent) -> bytes:
         for layer in view.layers:
+            if layer.id in self._fixed and len(view.layers) > 1:
+                await self._load_presence(view, layer)
+                pages = self._presence.get(layer.id)
+                if pages is not None and ext.page not in pages:
+                    continue
             state, data = await self._read_page(view, layer, ext.page, ext.offset, ext.length)
             if state == PageState.PRESENT:
                 return bytes(data) if type(data) is not bytes else data
@@ -1113,6 +1215,11 @@ class Volume:
         else:
             lower_layers = view.layers[1:]
         for lower in lower_layers:
+            if lower.id in self._fixed:
+                await self._load_presence(view, lower)
+                pages = self._presence.get(lower.id)
+                if pages is not None and page not in pages:
+                    continue
             state, got = await self._read_page(view, lower, page, 0, view.page_size)
             if state == PageState.PRESENT:
                 data, source = got, lower
@@ -1152,6 +1259,11 @@ class Volume:
             return
         if all(reply[0].created for reply in results if not isinstance(reply, BaseException)):
             self._clean.add((layer.id, page))
+        top_pages = self._presence.get(layer.id)
+        if top_pages is not None:
+            top_pages.add(page)
+        elif layer.id in self._presence_loading:
+            self._created.setdefault(layer.id, set()).add(page)
         if source is not None and source.migrates_to == layer.id:
             await _all(
                 self._call(

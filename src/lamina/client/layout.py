@@ -47,6 +47,7 @@ __all__ = [
     "clean_mask",
     "clear_mask",
     "needs_resync",
+    "presence_fixed",
     "restore_mask",
     "split",
     "volume_view",
@@ -61,6 +62,25 @@ class Extent(NamedTuple):
     offset: int
     length: int
     start: int
+
+
+def presence_fixed(view: VolumeView, layer: LayerView, exclusive: bool) -> bool:
+    """Whether the set of pages ``layer`` holds can change only through this client's
+    own copy-ups while ``view`` is current, so a map of it, once listed, stays exact:
+    a layer below the written top (immutable [0056]) that no layer migrates into, that
+    is not moving out itself, and that no flatten fills; the top itself only for the
+    holder of the volume's exclusive lock (``exclusive``)."""
+    if layer.migrates_to is not None:
+        return False  # its pages leave it (a tombstone each)
+    if any(other.migrates_to == layer.id for other in view.layers):
+        return False  # pages arrive from below
+    if view.flattening and layer.owner == view.id:
+        own = [other for other in view.layers if other.owner == view.id]
+        if own and own[-1].id == layer.id:
+            return False  # the flatten fills the lowest own layer
+    if not view.snapshot and layer.id == view.top.id:
+        return exclusive
+    return True
 
 
 def split(offset: int, length: int, page_size: int) -> list[Extent]:
@@ -123,6 +143,10 @@ class VolumeView:
     layers: tuple[LayerView, ...]  # top first
     servers: Mapping[str, ServerView]
     lock: LockView | None
+    #: the snapshot this view shows ("": the volume itself, whose top layer is written)
+    snapshot: str = ""
+    #: the volume's shared pages are being copied into its lowest own layer
+    flattening: bool = False
     _readable: dict[tuple[int, int], list[int]] = field(
         default_factory=dict, compare=False, repr=False
     )
@@ -236,6 +260,8 @@ def volume_view(doc: Mapping[str, Any], name: str) -> VolumeView:
             layers,
             servers,
             lock,
+            snapshot,
+            bool(vol.get("flattening")),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ProtocolError(f"the managers sent a map without {exc}") from None
