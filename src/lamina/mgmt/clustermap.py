@@ -173,6 +173,8 @@ class Server:
     state: ServerState
     capacity: int
     zone: str
+    #: being emptied (``DrainServer``): no new copy goes there; migrations move its own
+    draining: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +264,10 @@ class ClusterMap:
         return [
             self.servers[k] for k in sorted(self.servers) if self.servers[k].state is ServerState.UP
         ]
+
+    def placeable(self) -> list[Server]:
+        """The servers a new copy may go to: ``up`` and not draining, by id."""
+        return [s for s in self.up_servers() if not s.draining]
 
     def layers_on(self, server_id: str) -> list[Layer]:
         """The layers with a partition copy on ``server_id``, by id."""
@@ -415,6 +421,21 @@ class RemoveServer:
 
     def __post_init__(self) -> None:
         check_id("server id", self.id)
+
+
+@dataclass(frozen=True, slots=True)
+class DrainServer:
+    """Start emptying server ``id`` (``undo``: stop): no new copy is placed on it, and
+    the leader migrates every volume with a copy there to the other servers.  Rejected,
+    with the volume named, if some volume's copies would have no place to go."""
+
+    TAG: ClassVar[str] = "drain_server"
+    id: str
+    undo: bool = False
+
+    def __post_init__(self) -> None:
+        check_id("server id", self.id)
+        check_bool("undo", self.undo)
 
 
 @dataclass(frozen=True, slots=True)
@@ -674,6 +695,7 @@ class Publish:
 Command: TypeAlias = (
     AddServer
     | RemoveServer
+    | DrainServer
     | SetServerState
     | CreateVolume
     | ResizeVolume
@@ -696,6 +718,7 @@ Command: TypeAlias = (
 COMMAND_TYPES: tuple[type[Command], ...] = (
     AddServer,
     RemoveServer,
+    DrainServer,
     SetServerState,
     CreateVolume,
     ResizeVolume,
@@ -762,6 +785,8 @@ def validate(cmap: ClusterMap, cmd: Command) -> str | None:
             return _holdings(cmap, cmd.id)
         case SetServerState():
             return _check_set_state(cmap, cmd)
+        case DrainServer():
+            return _check_drain(cmap, cmd)
         case CreateVolume():
             return _check_create(cmap, cmd)
         case ResizeVolume() | DeleteVolume() | AcquireLock() | ReleaseLock():
@@ -816,7 +841,7 @@ def _rereplaced(cmap: ClusterMap, server_id: str) -> dict[int, Layer] | str:
     layers = cmap.layers_on(server_id)
     if not layers:
         return f"server {server_id} holds no partition copy"
-    up = cmap.up_servers()
+    up = cmap.placeable()
     zoned = zones_in_force(up)
     copies = cmap.copies_per_server()
     out: dict[int, Layer] = {}
@@ -906,6 +931,30 @@ def _holdings(cmap: ClusterMap, server_id: str) -> str | None:
     return f"{server_id} holds copies of layer {first.id} (volume {name}){more}: drain it first"
 
 
+def _check_drain(cmap: ClusterMap, cmd: DrainServer) -> str | None:
+    server = cmap.servers.get(cmd.id)
+    if server is None:
+        return f"unknown server {cmd.id}"
+    if cmd.undo:
+        return None if server.draining else f"server {cmd.id} is not being drained"
+    if server.draining:
+        return f"server {cmd.id} is already being drained"
+    others = [s for s in cmap.placeable() if s.id != cmd.id]
+    for volume in sorted(cmap.volumes.values(), key=lambda v: v.name):
+        if not any(
+            cmd.id in part for lid in cmap.own_layers(volume) for part in cmap.layers[lid].placement
+        ):
+            continue
+        try:
+            check_feasible(others, volume.replicas)
+        except PlacementError as exc:
+            return (
+                f"draining {cmd.id} would leave volume {volume.name} without a place for its "
+                f"{volume.replicas} copies per partition: {exc.message}; add a server first"
+            )
+    return None
+
+
 def _check_set_state(cmap: ClusterMap, cmd: SetServerState) -> str | None:
     server = cmap.servers.get(cmd.id)
     if server is None:
@@ -927,7 +976,7 @@ def _check_set_state(cmap: ClusterMap, cmd: SetServerState) -> str | None:
 def _check_create(cmap: ClusterMap, cmd: CreateVolume) -> str | None:
     if cmd.name in cmap.volumes:
         return f"volume {cmd.name} already exists"
-    up = cmap.up_servers()
+    up = cmap.placeable()
     copies = f"{cmd.replicas} copies of each partition"
     if cmd.replicas > len(up):
         return f"volume {cmd.name} needs {cmd.replicas} up servers for {copies}, {len(up)} are up"
@@ -965,13 +1014,16 @@ def apply(cmap: ClusterMap, cmd: Command) -> ClusterMap:
             kept = {k: v for k, v in cmap.servers.items() if k != cmd.id}
             volumes = _fenced(cmap, _affected(cmap, cmd), epoch)
             return replace(cmap, epoch=epoch, servers=_frozen(kept), volumes=volumes)
+        case DrainServer():
+            server = replace(cmap.servers[cmd.id], draining=not cmd.undo)
+            return replace(cmap, epoch=epoch, servers=_frozen({**cmap.servers, cmd.id: server}))
         case SetServerState():
             server = replace(cmap.servers[cmd.id], state=cmd.state)
             volumes = _fenced(cmap, _affected(cmap, cmd), epoch)
             servers = _frozen({**cmap.servers, cmd.id: server})
             return replace(cmap, epoch=epoch, servers=servers, volumes=volumes)
         case CreateVolume():
-            placement = place(cmap.up_servers(), cmd.stripe, cmd.replicas, cmap.copies_per_server())
+            placement = place(cmap.placeable(), cmd.stripe, cmd.replicas, cmap.copies_per_server())
             vid, lid = cmap.next_volume_id, cmap.next_layer_id
             layer = Layer(lid, vid, placement, LayerRole.LIVE, None)
             volume = Volume(
@@ -1114,9 +1166,11 @@ def _migration_targets(
                 return f"unknown server {sid}"
             if server.state is not ServerState.UP:
                 return f"server {sid} is {server.state.value}, not up"
+            if server.draining:
+                return f"server {sid} is being drained"
             candidates.append(server)
     else:
-        candidates = cmap.up_servers()
+        candidates = cmap.placeable()
     replicas = cmd.replicas or volume.replicas
     stripe = cmd.stripe or volume.stripe
     own = _movable(cmap, volume)
@@ -1344,7 +1398,7 @@ def _layer_change(
             src = volumes[cmd.source]
             lid = _layer_of(src, cmd.snapshot)
             vid, next_volume = next_volume, next_volume + 1
-            placement = place(cmap.up_servers(), src.stripe, src.replicas, cmap.copies_per_server())
+            placement = place(cmap.placeable(), src.stripe, src.replicas, cmap.copies_per_server())
             top = new_layer(vid, placement)
             stack = (*src.layers[: src.layers.index(lid) + 1], top)
             volumes[cmd.name] = Volume(
@@ -1456,7 +1510,7 @@ def affected_volumes(cmap: ClusterMap, cmd: Command) -> frozenset[int]:
 
 def _affected(cmap: ClusterMap, cmd: Command) -> frozenset[int]:
     match cmd:
-        case AddServer() | Publish():
+        case AddServer() | DrainServer() | Publish():
             return frozenset()
         case RemoveServer() | SetServerState() | Rereplicate():
             return frozenset(layer.volume_id for layer in cmap.layers_on(cmd.id))
@@ -1567,6 +1621,7 @@ def map_to_dict(cmap: ClusterMap) -> dict[str, Any]:
                 "state": s.state.value,
                 "capacity": s.capacity,
                 "zone": s.zone,
+                "draining": s.draining,
             }
             for sid, s in sorted(cmap.servers.items())
         },
@@ -1620,7 +1675,8 @@ _MAP_KEYS = (
     "volumes",
     "layers",
 )
-_SERVER_KEYS = ("addr", "state", "capacity", "zone")
+_SERVER_KEYS = ("addr", "state", "capacity", "zone", "draining")
+_SERVER_OPTIONAL = ("draining",)
 _VOLUME_KEYS = (
     "id", "size", "page_size", "replicas", "stripe", "layers", "fence_epoch", "lock",
     "snapshots", "origin", "flattening", "migration",
@@ -1687,9 +1743,9 @@ def map_from_dict(data: Mapping[str, Any]) -> ClusterMap:
         raise ProtocolError("servers must be an object")
     for sid, raw in raw_servers.items():
         check_id("server id", sid)
-        r = _record(raw, f"server {sid}", _SERVER_KEYS)
+        r = _record(raw, f"server {sid}", _SERVER_KEYS, _SERVER_OPTIONAL)
         state = _enum(r["state"], f"state of server {sid}", ServerState)
-        servers[sid] = Server(sid, r["addr"], state, r["capacity"], r["zone"])
+        servers[sid] = Server(sid, r["addr"], state, r["capacity"], r["zone"], bool(r["draining"]))
     volumes: dict[str, Volume] = {}
     raw_volumes = d["volumes"]
     if not isinstance(raw_volumes, Mapping):

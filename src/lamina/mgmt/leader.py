@@ -192,6 +192,7 @@ class LeaderDuties:
             self._next_expiry = now + EXPIRY_PERIOD
             self.expire_sessions(cmap, now)
         self.rereplicate(cmap, now)
+        self.drain(cmap)
         if (
             self.service.reclaim
             and self.key is not None
@@ -232,6 +233,28 @@ class LeaderDuties:
         assert isinstance(reply, m.SetEpochResponse)
         if self.table.leading:
             self.table.acked[sid] = max(self.table.acked.get(sid, 0), reply.epoch)
+
+    def drain(self, cmap: cm.ClusterMap) -> None:
+        """Migrate every volume with an own layer on a draining server (and no migration
+        or flatten running) to the servers that may take copies; once the server holds
+        nothing, ``lamina server remove`` succeeds."""
+        draining = {sid for sid, s in cmap.servers.items() if s.draining}
+        if not draining:
+            return
+        targets = tuple(s.id for s in cmap.placeable())
+        for name in sorted(cmap.volumes):
+            volume = cmap.volumes[name]
+            if volume.migration or volume.flattening:
+                continue
+            used = {
+                sid
+                for lid in cmap.own_layers(volume)
+                if cmap.layers[lid].migrates_to is None
+                for part in cmap.layers[lid].placement
+                for sid in part
+            }
+            if used & draining:
+                self._propose(cm.MigrateVolume(name, targets))
 
     def rereplicate(self, cmap: cm.ClusterMap, now: float) -> None:
         """Re-replicate the copies of every server ``down`` for ``rereplicate_after``
