@@ -1,0 +1,259 @@
+"""The model driver (writes and reads) and the model worker, as simulation processes.
+
+They follow ``lamina.client.driver`` (``_write_page``, ``_recover``, reads that
+resynchronise a copy whose mask does not vouch for the others) and
+``lamina.mgmt.worker`` (``_resync_page``, ``_repair``, ``_needs_copy``) in the small.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
+
+from lamina.errors import LaminaError, StaleEpoch
+from lamina.mgmt.worker import Worker
+from lamina.storage.syncmask import (
+    FULL,
+    authoritative,
+    bits,
+    clean_mask,
+    clear_mask,
+    needs_resync,
+    restore_mask,
+)
+from lamina.wire import messages as m
+from lamina.wire.messages import PageState
+from tests.sim.manager import LIVE, RECOVERING, UP
+from tests.sim.net import Answer, Call, Proc, Sleep, TimedOut
+from tests.sim.servers import LAYER, VOLUME
+
+if TYPE_CHECKING:
+    from tests.sim.engine import World
+
+PAGES = 8
+PAGE = 1 << 16  # the smallest page size the wire allows
+SLOTS = 8
+SLOT = PAGE // SLOTS
+RPC_TIMEOUT = 0.5
+WORKER_PERIOD = 0.4
+
+Resync = Generator[Call | Sleep, Any, bool]
+
+
+def stamp(version: int, nslots: int) -> bytes:
+    return version.to_bytes(8, "little") * (SLOT // 8) * nslots
+
+
+def slot_version(data: bytes, slot: int) -> int:
+    """The version slot ``slot`` of a page holds; a torn slot fails."""
+    chunk = data[slot * SLOT : (slot + 1) * SLOT]
+    version = int.from_bytes(chunk[:8], "little")
+    if chunk != stamp(version, 1):
+        raise AssertionError(f"slot {slot} is torn: {chunk[:24].hex()}...")
+    return version
+
+
+def _backoff(attempt: int) -> float:
+    return min(0.02 * float(2 ** min(attempt, 5)), 0.5)
+
+
+def recover(w: World, errors: list[tuple[str, BaseException]], attempt: int, what: str) -> Proc:
+    """What ``Driver._recover`` does: STALE -> wait for a newer published map; any other
+    failure of a server -> report it to the managers, back off, use the map published
+    by then (the managers decide whether the server is down)."""
+    for sid, err in errors:
+        w.trace(f"client: {what}: {sid}: {type(err).__name__}")
+        if isinstance(err, StaleEpoch):
+            continue
+        if not isinstance(err, LaminaError | TimedOut):
+            raise err
+        w.mgr.report(sid, type(err).__name__)
+    yield Sleep(_backoff(attempt))
+
+
+def write(w: World, page: int, slot: int, nslots: int, version: int) -> Proc:
+    data = stamp(version, nslots)
+    offset = slot * SLOT
+    attempt = 0
+    while True:
+        attempt += 1
+        epoch, states = w.mgr.published_epoch, w.mgr.published
+        part = w.part(page)
+        copies = [i for i, s in enumerate(part) if states[s] in LIVE]
+        guarded = w.broken != "recover_alone"
+        if not copies or (guarded and not any(states[part[i]] == UP for i in copies)):
+            # (guarded) recovering copies alone may lack acknowledged writes: wait
+            yield Sleep(_backoff(attempt))
+            continue
+        n = len(part)
+        restore = restore_mask(set(copies), n)
+        calls = tuple(
+            (
+                part[i],
+                m.WriteRequest(
+                    VOLUME, epoch, LAYER, page, PAGE, offset,
+                    FULL if w.broken == "no_clear_mask" else clear_mask(i, n),
+                    restore, False, w.take_tokens("c", part[i]),
+                ),
+                data,
+            )
+            for i in copies
+        )  # fmt: skip
+        answers: list[Answer] = yield Call(calls, RPC_TIMEOUT)
+        errors = [
+            (part[i], a)
+            for i, a in zip(copies, answers, strict=False)
+            if isinstance(a, BaseException)
+        ]
+        if not errors:
+            for i, a in zip(copies, answers, strict=False):
+                assert isinstance(a, tuple)
+                assert isinstance(a[0], m.WriteResponse)
+                w.tokens.setdefault(("c", part[i]), []).append(a[0].token)
+            w.acked_write(page, slot, nslots, version, epoch, [part[i] for i in copies])
+            return
+        yield from recover(w, errors, attempt, f"write v{version} page {page} epoch {epoch}")
+
+
+def read(w: World, page: int) -> Proc:
+    floor = list(w.acked[page])
+    attempt = 0
+    while True:
+        attempt += 1
+        epoch, states = w.mgr.published_epoch, w.mgr.published
+        part = w.part(page)
+        readable = [i for i, s in enumerate(part) if states[s] == UP]
+        if not readable:
+            yield Sleep(_backoff(attempt))
+            continue
+        i = w.rng.choice(readable)
+        req = m.ReadRequest(VOLUME, epoch, LAYER, page, PAGE, 0, PAGE, w.take_tokens("c", part[i]))
+        (a,) = yield Call(((part[i], req, b""),), RPC_TIMEOUT)
+        if isinstance(a, BaseException):
+            yield from recover(w, [(part[i], a)], attempt, f"read page {page}")
+            continue
+        resp, data = a
+        assert isinstance(resp, m.ReadResponse)
+        if needs_resync(resp.mask, readable):
+            w.trace(f"client: page {page} on {part[i]} mask {resp.mask:#x}: resync first")
+            if not (yield from resync(w, "c", page, epoch, states)):
+                yield Sleep(_backoff(attempt))
+            continue
+        w.check_read(page, floor, bytes(data), part[i])
+        return
+
+
+def resync(w: World, client: str, page: int, epoch: int, states: dict[str, str]) -> Resync:
+    """``Worker._resync_page`` + ``_repair``: STATUS of the live copies; unless they agree,
+    copy the authoritative up copy to the others (conditional WRITE) and MARK_CLEAN
+    every live copy by compare-and-set, the authoritative one last.  Whether it is done."""
+    part = w.part(page)
+    live = [i for i, s in enumerate(part) if states[s] in LIVE]
+    up = [i for i in live if states[part[i]] == UP]
+    if not live:
+        return False
+    req = m.StatusRequest(VOLUME, epoch, LAYER, (page,))
+    answers = yield Call(tuple((part[i], req, b"") for i in live), RPC_TIMEOUT)
+    statuses: dict[int, tuple[int, int, int]] = {}
+    for i, a in zip(live, answers, strict=False):
+        if not _ok(w, client, part[i], a, "status"):
+            return False
+        assert isinstance(a, tuple)
+        assert isinstance(a[0], m.StatusResponse)
+        _, st, mask, gen = a[0].entries[0]
+        statuses[i] = (st, mask, gen)
+    need = bits(live)
+    kinds = {st for st, _, _ in statuses.values()}
+    if all(mask & need == need for _, mask, _ in statuses.values()) and len(kinds) == 1:
+        return True
+    auth = authoritative({i: statuses[i][:2] for i in up})
+    if auth is None:
+        return False
+    w.repairs += 1
+    w.trace(f"{client}: resync page {page} from {part[auth]} {_show(part, statuses)}")
+    if statuses[auth][0] == PageState.PRESENT:
+        rq = m.ReadRequest(VOLUME, epoch, LAYER, page, PAGE, 0, PAGE)
+        (a,) = yield Call(((part[auth], rq, b""),), RPC_TIMEOUT)
+        if not _ok(w, client, part[auth], a, "read"):
+            return False
+        assert isinstance(a, tuple)
+        assert isinstance(a[0], m.ReadResponse)
+        if a[0].generation != statuses[auth][2]:
+            return False
+        data = bytes(a[1])
+    else:
+        data = bytes(PAGE)
+    gens = {i: statuses[i][2] for i in live}
+    for t in [t for t in live if t != auth and Worker._needs_copy(statuses, live, auth, t)]:
+        wr = m.WriteRequest(
+            VOLUME, epoch, LAYER, page, PAGE, 0, FULL, FULL, False,
+            conditional=True, if_generation=gens[t],
+        )  # fmt: skip
+        (a,) = yield Call(((part[t], wr, data),), RPC_TIMEOUT)
+        if not _ok(w, client, part[t], a, "copy"):
+            return False
+        assert isinstance(a, tuple)
+        assert isinstance(a[0], m.WriteResponse)
+        gens[t] = a[0].generation
+    mask = clean_mask([statuses[i][1] for i in live], live)
+    for i in [t for t in live if t != auth] + [auth]:
+        mc = m.MarkCleanRequest(VOLUME, epoch, LAYER, page, gens[i], mask)
+        (a,) = yield Call(((part[i], mc, b""),), RPC_TIMEOUT)
+        if not _ok(w, client, part[i], a, "mark clean"):
+            return False
+    return True
+
+
+def _show(part: tuple[str, ...], statuses: dict[int, tuple[int, int, int]]) -> str:
+    return " ".join(f"{part[i]}=({st},{mask:#x},g{gen})" for i, (st, mask, gen) in statuses.items())
+
+
+def _ok(w: World, client: str, sid: str, a: Answer, what: str) -> bool:
+    if not isinstance(a, BaseException):
+        return True
+    w.trace(f"{client}: resync {what} on {sid}: {type(a).__name__}")
+    if not isinstance(a, LaminaError | TimedOut):
+        raise a
+    if client == "c" and not isinstance(a, StaleEpoch):
+        w.mgr.report(sid, type(a).__name__)
+    return False
+
+
+def worker(w: World) -> Proc:
+    """Rounds over every page; a recovering server becomes up after a round at one epoch
+    that left nothing of its partitions dirty."""
+    while True:
+        yield Sleep(WORKER_PERIOD)
+        epoch, states = w.mgr.published_epoch, dict(w.mgr.published)
+        ready = {s: True for s, st in sorted(states.items()) if st == RECOVERING}
+        if w.broken != "recover_alone":
+            # A copy may come back up only with every other copy of its partitions live:
+            # one that is down may hold the newest acknowledged writes.
+            for part in w.partitions:
+                if any(states[s] not in LIVE for s in part):
+                    for s in part:
+                        ready[s] = False
+        clean, repairs = True, w.repairs
+        for page in range(PAGES):
+            if not (yield from resync(w, "w", page, epoch, states)):
+                clean = False
+                for s in w.part(page):
+                    if s in ready:
+                        ready[s] = False
+        w.rounds += 1
+        quiet = clean and repairs == w.repairs and epoch == w.mgr.published_epoch
+        w.quiet_rounds = w.quiet_rounds + 1 if quiet else 0
+        if w.mgr.published_epoch == epoch:
+            for s, ok in ready.items():
+                if ok:
+                    w.mgr.ready(s)
+
+
+def restore_tokens(w: World) -> Proc:
+    """Confirm acknowledged writes' tokens that no request carried yet (RESTORE)."""
+    calls = []
+    for (client, sid), tokens in sorted(w.tokens.items()):
+        if tokens and client == "c":
+            calls.append((sid, m.RestoreRequest(w.take_tokens(client, sid)), b""))
+    if calls:
+        yield Call(tuple(calls), RPC_TIMEOUT)

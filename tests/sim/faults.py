@@ -1,0 +1,120 @@
+"""The seeded choice of one action per simulation step, and healing at the end."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from tests.sim import actors
+from tests.sim.net import Faults
+
+if TYPE_CHECKING:
+    from tests.sim.engine import World
+
+MAX_CLIENT_OPS = 4
+MAX_CUTS = 2
+
+
+class Chaos:
+    def __init__(self, w: World) -> None:
+        self.w = w
+        rng = w.rng
+        self.faults = Faults(
+            drop=rng.uniform(0.005, 0.03),
+            duplicate=rng.uniform(0.005, 0.03),
+            delay=rng.uniform(0.005, 0.04),
+        )
+        w.net.faults = self.faults
+        self.actions: list[tuple[int, Callable[[], None]]] = [
+            (30, self.write),
+            (20, self.read),
+            (4, self.restore),
+            (2, self.crash),
+            (2, self.pause),
+            (3, self.cut),
+            (2, self.network),
+            (25, lambda: None),
+        ]
+        self.total = sum(weight for weight, _ in self.actions)
+
+    def step(self) -> None:
+        pick = self.w.rng.randrange(self.total)
+        for weight, action in self.actions:
+            if pick < weight:
+                action()
+                return
+            pick -= weight
+
+    def _client_ops(self) -> int:
+        return sum(1 for name in self.w.procs.running.values() if name != "worker")
+
+    def write(self) -> None:
+        if self._client_ops() < MAX_CLIENT_OPS:
+            self.w.start_write()
+
+    def read(self) -> None:
+        if self._client_ops() < MAX_CLIENT_OPS:
+            self.w.start_read()
+
+    def restore(self) -> None:
+        self.w.procs.spawn("restore", "c", actors.restore_tokens(self.w), lambda _: None)
+
+    def _impaired(self) -> bool:
+        return any(not s.alive or s.paused for s in self.w.servers.values())
+
+    def _later(self, lo: float, hi: float, fn: Callable[[], None]) -> None:
+        loop = self.w.loop
+        loop.at(loop.now + self.w.rng.uniform(lo, hi), fn)
+
+    def crash(self) -> None:
+        if self._impaired():
+            return
+        srv = self.w.servers[self.w.rng.choice(sorted(self.w.servers))]
+        srv.crash()
+        self._later(0.2, 4.0, srv.restart_if_dead)
+
+    def pause(self) -> None:
+        if self._impaired():
+            return
+        srv = self.w.servers[self.w.rng.choice(sorted(self.w.servers))]
+        srv.pause()
+        self._later(0.2, 3.0, srv.resume_if_paused)
+
+    def cut(self) -> None:
+        w = self.w
+        if len(w.net.cut) >= MAX_CUTS:
+            return
+        sid = w.rng.choice(sorted(w.servers))
+        peer = w.rng.choice(("c", "w", "mgr"))
+        links = [(peer, sid), (sid, peer)]
+        how = w.rng.randrange(3)  # both ways, or one way only
+        chosen = links if how == 2 else [links[how]]
+        for link in chosen:
+            w.net.cut.add(link)
+        w.trace(f"net: cut {chosen}")
+
+        def heal() -> None:
+            for link in chosen:
+                w.net.cut.discard(link)
+            w.trace(f"net: heal {chosen}")
+
+        self._later(0.2, 4.0, heal)
+
+    def network(self) -> None:
+        """A bad patch or a calm one: change the per-message fault rates."""
+        rng, f = self.w.rng, self.faults
+        f.drop = rng.choice((0.0, 0.01, 0.05))
+        f.duplicate = rng.choice((0.0, 0.01, 0.05))
+        f.delay = rng.choice((0.0, 0.02, 0.08))
+        self.w.trace(f"net: drop {f.drop} duplicate {f.duplicate} delay {f.delay}")
+
+    def heal_all(self) -> None:
+        w = self.w
+        w.trace("sim: heal everything, no more faults")
+        self.faults.drop = self.faults.duplicate = self.faults.delay = 0.0
+        w.net.cut.clear()
+        for srv in w.servers.values():
+            if srv.paused:
+                srv.resume()
+            if not srv.alive:
+                srv.restart()

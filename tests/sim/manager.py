@@ -1,0 +1,154 @@
+"""The model manager: server states, the epoch, the volume's fence, leases, publication.
+
+It mirrors DESIGN section 6: every map change raises the epoch and fences the volume at
+it; heartbeats carry SET_EPOCH (epoch and fence) and renew the lease; the change is
+*published* (clients and the worker may use it) only once every server acknowledged the
+new epoch or the lease it was last granted has certainly expired.  A server is declared
+down only after its heartbeats stopped being answered; while it is being declared down
+its lease is no longer renewed.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+UP, DOWN, RECOVERING = "up", "down", "recovering"
+LIVE = (UP, RECOVERING)
+
+HEARTBEAT = 0.25
+LEASE = 1.0
+SUSPECT = 1.5  # unanswered heartbeats for this long: down
+SUSPECT_REPORTED = 0.75  # ... or this long when a client reported the server
+BACK = 0.6  # a down server answering heartbeats for this long comes back (recovering)
+
+SendHeartbeat = Callable[[str, int, int, float, Callable[[int], None]], None]
+
+
+@dataclass(slots=True)
+class Change:
+    epoch: int
+    states: dict[str, str]
+    why: str
+
+
+@dataclass(slots=True)
+class Manager:
+    servers: tuple[str, ...]
+    send_heartbeat: SendHeartbeat
+    clock: Callable[[], float]
+    trace: Callable[[str], None]
+    epoch: int = 1
+    fence: int = 1
+    states: dict[str, str] = field(default_factory=dict)
+    published_epoch: int = 1
+    published: dict[str, str] = field(default_factory=dict)
+    pending: Change | None = None
+    lease_until: dict[str, float] = field(default_factory=dict)
+    last_ack: dict[str, float] = field(default_factory=dict)
+    acked: dict[str, int] = field(default_factory=dict)
+    answering_since: dict[str, float] = field(default_factory=dict)
+    revoked: set[str] = field(default_factory=set)
+    reported: set[str] = field(default_factory=set)
+    changes: int = 0
+    partitions: list[tuple[str, ...]] = field(default_factory=list)
+    guard_last_up: bool = True
+
+    def __post_init__(self) -> None:
+        for s in self.servers:
+            self.states[s] = UP
+            self.lease_until[s] = 0.0
+            self.last_ack[s] = 0.0
+            self.acked[s] = 0
+        self.published = dict(self.states)
+
+    # -- heartbeats and leases ------------------------------------------------------------
+
+    def tick(self) -> None:
+        now = self.clock()
+        for s in self.servers:
+            if s not in self.revoked:
+                self._heartbeat(s, now)
+        self._decide(now)
+        self._publish(now)
+
+    def _heartbeat(self, s: str, now: float) -> None:
+        grant = now + LEASE
+        self.lease_until[s] = max(self.lease_until[s], grant)
+        self.send_heartbeat(s, self.epoch, self.fence, grant, functools.partial(self._ack, s))
+
+    def _ack(self, s: str, epoch: int) -> None:
+        now = self.clock()
+        if now - self.last_ack[s] > HEARTBEAT * 3:
+            self.answering_since[s] = now
+        self.last_ack[s] = now
+        self.acked[s] = max(self.acked[s], epoch)
+        self._publish(now)
+
+    # -- decisions ------------------------------------------------------------------------
+
+    def report(self, s: str, why: str) -> None:
+        if s not in self.reported:
+            self.trace(f"mgr: {s} reported ({why})")
+        self.reported.add(s)
+
+    def ready(self, s: str) -> None:
+        """The worker found nothing dirty on recovering server ``s``."""
+        if self.pending is None and self.states[s] == RECOVERING:
+            self._change(s, UP, "resynchronised")
+
+    def _decide(self, now: float) -> None:
+        if self.pending is not None:
+            return
+        for s in self.servers:
+            silent = now - self.last_ack[s]
+            limit = SUSPECT_REPORTED if s in self.reported else SUSPECT
+            if self.states[s] in LIVE and silent > limit and not self._last_up(s):
+                self.revoked.add(s)  # no more lease: it stops serving before we go on
+                self._change(s, DOWN, f"silent for {silent:.2f}")
+                return
+            if (
+                self.states[s] == DOWN
+                and silent < HEARTBEAT * 2
+                and now - self.answering_since.get(s, now) > BACK
+            ):
+                self._change(s, RECOVERING, "answers heartbeats again")
+                return
+        self.reported.clear()
+
+    def _last_up(self, s: str) -> bool:
+        """Whether ``s`` is the last up copy of a partition (then it is never declared
+        down: the copies left may lack acknowledged writes, and nothing could repair them)."""
+        if not self.guard_last_up or self.states[s] != UP:
+            return False
+        return any(
+            s in part and not any(self.states[t] == UP for t in part if t != s)
+            for part in self.partitions
+        )
+
+    def _change(self, s: str, state: str, why: str) -> None:
+        self.epoch += 1
+        self.fence = self.epoch
+        self.states[s] = state
+        self.changes += 1
+        self.pending = Change(self.epoch, dict(self.states), f"{s} {state}: {why}")
+        self.trace(f"mgr: epoch {self.epoch} (fence): {self.pending.why}")
+        now = self.clock()
+        for t in self.servers:
+            if t not in self.revoked:
+                self._heartbeat(t, now)
+
+    def _publish(self, now: float) -> None:
+        change = self.pending
+        if change is None:
+            return
+        for s in self.servers:
+            if self.acked[s] < change.epoch and self.lease_until[s] >= now:
+                return
+        self.published_epoch = change.epoch
+        self.published = dict(change.states)
+        self.pending = None
+        self.revoked.clear()
+        self.reported.clear()
+        self.trace(f"mgr: published epoch {change.epoch} {sorted(change.states.items())}")

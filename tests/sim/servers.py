@@ -1,0 +1,135 @@
+"""A simulated storage server: the real ``StorageService`` over a ``MemPageStore``.
+
+The model adds what lives outside the service: being paused (frames wait, then run with
+the lease the clock says), crashing (a new service over the same store: masks and data
+survive, episodes, tokens, epoch, fences and lease do not), and the connection rule of
+``lamina.wire.connection``: once a newer connection of a client authenticated, frames of
+its older connections are discarded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from lamina.errors import LaminaError
+from lamina.storage.memstore import MemPageStore
+from lamina.storage.service import Lease, StorageService
+from lamina.wire import messages as m
+
+VOLUME = 1
+LAYER = 1
+
+
+def settle(result: Any) -> tuple[m.Message, bytes]:
+    """The reply of ``handle``: at once, or by driving its coroutine (a MemPageStore never
+    really suspends; if it did, sending again resumes it)."""
+    if isinstance(result, tuple):
+        return result
+    try:
+        while True:
+            result.send(None)
+    except StopIteration as stop:
+        reply: tuple[m.Message, bytes] = stop.value
+        return reply
+
+
+class SimServer:
+    def __init__(
+        self,
+        sid: str,
+        clock: Callable[[], float],
+        trace: Callable[[str], None],
+        check_generations: bool = True,
+    ) -> None:
+        self.sid = sid
+        self.clock = clock
+        self.trace = trace
+        self.check_generations = check_generations
+        self.store = MemPageStore()
+        self.alive = True
+        self.paused = False
+        self.incarnation = 0
+        self.backlog: list[Callable[[], None]] = []
+        self.newest: dict[str, int] = {}  # client -> newest connection generation seen
+        self.fence_seen = 0  # the highest fence this server ever acknowledged (any life)
+        self.svc = self._service()
+
+    def _service(self) -> StorageService:
+        return StorageService(
+            self.store, self.sid, self.clock, lease=Lease(standalone=False, valid_until=0.0)
+        )
+
+    # -- faults ---------------------------------------------------------------------------
+
+    def crash(self) -> None:
+        self.alive = False
+        self.paused = False
+        self.backlog.clear()
+        self.incarnation += 1
+        self.trace(f"{self.sid}: crash")
+
+    def restart(self) -> None:
+        self.alive = True
+        self.newest.clear()
+        self.svc = self._service()
+        self.trace(f"{self.sid}: restart (epoch, fences, lease and episodes lost)")
+
+    def restart_if_dead(self) -> None:
+        if not self.alive:
+            self.restart()
+
+    def resume_if_paused(self) -> None:
+        if self.paused:
+            self.resume()
+
+    def pause(self) -> None:
+        self.paused = True
+        self.trace(f"{self.sid}: pause")
+
+    def resume(self) -> None:
+        self.paused = False
+        self.trace(f"{self.sid}: resume with {len(self.backlog)} frames waiting")
+        backlog, self.backlog = self.backlog, []
+        for fn in backlog:
+            fn()
+
+    def deliver(self, incarnation: int, fn: Callable[[], None]) -> None:
+        """Run ``fn`` now, later (paused) or never (crashed, or sent to an earlier life)."""
+        if not self.alive or incarnation != self.incarnation:
+            return
+        if self.paused:
+            self.backlog.append(fn)
+            return
+        fn()
+
+    # -- requests -------------------------------------------------------------------------
+
+    def from_client(
+        self, client: str, generation: int, msg: m.Message, payload: bytes
+    ) -> tuple[m.Message, bytes] | LaminaError | None:
+        """The answer to a client frame; ``None``: discarded (an older connection)."""
+        newest = self.newest.get(client, 0)
+        if generation < newest and self.check_generations:
+            self.trace(f"{self.sid}: discard {type(msg).__name__} of {client} gen {generation}")
+            return None
+        self.newest[client] = max(newest, generation)
+        try:
+            reply = settle(self.svc.handle(msg, payload))
+        except LaminaError as exc:
+            return exc
+        if isinstance(msg, m.WriteRequest) and msg.epoch < self.fence_seen:
+            raise AssertionError(
+                f"{self.sid} applied a write of epoch {msg.epoch} after fence {self.fence_seen}"
+            )
+        return reply
+
+    def heartbeat(self, epoch: int, fence: int, grant: float) -> int:
+        """A manager heartbeat: SET_EPOCH with the volume's fence, then the lease renewed
+        until ``grant``.  Returns the epoch acknowledged."""
+        reply, _ = settle(self.svc.handle(m.SetEpochRequest(epoch, ((VOLUME, fence),)), b""))
+        assert isinstance(reply, m.SetEpochResponse)
+        self.fence_seen = max(self.fence_seen, fence)
+        lease = self.svc.lease
+        lease.valid_until = max(lease.valid_until, grant)
+        return reply.epoch
