@@ -769,9 +769,30 @@ class Volume:
         leaves a layer leaves a tombstone, which restarts the read: so a read that skips
         a layer on the word of its presence map never misses newer data."""
         fixed = {layer.id for layer in view.layers if presence_fixed(view, layer, self.writable)}
+        # Pages reach a layer only from the layer right below it (a merge, a migration)
+        # or, in a flatten, from the shared layers below.  Whatever happened between the
+        # two maps, such a change shows as a different layer below, or a different
+        # ``migrates_to`` of it, or a different flattening flag: then the map is redone.
+        if view.flattening != self.view.flattening:
+            fixed.difference_update(layer.id for layer in view.layers)
+        before = _below(self.view)
+        for lid, under in _below(view).items():
+            if before.get(lid, under) != under:
+                fixed.discard(lid)
         for lid in [lid for lid in self._presence if lid not in fixed]:
             del self._presence[lid]
-        self._fixed = fixed
+        self._fixed = {
+            layer.id for layer in view.layers if presence_fixed(view, layer, self.writable)
+        }
+
+    def _now_present(self, layer_id: int, page: int) -> None:
+        """This client is about to create ``page`` in ``layer_id`` (a copy-up, a
+        whole-page write)."""
+        pages = self._presence.get(layer_id)
+        if pages is not None:
+            pages.add(page)
+        elif layer_id in self._presence_loading:
+            self._created.setdefault(layer_id, set()).add(page)
 
     async def _load_presence(self, view: VolumeView, layer: LayerView) -> None:
         """ENUMERATE the pages ``layer`` holds on each server with a readable copy of it,
@@ -850,6 +871,8 @@ class Volume:
         restore = restore_mask(set(copies), n)
         take = self.cluster.take_tokens
         self._writes[key] = self._writes.get(key, 0) + 1
+        if len(data) == page_size:
+            self._now_present(layer.id, page)  # a whole-page write creates the page
         pending = _Pending(out, view, layer.id, page, offset, data, fua, part, copies)
         for k, (i, client) in enumerate(zip(copies, clients, strict=True)):
             req = m.WriteRequest(
@@ -1147,6 +1170,8 @@ class Volume:
         n = len(part)
         restore = restore_mask(set(copies), n)
         cluster = self.cluster
+        if ext.length == view.page_size:
+            self._now_present(layer.id, ext.page)  # a whole-page write creates the page
         clients: list[Client] = []
         for i in copies:
             client = cluster.sender(part[i])
@@ -1233,6 +1258,9 @@ class Volume:
         if not copies:
             raise Unavailable(f"no copy of page {page} of layer {layer.id} is up")
         mask = FULL & ~(bits(range(len(part))) & ~bits(copies))
+        # in the presence map before it exists: a map may say "present" wrongly (the read
+        # then finds it absent and goes on down), never "absent" wrongly
+        self._now_present(layer.id, page)
         results = await asyncio.gather(
             *(
                 self._call(
@@ -1259,11 +1287,6 @@ class Volume:
             return
         if all(reply[0].created for reply in results if not isinstance(reply, BaseException)):
             self._clean.add((layer.id, page))
-        top_pages = self._presence.get(layer.id)
-        if top_pages is not None:
-            top_pages.add(page)
-        elif layer.id in self._presence_loading:
-            self._created.setdefault(layer.id, set()).add(page)
         if source is not None and source.migrates_to == layer.id:
             await _all(
                 self._call(
@@ -1272,6 +1295,15 @@ class Volume:
                 )
                 for sid in _up_copies(view, source, page)
             )
+
+
+def _below(view: VolumeView) -> dict[int, tuple[int, int | None] | None]:
+    """For each layer of ``view``: (id, ``migrates_to``) of the layer right below it."""
+    layers = view.layers  # top first
+    return {
+        layer.id: (layers[k + 1].id, layers[k + 1].migrates_to) if k + 1 < len(layers) else None
+        for k, layer in enumerate(layers)
+    }
 
 
 def _up_copies(view: VolumeView, layer: LayerView, page: int) -> list[str]:
