@@ -1,0 +1,1 @@
+"""A seeded, deterministic, in-process simulation of a lamina cluster under faults."""
