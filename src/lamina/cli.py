@@ -481,7 +481,7 @@ def nbd(
 
 
 def _register_cluster_commands() -> None:
-    """`status`, `volume ...` and `server ...` live in lamina.clusterctl."""
+    """`status`, `volume ...`, `snapshot ...` and `server ...` live in lamina.clusterctl."""
     from lamina import clusterctl
 
     for cmd in clusterctl.COMMANDS:

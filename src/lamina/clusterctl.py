@@ -1,5 +1,5 @@
-"""Client commands of the management cluster: ``lamina status``, ``lamina volume ...`` and
-``lamina server ...``.
+"""Client commands of the management cluster: ``lamina status``, ``lamina volume ...``,
+``lamina snapshot ...`` and ``lamina server ...``.
 
 Theory of operation
 -------------------
@@ -102,12 +102,17 @@ def format_size(n: int) -> str:
     return f"{n} B"
 
 
+def format_ms(ms: int) -> str:
+    """Unix milliseconds as ISO 8601 UTC to the second: ``2026-11-25T10:00:00Z``."""
+    return datetime.fromtimestamp(ms // 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def describe_lock(lock: dict[str, Any] | None) -> str:
     """A volume lock as the API gives it, for people: ``host h pid 123 since
     2026-11-25T10:00:00Z (session abc)``, or ``none``."""
     if lock is None:
         return "none"
-    since = datetime.fromtimestamp(lock["since"] // 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    since = format_ms(lock["since"])
     return f"host {lock['host']} pid {lock['pid']} since {since} (session {lock['session']})"
 
 
@@ -412,8 +417,50 @@ def cluster_status(client: ManagerClient) -> dict[str, Any]:
             for v in volumes
         ],
         "resync": st.get("worker") if leader is not None else None,
+        "layer_jobs": layer_jobs(volumes, st.get("worker") if leader is not None else None),
         "problems": problems,
     }
+
+
+def layer_jobs(
+    volumes: list[dict[str, Any]], worker: dict[str, Any] | None
+) -> list[dict[str, Any]]:
+    """The running migrations, merges of deleted snapshots and flattens, one per volume
+    and kind, with the leader's worker's figures (``None`` where it has none yet):
+    ``{"volume", "kind", "moved", "left"}``; a flatten counts only the pages left."""
+    moved = worker.get("moved", []) if worker else []
+    flattening = worker.get("flattening", {}) if worker else {}
+    jobs: list[dict[str, Any]] = []
+    for v in volumes:
+        stack = {layer["id"] for layer in v.get("layers", [])}  # the last round's may be gone
+        entries = [e for e in moved if e.get("volume") == v["name"] and e["layer"] in stack]
+        if v.get("migration") or entries:
+            jobs.append(
+                {
+                    "volume": v["name"],
+                    "kind": "migration" if v.get("migration") else "merge",
+                    "moved": sum(e["moved"] for e in entries) if entries else None,
+                    "left": sum(e.get("left", 0) for e in entries) if entries else None,
+                }
+            )
+        if v.get("flattening"):
+            left = flattening.get(v["name"])
+            jobs.append({"volume": v["name"], "kind": "flatten", "moved": None, "left": left})
+    return jobs
+
+
+def describe_job(job: dict[str, Any]) -> str:
+    """One line of ``lamina status`` about a job of :func:`layer_jobs`."""
+    what = {
+        "migration": f"migration of volume {job['volume']}",
+        "merge": f"merge of a deleted snapshot of volume {job['volume']}",
+        "flatten": f"flatten of volume {job['volume']}",
+    }[job["kind"]]
+    if job["left"] is None:
+        return f"{what}: starting"
+    if job["moved"] is None:
+        return f"{what}: {job['left']} shared pages left"
+    return f"{what}: {job['moved']} pages moved, {job['left']} left"
 
 
 # --- plumbing shared by the commands -------------------------------------------------------
@@ -433,6 +480,14 @@ def _print(*objects: Any) -> None:
 
 def _emit_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2))
+
+
+def _answer(as_json: bool, value: Any, text: str) -> None:
+    """``value`` as JSON with --json, else the line ``text``."""
+    if as_json:
+        _emit_json(value)
+    else:
+        _print(text)
 
 
 def _reports_errors(f: Callable[P, None]) -> Callable[P, None]:
@@ -515,6 +570,8 @@ def status(cluster: str | None, as_json: bool) -> None:
             f"{format_size(resync['bytes_copied'])} copied, "
             f"{format_size(int(resync['copy_rate']))}/s"
         )
+    for job in report.get("layer_jobs", []):
+        _print(describe_job(job))
     if report["problems"]:
         _print("[bold red]degraded:[/] " + "; ".join(report["problems"]))
     else:
@@ -554,7 +611,7 @@ def _volumes_table(volumes: list[dict[str, Any]]) -> None:
 
 @click.group()
 def volume() -> None:
-    """Create, list, inspect, grow, unlock and delete volumes."""
+    """Create, list, inspect, grow, unlock, scrub, clone, flatten, migrate and delete volumes."""
 
 
 @volume.command("create")
@@ -618,6 +675,18 @@ def volume_info(name: str, cluster: str | None, as_json: bool) -> None:
         f"fence epoch {v['fence_epoch']}"
     )
     _print(f"lock: {describe_lock(v.get('lock'))}")
+    if v.get("origin"):
+        _print(f"origin: {v['origin']} (it shares that snapshot's layers)")
+    if v.get("flattening"):
+        _print("flattening: copying the shared layers into its own (lamina status shows how far)")
+    if v.get("migration"):
+        targets = ", ".join(str(m["layer"]) for m in v["migration"])
+        _print(
+            f"migrating: into layer(s) {targets} (lamina status shows how far; abort with "
+            f"lamina volume migrate {v['name']} --abort)"
+        )
+    if v.get("snapshots"):
+        _snapshots_table(v["snapshots"])
     table = _table("layers", "layer", "role", "partition", "copies on")
     for layer in v["layers"]:
         role = layer["role"]
@@ -733,6 +802,321 @@ def volume_delete(name: str, cluster: str | None, as_json: bool) -> None:
     _print(f"deleted volume {out['name']} [dim](epoch {out['epoch']})[/]")
 
 
+def _snapshots_table(snapshots: list[dict[str, Any]]) -> None:
+    """Snapshots as the API gives them (``clones`` shown when the answer has it)."""
+    if not snapshots:
+        _print("[dim]no snapshots[/]")
+        return
+    clones = any("clones" in snap for snap in snapshots)
+    table = _table("snapshots", "name", "layer", "taken", *(["clones"] if clones else []))
+    for snap in snapshots:
+        row = [snap["name"], str(snap["layer"]), format_ms(snap["since"])]
+        if clones:
+            row.append(", ".join(snap.get("clones", [])))
+        table.add_row(*row)
+    _print(table)
+
+
+def _split_snapshot(value: str) -> tuple[str, str]:
+    """``VOLUME@SNAPSHOT`` -> (volume, snapshot); a usage error for anything else."""
+    volume_name, at, snapshot = value.partition("@")
+    if not at or not volume_name or not snapshot or "@" in snapshot:
+        raise click.BadParameter(
+            f"{value!r:.60} is not VOLUME@SNAPSHOT (one '@' between a volume and one of its "
+            "snapshots, e.g. db@nightly)",
+            param_hint="'VOLUME@SNAPSHOT'",
+        )
+    return volume_name, snapshot
+
+
+@volume.command("clone")
+@click.argument("source", metavar="VOLUME@SNAPSHOT")
+@click.argument("new_name", metavar="NEW")
+@_common
+def volume_clone(source: str, new_name: str, cluster: str | None, as_json: bool) -> None:
+    """Create volume NEW from snapshot SNAPSHOT of VOLUME: it shares the snapshot's layers
+    (nothing is copied) and takes its own writes in a new layer on top."""
+    volume_name, snapshot = _split_snapshot(source)
+    body = {"name": new_name, "snapshot": snapshot}
+    v = _client(cluster).call("POST", _path("volumes", volume_name, "clone"), body, admin=True)
+    _answer(
+        as_json,
+        v,
+        f"cloned volume {v['name']} (id {v['id']}) from {v['origin']}: "
+        f"{format_size(v['size'])}, {v['replicas']} replicas, stripe {v['stripe']} "
+        f"[dim](epoch {v['fence_epoch']})[/]",
+    )
+
+
+_wait_option = click.option(
+    "--wait", is_flag=True, help="Show the progress and return once the pages are moved."
+)
+_timeout_option = click.option(
+    "--timeout", type=click.FloatRange(1), default=3600, show_default=True,
+    help="With --wait: seconds to wait before giving up (the work goes on).",
+)  # fmt: skip
+
+
+class _Watch:
+    """Polls ``GET /volumes/NAME/migration``, asking the leader (which alone knows the
+    worker's progress) once it has found it, and turns the answers into pages done out of
+    pages known.  An answer from a manager whose map is older than ``epoch`` (the change
+    being watched) is not believed."""
+
+    def __init__(self, client: ManagerClient, name: str, epoch: int) -> None:
+        self.client = client
+        self.path = _path("volumes", name, "migration")
+        self.epoch = epoch
+        self.leader: str | None = None
+        self.layers: dict[int, tuple[int, int]] = {}  # source layer -> (moved, left)
+        self.most_left = 0  # flatten: the most shared pages seen left
+
+    def poll(self) -> dict[str, Any] | None:
+        """The leader's answer, else another manager's; None while none is up to date."""
+        urls = list(self.client.cluster.managers)
+        if self.leader is not None:
+            urls.remove(self.leader)
+            urls.insert(0, self.leader)
+        failed: list[ManagerUnreachable] = []
+        fallback = None
+        answered = False
+        for url in urls:
+            try:
+                answer: dict[str, Any] = self.client.call_one(url, "GET", self.path)
+            except ManagerUnreachable as exc:
+                failed.append(exc)
+                continue
+            answered = True
+            if answer["epoch"] < self.epoch:
+                continue
+            if answer["leader"]:
+                self.leader = url
+                self._learn(answer)
+                return answer
+            fallback = fallback or answer
+        if not answered:
+            raise no_manager_reachable(failed)
+        return fallback
+
+    def _learn(self, answer: dict[str, Any]) -> None:
+        now = {e["layer"]: (e["moved"], e.get("left", 0)) for e in answer["layers"]}
+        for lid, (moved, _) in self.layers.items():
+            if lid not in now:  # retired: everything it held has moved
+                now[lid] = (moved, 0)
+        self.layers = now
+        if answer.get("flatten_left") is not None:
+            self.most_left = max(self.most_left, answer["flatten_left"])
+            self.layers[0] = (self.most_left - answer["flatten_left"], answer["flatten_left"])
+
+    def pages(self) -> tuple[int, int]:
+        """(pages done, pages known) so far."""
+        done = sum(moved for moved, _ in self.layers.values())
+        return done, done + sum(left for _, left in self.layers.values())
+
+
+def _wait_until_done(
+    client: ManagerClient,
+    name: str,
+    epoch: int,
+    flag: str,
+    what: str,
+    timeout: float,
+    quiet: bool,
+) -> None:
+    """Poll until the migration answer's ``flag`` is false (in a map at ``epoch`` or
+    later), with a progress bar of the pages moved (unless ``quiet``); Unavailable after
+    ``timeout`` seconds."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from lamina.cli import console
+
+    watch = _Watch(client, name, epoch)
+    deadline = time.monotonic() + timeout
+    columns = (
+        "{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        "pages",
+        TimeElapsedColumn(),
+    )
+    shown = not quiet and console.is_terminal  # a pipe or a log gets the last line only
+    with Progress(*columns, console=console, disable=not shown, transient=True) as bar:
+        task = bar.add_task(f"{what} volume {name}", total=None)
+        while (answer := watch.poll()) is None or answer[flag]:
+            done, known = watch.pages()
+            bar.update(task, completed=done, total=known or None)
+            if time.monotonic() > deadline:
+                raise Unavailable(
+                    f"{what} volume {name} did not finish within {timeout:g} s; it goes on "
+                    f"in the background (lamina volume info {name} shows it)"
+                )
+            time.sleep(0.5)
+
+
+def _placement_summary(v: dict[str, Any]) -> str:
+    own = [layer for layer in v["layers"] if layer["volume_id"] == v["id"]]
+    servers = sorted({sid for layer in own for part in layer["placement"] for sid in part})
+    ids = ", ".join(str(layer["id"]) for layer in own)
+    return (
+        f"on {', '.join(servers)}: {v['replicas']} replicas, stripe {v['stripe']} (layer(s) {ids})"
+    )
+
+
+@volume.command("flatten")
+@click.argument("name")
+@_wait_option
+@_timeout_option
+@_common
+def volume_flatten(
+    name: str, wait: bool, timeout: float, cluster: str | None, as_json: bool
+) -> None:
+    """Copy what clone NAME still shares with its origin into its own layers, so it no
+    longer depends on the origin's snapshot (the manager leader does it in the
+    background; --wait shows it and returns when it is done)."""
+    client = _client(cluster)
+    out = client.call("POST", _path("volumes", name, "flatten"), {}, admin=True)
+    if wait:
+        _wait_until_done(client, name, out["epoch"], "flattening", "flattening", timeout, as_json)
+    if as_json:
+        _emit_json({**out, "done": wait})
+    elif wait:
+        _print(f"volume {name} flattened: it shares no layer any more")
+    else:
+        _print(
+            f"flattening volume {name} in the background [dim](epoch {out['epoch']})[/]; "
+            f"lamina volume info {name} shows when it is done"
+        )
+
+
+@volume.command("migrate")
+@click.argument("name")
+@click.option("--servers", metavar="ID,ID...", help="Storage servers to move to. [every up one]")
+@click.option("--replicas", type=int, help="New number of copies (1-8). [unchanged]")
+@click.option("--stripe", type=int, help="New number of partitions (1-64). [unchanged]")
+@click.option("--abort", is_flag=True, help="Send the running migration back where it came from.")
+@_wait_option
+@_timeout_option
+@_common
+def volume_migrate(
+    name: str,
+    servers: str | None,
+    replicas: int | None,
+    stripe: int | None,
+    abort: bool,
+    wait: bool,
+    timeout: float,
+    cluster: str | None,
+    as_json: bool,
+) -> None:
+    """Move volume NAME's own layers to a new placement, online: each gets a new layer on
+    the new servers that takes the writes, and the manager leader moves the pages up into
+    it in the background.  --abort sends a running migration back."""
+    body: dict[str, Any] = {}
+    if abort:
+        given = [o for o, v in (("--servers", servers), ("--replicas", replicas),
+                                ("--stripe", stripe)) if v is not None]  # fmt: skip
+        if given:
+            raise click.UsageError(f"--abort takes no placement: drop {', '.join(given)}")
+        body["abort"] = True
+    if servers is not None:
+        body["servers"] = [sid.strip() for sid in servers.split(",")]
+        if not all(body["servers"]):
+            raise click.BadParameter(
+                f"{servers!r:.60} is not a comma-separated list of server ids",
+                param_hint="'--servers'",
+            )
+    if replicas is not None:
+        body["replicas"] = replicas
+    if stripe is not None:
+        body["stripe"] = stripe
+    client = _client(cluster)
+    out = client.call("POST", _path("volumes", name, "migrate"), body, admin=True)
+    what = "aborting the migration of" if abort else "migrating"
+    if wait:
+        _wait_until_done(client, name, out["epoch"], "migrating", what, timeout, as_json)
+        out["volume"] = client.get(_path("volumes", name))
+    if as_json:
+        _emit_json({**out, "done": wait})
+        return
+    if wait:
+        done = f"the migration of volume {name} aborted" if abort else f"volume {name} migrated"
+        _print(done)
+        _print(f"volume {name} is now {_placement_summary(out['volume'])}")
+    else:
+        _print(
+            f"{what} volume {name} in the background [dim](epoch {out['epoch']})[/]; "
+            f"lamina status shows how far it got, lamina volume info {name} when it is done"
+        )
+
+
+# --- lamina snapshot ... ---------------------------------------------------------------------
+
+
+@click.group()
+def snapshot() -> None:
+    """Take, list, delete and roll back to snapshots of a volume."""
+
+
+@snapshot.command("create")
+@click.argument("volume_name", metavar="VOLUME")
+@click.argument("name", metavar="SNAPSHOT")
+@_common
+def snapshot_create(volume_name: str, name: str, cluster: str | None, as_json: bool) -> None:
+    """Take snapshot SNAPSHOT of VOLUME (instant: nothing is copied).  Returns once every
+    storage server refuses writes made before it."""
+    path = _path("volumes", volume_name, "snapshots")
+    snap = _client(cluster).call("POST", path, {"name": name}, admin=True)
+    _answer(
+        as_json,
+        snap,
+        f"took snapshot {snap['name']} of volume {volume_name} at {format_ms(snap['since'])} "
+        f"[dim](layer {snap['layer']})[/]; read it with lamina nbd {volume_name}@{snap['name']}"
+        " --read-only",
+    )
+
+
+@snapshot.command("list")
+@click.argument("volume_name", metavar="VOLUME")
+@_common
+def snapshot_list(volume_name: str, cluster: str | None, as_json: bool) -> None:
+    """List the snapshots of VOLUME, oldest first, with the volumes cloned from each."""
+    snaps = _client(cluster).get(_path("volumes", volume_name, "snapshots"))
+    if as_json:
+        _emit_json(snaps)
+        return
+    _snapshots_table(snaps)
+
+
+@snapshot.command("delete")
+@click.argument("volume_name", metavar="VOLUME")
+@click.argument("name", metavar="SNAPSHOT")
+@_common
+def snapshot_delete(volume_name: str, name: str, cluster: str | None, as_json: bool) -> None:
+    """Delete snapshot SNAPSHOT of VOLUME (refused while a clone uses it); its pages are
+    merged into the next layer up in the background."""
+    path = _path("volumes", volume_name, "snapshots", name)
+    out = _client(cluster).call("DELETE", path, admin=True)
+    _answer(
+        as_json,
+        out,
+        f"deleted snapshot {name} of volume {volume_name}; its pages are merged in the "
+        f"background [dim](epoch {out['epoch']})[/]",
+    )
+
+
+@snapshot.command("rollback")
+@click.argument("volume_name", metavar="VOLUME")
+@click.argument("name", metavar="SNAPSHOT")
+@_common
+def snapshot_rollback(volume_name: str, name: str, cluster: str | None, as_json: bool) -> None:
+    """Make VOLUME read as snapshot SNAPSHOT again: every write since is dropped.  Refused
+    while the volume is attached (locked) or has snapshots newer than SNAPSHOT."""
+    path = _path("volumes", volume_name, "rollback")
+    v = _client(cluster).call("POST", path, {"snapshot": name}, admin=True)
+    back = f"rolled volume {volume_name} back to snapshot {name}"
+    _answer(as_json, v, f"{back} [dim](epoch {v['fence_epoch']})[/]")
+
+
 # --- lamina server ... -----------------------------------------------------------------------
 
 
@@ -803,4 +1187,4 @@ def server_remove(server_id: str, cluster: str | None, as_json: bool) -> None:
 
 
 #: the commands to register on ``lamina.cli.main``
-COMMANDS: list[click.Command] = [status, volume, server]
+COMMANDS: list[click.Command] = [status, volume, snapshot, server]

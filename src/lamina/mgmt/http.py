@@ -23,6 +23,14 @@ other manager answers 503 naming the leader's Raft address if it knows it, and t
 driver asks the next manager.  Some error answers carry a field beside ``error`` and
 ``message``: ``holder`` (the lock's holder) on a 409 about a lock held by another
 session, ``leader`` on that 503.
+
+Layers: a snapshot, a rollback, a clone and a migration (or its abort) are answered only
+once their epoch is published (:meth:`~lamina.mgmt.service.ManagerService.wait_published`):
+a snapshot is taken when every storage server of the volume refuses the writes made
+before it, and a client told of a clone or a rollback finds it in the map it reads.
+Deleting a snapshot and flattening a clone answer 202 at once: the leader's worker merges
+or copies the pages in the background, and ``GET /api/v1/volumes/{name}/migration``
+reports how far it got (only the leader knows: elsewhere ``layers`` is empty).
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ from lamina.errors import (
 )
 from lamina.mgmt import clustermap as cm
 from lamina.mgmt.leader import LeaderDuties
-from lamina.mgmt.service import ManagerService, Rejected
+from lamina.mgmt.service import ManagerService, Outcome, Rejected
 
 log = logging.getLogger(__name__)
 
@@ -410,6 +418,168 @@ async def get_scrub(request: web.Request) -> web.Response:
     return web.json_response(report.as_dict())
 
 
+# --- layers: snapshots, clones, flatten, rollback, migration ----------------------------
+
+
+def _snapshot_layer(svc: ManagerService, name: str, snapshot: str) -> int:
+    """The layer of snapshot ``snapshot`` of volume ``name``; NotFound if either is unknown."""
+    volume = svc.map.volumes.get(name)
+    if volume is None:
+        raise NotFound(f"no volume {name!r}")
+    lid = volume.snapshot_layer(snapshot)
+    if lid is None:
+        raise NotFound(f"volume {name!r} has no snapshot {snapshot!r}")
+    return lid
+
+
+def _snapshots_json(cmap: cm.ClusterMap, volume: cm.Volume) -> list[dict[str, Any]]:
+    """The volume's snapshots, oldest first, each with the other volumes stacking it."""
+    return [
+        {
+            "name": snap,
+            "layer": lid,
+            "since": since,
+            "clones": [v.name for v in cmap.stacking(lid) if v.id != volume.id],
+        }
+        for snap, lid, since in volume.snapshots
+    ]
+
+
+async def _submit_published(svc: ManagerService, cmd: cm.Command) -> Outcome:
+    """Commit ``cmd`` and return once its epoch is published: every storage server of the
+    volumes it changed knows their new fences, and clients may see the change."""
+    outcome = await svc.submit(cmd)
+    await svc.wait_published(outcome.epoch)
+    return outcome
+
+
+async def create_snapshot(request: web.Request) -> web.Response:
+    """Take a snapshot: answered once its epoch is published, when no write made before
+    it can land in the snapshot's layer any more."""
+    _require_admin(request)
+    name = request.match_info["name"]
+    body = await _body(request, {"name": (str, True)})
+    svc = request.app[SERVICE]
+    _volume_exists(svc, name)
+    cmd = cm.CreateSnapshot(name, body["name"], int(time.time() * 1000))
+    await _submit_published(svc, cmd)
+    volume = svc.map.volumes.get(name)
+    for snap in [] if volume is None else _snapshots_json(svc.map, volume):
+        if snap["name"] == cmd.snapshot:
+            return web.json_response(snap, status=201)
+    raise Rejected(f"snapshot {cmd.snapshot} of volume {name} was deleted meanwhile")
+
+
+async def list_snapshots(request: web.Request) -> web.Response:
+    cmap = request.app[SERVICE].map
+    volume = cmap.volumes.get(request.match_info["name"])
+    if volume is None:
+        raise NotFound(f"no volume {request.match_info['name']!r}")
+    return web.json_response(_snapshots_json(cmap, volume))
+
+
+async def delete_snapshot(request: web.Request) -> web.Response:
+    """Forget a snapshot; its layer is merged into the one above it in the background."""
+    _require_admin(request)
+    name, snapshot = request.match_info["name"], request.match_info["snapshot"]
+    svc = request.app[SERVICE]
+    _snapshot_layer(svc, name, snapshot)
+    outcome = await svc.submit(cm.DeleteSnapshot(name, snapshot))
+    return web.json_response(
+        {"name": name, "snapshot": snapshot, "epoch": outcome.epoch}, status=202
+    )
+
+
+async def rollback_volume(request: web.Request) -> web.Response:
+    _require_admin(request)
+    name = request.match_info["name"]
+    body = await _body(request, {"snapshot": (str, True)})
+    svc = request.app[SERVICE]
+    _snapshot_layer(svc, name, body["snapshot"])
+    await _submit_published(svc, cm.RollbackVolume(name, body["snapshot"]))
+    return web.json_response(_volume_json(svc.map, name))
+
+
+async def clone_volume(request: web.Request) -> web.Response:
+    _require_admin(request)
+    source = request.match_info["name"]
+    body = await _body(request, {"name": (str, True), "snapshot": (str, True)})
+    svc = request.app[SERVICE]
+    _snapshot_layer(svc, source, body["snapshot"])
+    await _submit_published(svc, cm.CloneVolume(source, body["snapshot"], body["name"]))
+    return web.json_response(_volume_json(svc.map, body["name"]), status=201)
+
+
+async def flatten_volume(request: web.Request) -> web.Response:
+    """Start copying what a clone shares into its own layers (the leader's worker does)."""
+    _require_admin(request)
+    name = request.match_info["name"]
+    svc = request.app[SERVICE]
+    _volume_exists(svc, name)
+    outcome = await svc.submit(cm.FlattenVolume(name))
+    return web.json_response({"name": name, "epoch": outcome.epoch}, status=202)
+
+
+async def migrate_volume(request: web.Request) -> web.Response:
+    """Start moving a volume's own layers to a new placement, or (``abort``) send a
+    running migration back; answered once the change is published."""
+    _require_admin(request)
+    name = request.match_info["name"]
+    body = await _body(
+        request,
+        {
+            "servers": (list, False),
+            "replicas": (int, False),
+            "stripe": (int, False),
+            "abort": (bool, False),
+        },
+    )
+    servers = body.get("servers", [])
+    for sid in servers:
+        if not isinstance(sid, str):
+            raise BadRequest(f"field 'servers' must list server ids, not {sid!r:.40}")
+    cmd: cm.MigrateVolume | cm.AbortMigration
+    if body.get("abort"):
+        placed = sorted(set(body) & {"servers", "replicas", "stripe"})
+        if placed:
+            raise BadRequest(f"an abort takes no placement: drop {', '.join(placed)}")
+        cmd = cm.AbortMigration(name)
+    else:
+        cmd = cm.MigrateVolume(name, tuple(servers), body.get("replicas", 0), body.get("stripe", 0))
+    svc = request.app[SERVICE]
+    _volume_exists(svc, name)
+    outcome = await _submit_published(svc, cmd)
+    volume = _volume_json(svc.map, name)
+    return web.json_response({"epoch": outcome.epoch, "volume": volume}, status=202)
+
+
+async def get_migration(request: web.Request) -> web.Response:
+    """Whether the volume is migrating or being flattened, and, on the leader, how far
+    its worker got (pages moved and left per layer, shared pages left to copy)."""
+    name = request.match_info["name"]
+    svc, duties = request.app[SERVICE], request.app[DUTIES]
+    volume = svc.map.volumes.get(name)
+    if volume is None:
+        raise NotFound(f"no volume {name!r}")
+    worker = duties.worker if duties.leading() else None
+    layers: list[dict[str, Any]] = []
+    flatten_left = None
+    if worker is not None:
+        moved = worker.progress.moved
+        layers = [dict(moved[lid]) for lid in sorted(moved) if moved[lid]["volume"] == name]
+        flatten_left = worker.progress.flattening.get(name)
+    return web.json_response(
+        {
+            "migrating": bool(volume.migration),
+            "flattening": volume.flattening,
+            "layers": layers,
+            "flatten_left": flatten_left,
+            "leader": worker is not None,
+            "epoch": svc.map.epoch,
+        }
+    )
+
+
 async def openapi(request: web.Request) -> web.Response:
     return web.json_response(OPENAPI)
 
@@ -440,6 +610,14 @@ def make_app(
     app.router.add_delete("/api/v1/volumes/{name}/lock", release_lock)
     app.router.add_post("/api/v1/volumes/{name}/scrub", start_scrub)
     app.router.add_get("/api/v1/volumes/{name}/scrub", get_scrub)
+    app.router.add_get("/api/v1/volumes/{name}/snapshots", list_snapshots)
+    app.router.add_post("/api/v1/volumes/{name}/snapshots", create_snapshot)
+    app.router.add_delete("/api/v1/volumes/{name}/snapshots/{snapshot}", delete_snapshot)
+    app.router.add_post("/api/v1/volumes/{name}/rollback", rollback_volume)
+    app.router.add_post("/api/v1/volumes/{name}/clone", clone_volume)
+    app.router.add_post("/api/v1/volumes/{name}/flatten", flatten_volume)
+    app.router.add_post("/api/v1/volumes/{name}/migrate", migrate_volume)
+    app.router.add_get("/api/v1/volumes/{name}/migration", get_migration)
     app.router.add_post("/api/v1/sessions/{session}/keepalive", keepalive)
     app.router.add_get("/api/v1/openapi.json", openapi)
     return app
@@ -573,6 +751,78 @@ OPENAPI: dict[str, Any] = {
                 "200",
             ),
         },
+        "/api/v1/volumes/{name}/snapshots": {
+            "get": _op(
+                "the volume's snapshots, oldest first, each with the volumes cloned from it",
+                "200",
+                answer="Snapshots",
+            ),
+            "post": _op(
+                "take a snapshot (O(1): the top layer is frozen, a new one pushed); answered "
+                "once the change is published, when every storage server of the volume "
+                "refuses writes older than the snapshot",
+                "201",
+                admin=True,
+                body="SnapshotRequest",
+                answer="Snapshot",
+            ),
+        },
+        "/api/v1/volumes/{name}/snapshots/{snapshot}": {
+            "delete": _op(
+                "forget a snapshot (refused while a clone stacks it); its layer is merged "
+                "into the layer above in the background",
+                "202",
+                admin=True,
+                answer="SnapshotDeleted",
+            )
+        },
+        "/api/v1/volumes/{name}/rollback": {
+            "post": _op(
+                "make the volume read as one of its snapshots again (refused while it is "
+                "locked or newer snapshots exist); answered once published, with the volume",
+                "200",
+                admin=True,
+                body="RollbackRequest",
+            )
+        },
+        "/api/v1/volumes/{name}/clone": {
+            "post": _op(
+                "create a writable volume sharing the layers of one of this volume's "
+                "snapshots; answered once published, with the new volume",
+                "201",
+                admin=True,
+                body="CloneRequest",
+            )
+        },
+        "/api/v1/volumes/{name}/flatten": {
+            "post": _op(
+                "start copying what a clone shares with its origin into its own layers "
+                "(the leader's worker does it; watch GET .../migration)",
+                "202",
+                admin=True,
+                answer="VolumeEpoch",
+            )
+        },
+        "/api/v1/volumes/{name}/migrate": {
+            "post": _op(
+                "start moving the volume's own layers to a new placement (servers: those "
+                "servers, else every up one; replicas, stripe: 0 or absent keeps the "
+                "volume's), or with abort send a running migration back; answered once "
+                "published",
+                "202",
+                admin=True,
+                body="MigrateRequest",
+                answer="MigrateAnswer",
+            )
+        },
+        "/api/v1/volumes/{name}/migration": {
+            "get": _op(
+                "whether the volume is migrating or being flattened and, on the leader, "
+                "the worker's progress (pages moved and left per layer)",
+                "200",
+                answer="Migration",
+            )
+        },
         "/api/v1/sessions/{session}/keepalive": {
             "post": _op(
                 "keep a lock session alive at this manager (send to every manager); the "
@@ -673,6 +923,116 @@ OPENAPI: dict[str, Any] = {
                     "replicas": {"type": "integer", "minimum": 1, "maximum": 8},
                     "stripe": {"type": "integer", "minimum": 1, "maximum": 64},
                     "page_size": {"type": "integer"},
+                },
+            },
+            "SnapshotRequest": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["name"],
+                "properties": {
+                    "name": {"type": "string", "description": "1-64 letters, digits, - or _"}
+                },
+            },
+            "Snapshot": {
+                "type": "object",
+                "required": ["name", "layer", "since", "clones"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "layer": {"type": "integer", "description": "the frozen layer"},
+                    "since": {"type": "integer", "description": "unix time in milliseconds"},
+                    "clones": {
+                        "type": "array",
+                        "items": {"type": "string"},
+                        "description": "volumes whose stack holds the snapshot's layer",
+                    },
+                },
+            },
+            "Snapshots": {"type": "array", "items": {"$ref": "#/components/schemas/Snapshot"}},
+            "SnapshotDeleted": {
+                "type": "object",
+                "required": ["name", "snapshot", "epoch"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "snapshot": {"type": "string"},
+                    "epoch": {"type": "integer"},
+                },
+            },
+            "RollbackRequest": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["snapshot"],
+                "properties": {"snapshot": {"type": "string"}},
+            },
+            "CloneRequest": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["name", "snapshot"],
+                "properties": {
+                    "name": {"type": "string", "description": "the new volume"},
+                    "snapshot": {"type": "string", "description": "a snapshot of {name}"},
+                },
+            },
+            "VolumeEpoch": {
+                "type": "object",
+                "required": ["name", "epoch"],
+                "properties": {"name": {"type": "string"}, "epoch": {"type": "integer"}},
+            },
+            "MigrateRequest": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "servers": {"type": "array", "items": {"type": "string"}},
+                    "replicas": {"type": "integer", "minimum": 0, "maximum": 8},
+                    "stripe": {"type": "integer", "minimum": 0, "maximum": 64},
+                    "abort": {
+                        "type": "boolean",
+                        "default": False,
+                        "description": "send the running migration back (no other field)",
+                    },
+                },
+            },
+            "MigrateAnswer": {
+                "type": "object",
+                "required": ["epoch", "volume"],
+                "properties": {
+                    "epoch": {"type": "integer"},
+                    "volume": {"type": "object", "description": "the volume, as GET shows it"},
+                },
+            },
+            "Migration": {
+                "type": "object",
+                "required": [
+                    "migrating",
+                    "flattening",
+                    "layers",
+                    "flatten_left",
+                    "leader",
+                    "epoch",
+                ],
+                "properties": {
+                    "migrating": {"type": "boolean"},
+                    "flattening": {"type": "boolean"},
+                    "layers": {
+                        "type": "array",
+                        "description": "per layer moving pages: empty unless 'leader'",
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "volume": {"type": "string"},
+                                "layer": {"type": "integer"},
+                                "to": {"type": "integer"},
+                                "moved": {"type": "integer", "description": "pages, in all"},
+                                "left": {"type": "integer", "description": "after the last round"},
+                            },
+                        },
+                    },
+                    "flatten_left": {
+                        "type": "integer",
+                        "nullable": True,
+                        "description": "shared pages the last flatten round left",
+                    },
+                    "leader": {"type": "boolean", "description": "this manager leads"},
+                    "epoch": {"type": "integer", "description": "of this manager's map"},
                 },
             },
             "Resize": {
