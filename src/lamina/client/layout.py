@@ -181,12 +181,17 @@ class VolumeView:
     def writable(self, partition: tuple[str, ...]) -> list[int]:
         """Indices of the copies a write must reach: on ``up`` and ``recovering`` servers
         (a recovering copy takes every write, so once the background worker has repaired
-        what it missed while away, nothing written later can be missing on it)."""
+        what it missed while away, nothing written later can be missing on it); none at
+        all while no copy of the partition is ``up``."""
         known = self._writable.get(partition)
         if known is None:
-            known = self._writable[partition] = [
-                i for i, sid in enumerate(partition) if self.is_live(sid)
-            ]
+            known = [i for i, sid in enumerate(partition) if self.is_live(sid)]
+            if not any(self.is_up(partition[i]) for i in known):
+                # Recovering copies alone may all lack writes acknowledged while they
+                # were away: a write acknowledged by them only could be lost to the copy
+                # that has those (down now).  No write until a copy is up again.
+                known = []
+            self._writable[partition] = known
         return known
 
     def is_live(self, server_id: str) -> bool:

@@ -205,6 +205,10 @@ class Worker:
                     for sid in recovering:
                         if sid in servers:
                             ready[sid] = False
+                for pidx, part in enumerate(layer.placement):
+                    for sid in part:
+                        if sid in ready and not _vouched(part, sid, state, layer, pidx):
+                            ready[sid] = False
                 found += len(pages)
 
                 async def one(
@@ -375,6 +379,10 @@ class Worker:
         part = layer.placement[page % len(layer.placement)]
         live = [i for i, sid in enumerate(part) if state.get(sid) in LIVE]
         up = _trusted(part, live, state, layer, page % len(layer.placement))
+        if not up and len(live) == len(part) and not layer.filling:
+            # every copy is back but none is up yet (all restarted): their masks alone
+            # say which holds what, so any of them may be the authority
+            up = live
         size = volume.page_size
         try:
             answers = await asyncio.gather(
@@ -765,6 +773,10 @@ class Worker:
         part = layer.placement[page % len(layer.placement)]
         live = [i for i, sid in enumerate(part) if state.get(sid) in LIVE]
         up = _trusted(part, live, state, layer, page % len(layer.placement))
+        if not up and len(live) == len(part) and not layer.filling:
+            # every copy is back but none is up yet (all restarted): their masks alone
+            # say which holds what, so any of them may be the authority
+            up = live
         size = volume.page_size
         try:
             statuses: dict[int, tuple[int, int, int]] = {}
@@ -923,6 +935,21 @@ class Worker:
     async def _call(self, sid: str, msg: m.Message) -> m.Message:
         reply, _ = await self._call_with_payload(sid, msg)
         return reply
+
+
+def _vouched(
+    part: tuple[str, ...], sid: str, state: dict[str, cm.ServerState], layer: cm.Layer, pidx: int
+) -> bool:
+    """Whether a round that finds nothing dirty in partition ``pidx`` proves that the
+    recovering copy on ``sid`` holds every acknowledged write: some other copy is up and
+    trusted (a write ``sid`` missed cleared its bit there, so it would show as dirty), or
+    every copy is live (then all their masks were listed).  Not when the copies that took
+    writes while ``sid`` was away are all down: its clean mask only says it heard of no
+    write, and its data may be stale."""
+    if all(state.get(o) in LIVE for o in part) and not layer.filling:
+        return True
+    live = [i for i, o in enumerate(part) if state.get(o) in LIVE]
+    return any(part[i] != sid for i in _trusted(part, live, state, layer, pidx))
 
 
 def _trusted(
