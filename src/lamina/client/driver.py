@@ -1283,6 +1283,21 @@ class Volume:
         )
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
+            # the copies created vouch for the ones that failed: take that back (by CAS
+            # on the generation they were created at), so the page stays dirty for them
+            failed = bits(
+                [i for i, r in zip(copies, results, strict=True) if isinstance(r, BaseException)]
+            )
+            for i, r in zip(copies, results, strict=True):
+                if not isinstance(r, BaseException) and r[0].created:
+                    with contextlib.suppress(LaminaError, Failed):
+                        await self._call(
+                            part[i],
+                            m.MarkCleanRequest(
+                                view.id, view.epoch, layer.id, page, r[0].generation,
+                                mask & ~failed,
+                            ),
+                        )  # fmt: skip
             await self._recover(view, errors, deadline, 1, f"copy-up of page {page}")
             return
         if all(reply[0].created for reply in results if not isinstance(reply, BaseException)):

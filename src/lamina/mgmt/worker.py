@@ -573,7 +573,7 @@ class Worker:
         if not live:
             raise Unavailable(f"no copy of page {page} of layer {layer.id} is live")
         mask = FULL & ~(bits(range(len(part))) & ~bits(live))
-        await asyncio.gather(
+        results = await asyncio.gather(
             *(
                 self._call_with_payload(
                     part[i],
@@ -581,8 +581,31 @@ class Worker:
                     b"" if zero else data,
                 )
                 for i in live
-            )
+            ),
+            return_exceptions=True,
         )
+        failed = [i for i, r in zip(live, results, strict=True) if isinstance(r, BaseException)]
+        if not failed:
+            return
+        # the copies created vouch for the ones that failed: take that back (by CAS on
+        # the generation they were created at), so the page is dirty until they have it
+        for i, r in zip(live, results, strict=True):
+            if (
+                not isinstance(r, BaseException)
+                and isinstance(r[0], m.CreateResponse)
+                and r[0].created
+            ):
+                with contextlib.suppress(LaminaError, OSError, TimeoutError):
+                    await self._call(
+                        part[i],
+                        m.MarkCleanRequest(
+                            volume.id, epoch, layer.id, page, r[0].generation,
+                            mask & ~bits(failed),
+                        ),
+                    )  # fmt: skip
+        error = results[live.index(failed[0])]
+        assert isinstance(error, BaseException)
+        raise error
 
     async def _statuses(
         self,
