@@ -1147,12 +1147,17 @@ def server_list(cluster: str | None, as_json: bool) -> None:
 @click.option("--addr", required=True, help="HOST:PORT the storage server listens on.")
 @click.option("--capacity", default="1T", show_default=True, help="Capacity, e.g. 500G.")
 @click.option("--zone", help="Failure zone: copies of a partition go to distinct zones.")
+@click.option(
+    "--rebalance/--no-rebalance", default=True, show_default=True,
+    help="Migrate volumes onto the new server.",
+)  # fmt: skip
 @_common
 def server_add(
     server_id: str,
     addr: str,
     capacity: str,
     zone: str | None,
+    rebalance: bool,
     cluster: str | None,
     as_json: bool,
 ) -> None:
@@ -1164,13 +1169,80 @@ def server_add(
     }
     if zone is not None:
         body["zone"] = zone
-    out = _client(cluster).call("POST", "/servers", body, admin=True)
+    client = _client(cluster)
+    out = client.call("POST", "/servers", body, admin=True)
+    if rebalance:
+        out["rebalance"] = client.call("POST", "/rebalance", admin=True)["migrating"]
     if as_json:
         _emit_json(out)
         return
     _print(
         f"added server {out['id']} at {addr} ({format_size(body['capacity'])}) "
         f"[dim](epoch {out['epoch']})[/]"
+    )
+    if out.get("rebalance"):
+        _print(
+            f"migrating {', '.join(out['rebalance'])} to spread them onto it "
+            "(watch with lamina status)"
+        )
+
+
+@server.command("rebalance")
+@_common
+def server_rebalance(cluster: str | None, as_json: bool) -> None:
+    """Migrate volumes onto the servers that hold few copies (throttled like the resync)."""
+    out = _client(cluster).call("POST", "/rebalance", admin=True)
+    if as_json:
+        _emit_json(out)
+        return
+    moving = out["migrating"]
+    _print(f"migrating {', '.join(moving)}" if moving else "balanced: nothing to move")
+
+
+@server.command("drain")
+@click.argument("server_id", metavar="ID")
+@click.option("--undo", is_flag=True, help="Stop draining: the server takes copies again.")
+@click.option("--wait", is_flag=True, help="Return once the server holds no copy.")
+@click.option(
+    "--timeout", type=click.FloatRange(min=1), default=3600.0, show_default=True,
+    help="Seconds --wait waits.",
+)  # fmt: skip
+@_common
+def server_drain(
+    server_id: str, undo: bool, wait: bool, timeout: float, cluster: str | None, as_json: bool
+) -> None:
+    """Move every copy off storage server ID (its volumes migrate to the other servers);
+    then `lamina server remove ID` succeeds.  Refused, with the volume named, when some
+    volume's copies would have no place to go."""
+    if undo and wait:
+        raise click.UsageError("--undo and --wait do not go together")
+    client = _client(cluster)
+    out = client.call("POST", _path("servers", server_id, "drain"), {"undo": undo}, admin=True)
+    if wait:
+        deadline = time.monotonic() + timeout
+        while (held := _copies_on(client, server_id)) > 0:
+            if time.monotonic() > deadline:
+                _print(
+                    f"server {server_id} still holds {held} partition copies after {timeout:g} s"
+                )
+                raise SystemExit(3)
+            time.sleep(0.5)
+        out["copies"] = 0
+    if as_json:
+        _emit_json(out)
+        return
+    if undo:
+        _print(f"server {server_id} takes copies again")
+    elif wait:
+        _print(f"server {server_id} holds nothing: remove it with lamina server remove {server_id}")
+    else:
+        _print(f"draining server {server_id}: its volumes migrate away (watch with lamina status)")
+
+
+def _copies_on(client: ManagerClient, server_id: str) -> int:
+    doc = client.get("/map?current=1")
+    return sum(
+        part.count(server_id) for layer in doc["layers"].values() for part in layer["placement"]
     )
 
 

@@ -1329,6 +1329,54 @@ def _check_layer_command(cmap: ClusterMap, cmd: LayerCommand) -> str | None:
     assert_never(cmd)
 
 
+def rebalance_plan(cmap: ClusterMap, under: Fraction = Fraction(3, 4)) -> list[MigrateVolume]:
+    """Migrations that spread volumes onto the servers holding few copies (a new server):
+    while some placeable server's fill (copies / capacity) is below ``under`` times the
+    cluster's, the next volume (by name) that has no copy there and runs no migration or
+    flatten is migrated over every placeable server (placement then favours the emptiest).
+    Each migration is applied to a scratch map before the next is chosen, so the plan
+    stops as soon as the fills are even enough.  Pure: the same map gives the same plan."""
+    plan: list[MigrateVolume] = []
+    scratch = cmap
+    for _ in range(len(cmap.volumes)):
+        servers = scratch.placeable()
+        if len(servers) < 2:
+            break
+        copies = scratch.copies_per_server()
+        total = sum(copies.get(s.id, 0) for s in servers)
+        capacity = sum(s.capacity for s in servers)
+        low = {
+            s.id
+            for s in servers
+            if Fraction(copies.get(s.id, 0), s.capacity) < under * Fraction(total, capacity)
+        }
+        if not low:
+            break
+        targets = tuple(s.id for s in servers)
+        after = None
+        for name in sorted(scratch.volumes):
+            volume = scratch.volumes[name]
+            if volume.migration or volume.flattening:
+                continue
+            cmd = MigrateVolume(name, targets)
+            used = {sid for lid in _movable(scratch, volume) for p in scratch.layers[lid].placement
+                    for sid in p}  # fmt: skip
+            if used & low or validate(scratch, cmd) is not None:
+                continue
+            moved = apply(scratch, cmd)
+            gained = moved.copies_per_server()
+            # only a move that puts copies on a low server (placement weighs capacity:
+            # a small server may be "low" and still not the emptiest)
+            if any(gained.get(sid, 0) > copies.get(sid, 0) for sid in low):
+                plan.append(cmd)
+                after = moved
+                break
+        if after is None:
+            break
+        scratch = after
+    return plan
+
+
 def _layer_of(volume: Volume, snapshot: str) -> int:
     lid = volume.snapshot_layer(snapshot)
     assert lid is not None, "validated"
@@ -1456,10 +1504,11 @@ def _layer_change(
                 v = volumes[name]
                 if cmd.layer in v.layers:
                     stack = tuple(x for x in v.layers if x != cmd.layer)
-                    # the migration is over once none of its layers receives pages
+                    # the migration is over once none of its layers receives pages; a
+                    # target retired early (a deleted snapshot's, merged up) leaves it
                     moving_to = {t for t, _ in v.migration}
                     running = any(x.migrates_to in moving_to for x in layers.values())
-                    left = v.migration if running else ()
+                    left = tuple(m for m in v.migration if m[0] != cmd.layer) if running else ()
                     volumes[name] = replace(v, layers=stack, migration=left)
                     touched.add(v.id)
         case _:

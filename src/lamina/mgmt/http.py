@@ -237,6 +237,39 @@ async def remove_server(request: web.Request) -> web.Response:
     return web.json_response({"id": sid, "epoch": outcome.epoch})
 
 
+async def drain_server(request: web.Request) -> web.Response:
+    """Start (or with ``{"undo": true}`` stop) draining a server: no new copy goes there
+    and the leader migrates every volume with a copy there away (409 with the reason if
+    some volume's copies would have no place to go)."""
+    _require_admin(request)
+    sid = request.match_info["id"]
+    body = await _body(request, {"undo": (bool, False)})
+    svc = request.app[SERVICE]
+    if sid not in svc.map.servers:
+        raise NotFound(f"no server {sid!r}")
+    outcome = await svc.submit(cm.DrainServer(sid, body.get("undo", False)))
+    return web.json_response(
+        {"id": sid, "draining": svc.map.servers[sid].draining, "epoch": outcome.epoch},
+        status=202,
+    )
+
+
+async def rebalance(request: web.Request) -> web.Response:
+    """Propose the migrations of :func:`lamina.mgmt.clustermap.rebalance_plan` (volumes
+    spread onto servers holding few copies); the volumes whose migration started."""
+    _require_admin(request)
+    svc = request.app[SERVICE]
+    started = []
+    for cmd in cm.rebalance_plan(svc.map):
+        try:
+            await svc.submit(cmd)
+        except Rejected as exc:  # the map moved on meanwhile: the next call sees it
+            log.info("rebalance of %s: %s", cmd.name, exc.message)
+            continue
+        started.append(cmd.name)
+    return web.json_response({"migrating": started}, status=202)
+
+
 async def list_volumes(request: web.Request) -> web.Response:
     cmap = request.app[SERVICE].map
     return web.json_response([_volume_json(cmap, name) for name in sorted(cmap.volumes)])
@@ -601,6 +634,8 @@ def make_app(
     app.router.add_post("/api/v1/servers", add_server)
     app.router.add_delete("/api/v1/servers/{id}", remove_server)
     app.router.add_post("/api/v1/servers/{id}/report", report_server)
+    app.router.add_post("/api/v1/servers/{id}/drain", drain_server)
+    app.router.add_post("/api/v1/rebalance", rebalance)
     app.router.add_get("/api/v1/volumes", list_volumes)
     app.router.add_post("/api/v1/volumes", create_volume)
     app.router.add_get("/api/v1/volumes/{name}", get_volume)
@@ -708,6 +743,22 @@ OPENAPI: dict[str, Any] = {
                 admin=True,
                 body="Report",
                 answer="ReportAnswer",
+            )
+        },
+        "/api/v1/servers/{id}/drain": {
+            "post": _op(
+                "start draining a server ({'undo': true}: stop): no new copy goes there and "
+                "its volumes migrate away; 409 if some volume's copies would have no place",
+                "202",
+                admin=True,
+            )
+        },
+        "/api/v1/rebalance": {
+            "post": _op(
+                "migrate volumes onto servers that hold few copies (a new server); "
+                "answers the volumes whose migration started",
+                "202",
+                admin=True,
             )
         },
         "/api/v1/volumes": {
