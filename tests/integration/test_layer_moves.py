@@ -6,6 +6,7 @@ under a verified fio writer, also with a storage server or the manager leader ki
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import signal
@@ -16,12 +17,12 @@ from typing import Any
 import pytest
 
 from lamina.client import Cluster
-from lamina.errors import NotFound, StaleEpoch
+from lamina.errors import NotFound
 from lamina.wire import messages as m
 from lamina.wire.messages import PageState
 from tests.integration.test_driver import storage_client, volume_info
 from tests.integration.test_faults import REGION, WRITER, check_quiet, finish_writer, running
-from tests.integration.test_layers import ok, wait_for
+from tests.integration.test_layers import at_its_epoch, ok, wait_for
 from tests.integration.test_resync import status, wait_state
 from tests.integration.volumes import LocalCluster, MiB, local_cluster, start_fio
 
@@ -45,16 +46,10 @@ async def page_states(lc: LocalCluster, layer: dict[str, Any], pages: int) -> li
         for sid in part:
             client = await storage_client(lc, sid)
             try:
-                for _ in range(50):  # the server may know a newer fence: use its epoch
-                    try:
-                        reply = await client.call(
-                            m.StatusRequest(layer["volume_id"], epoch, layer["id"], (page,))
-                        )
-                    except StaleEpoch as exc:
-                        epoch = exc.current_epoch
-                        continue
-                    states[page].add(reply.entries[0][1])
-                    break
+                reply = await at_its_epoch(client, epoch, lambda e, p=page: m.StatusRequest(
+                    layer["volume_id"], e, layer["id"], (p,)
+                ))  # fmt: skip
+                states[page].add(reply.entries[0][1])
             except NotFound:
                 states[page].add(PageState.ABSENT)
             finally:
@@ -222,12 +217,28 @@ def test_two_drivers_copying_up_the_same_pages_during_a_migration(lc: LocalClust
     asyncio.run(after())
 
 
+def digest(lc: LocalCluster, name: str) -> str:
+    """sha256 of the whole of volume (or snapshot) ``name``, read by the driver."""
+
+    async def main() -> str:
+        async with await Cluster.connect(lc.cluster_file) as cluster:
+            vol = await cluster.open(name, read_only=True)
+            sha = hashlib.sha256()
+            for offset in range(0, vol.size, 4 * MiB):
+                sha.update(await vol.read(offset, min(4 * MiB, vol.size - offset)))
+            await vol.close()
+            return sha.hexdigest()
+
+    return asyncio.run(main())
+
+
 def migrate_under_fio(
     lc: LocalCluster, cwd: Path, servers: str, fault: Any = None
 ) -> dict[str, Any]:
     """Volume v written by a verified fio through `lamina nbd` while it migrates to
-    ``servers`` (``fault()`` runs right after the migration starts); returns fio's
-    result once the migration finished, fio ended with no error, and the quiet checks
+    ``servers`` (``fault()`` runs right after the migration starts; snapshots are taken
+    before it and after the fault); returns fio's result once the migration finished,
+    fio ended with no error, both snapshots read back unchanged, and the quiet checks
     passed."""
     lc.create_volume("v", 64 * MiB, replicas=2, stripe=2)
     exporter = lc.export("v")
@@ -235,11 +246,17 @@ def migrate_under_fio(
     time.sleep(2)
     running(job, "the migration")
     ok(lc, "snapshot", "create", "v", "before")
+    taken = {"before": digest(lc, "v@before")}
     ok(lc, "volume", "migrate", "v", "--servers", servers)
     if fault is not None:
         fault()
+    ok(lc, "snapshot", "create", "v", "during")  # taken after the fault, mid-migration
+    taken["during"] = digest(lc, "v@during")
     running(job, "the migration ran")
     result = finish_writer(job)
+    # the snapshots never changed, while fio wrote on and the layers moved
+    for name, sha in taken.items():
+        assert digest(lc, f"v@{name}") == sha, name
     wait_for("the migration", lambda: not volume_info(lc, "v")["migration"], timeout=90)
     info = volume_info(lc, "v")
     for layer in info["layers"]:
@@ -255,6 +272,7 @@ def test_a_migration_runs_online_under_a_verified_writer(tmp_path: Path) -> None
         result = migrate_under_fio(lc, tmp_path, "s2,s3")
         for rw in ("write", "read"):
             worst = result[rw]["clat_ns"]["max"] / 1e9
+            print(f"longest {rw} during the migration: {worst:.3f} s")
             assert worst < 1.0, f"a {rw} waited {worst:.2f} s during the migration"
         assert result["write"]["io_bytes"] == REGION
 

@@ -112,7 +112,7 @@ class ManagerLink:
         if current:
             path = "/map?current=1"
         else:
-            path = "/map" if min_epoch <= 0 else f"/map?min_epoch={min_epoch}"
+            path = "/map" if min_epoch <= 0 else f"/map?min_epoch={min_epoch}&wait=1"
         doc: dict[str, Any] = await self.call("GET", path)
         return doc
 
@@ -128,7 +128,7 @@ class ManagerLink:
                 if loop.time() + delay > deadline:
                     raise
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.25)
+            delay = min(delay * 2, 0.1)
 
     async def lock(self, volume: str, session: str, host: str, pid: int, takeover: bool) -> Any:
         body = {"session": session, "host": host, "pid": pid, "takeover": takeover}

@@ -35,6 +35,7 @@ reports how far it got (only the leader knows: elsewhere ``layers`` is empty).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -57,8 +58,12 @@ from lamina.errors import (
 from lamina.mgmt import clustermap as cm
 from lamina.mgmt.leader import LeaderDuties
 from lamina.mgmt.service import ManagerService, Outcome, Rejected
+from lamina.mgmt.worker import Worker
 
 log = logging.getLogger(__name__)
+
+#: longest ``GET /api/v1/map?wait=S`` holds its answer for a publication, in seconds
+MAX_MAP_WAIT = 2.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SERVICE = web.AppKey("service", ManagerService)
@@ -195,14 +200,23 @@ async def get_status(request: web.Request) -> web.Response:
 async def get_map(request: web.Request) -> web.Response:
     """The published map (what clients may use); ``?current=1``: the latest committed one.
     ``?min_epoch=N``: 503 unless this manager's published epoch is at least N, so a
-    client never gets a map older than one it has already seen."""
+    client never gets a map older than one it has already seen; with ``&wait=S`` (at
+    most 2 s), after waiting up to S seconds for it."""
     svc = request.app[SERVICE]
     if request.query.get("current") in ("1", "true"):
         return web.json_response(cm.map_to_dict(svc.map))
     try:
         min_epoch = int(request.query.get("min_epoch", "0"))
+        wait = min(float(request.query.get("wait", "0")), MAX_MAP_WAIT)
     except ValueError:
-        raise BadRequest("min_epoch must be an integer") from None
+        raise BadRequest("min_epoch must be an integer, wait a number of seconds") from None
+    # ?wait=S: hold the answer up to S seconds for the publication (a client that got
+    # STALE learns the new map the moment it is published, not a poll later)
+    deadline = time.monotonic() + wait
+    while (
+        svc.published is None or svc.published.published_epoch < min_epoch
+    ) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
     published = svc.published
     if published is None:
         raise Unavailable(f"manager {svc.manager_id} has no published map yet")
@@ -497,10 +511,31 @@ async def create_snapshot(request: web.Request) -> web.Response:
     cmd = cm.CreateSnapshot(name, body["name"], int(time.time() * 1000))
     await _submit_published(svc, cmd)
     volume = svc.map.volumes.get(name)
+    layer = None if volume is None else volume.snapshot_layer(cmd.snapshot)
+    if layer is not None:
+        await _settle(request, layer)
     for snap in [] if volume is None else _snapshots_json(svc.map, volume):
         if snap["name"] == cmd.snapshot:
             return web.json_response(snap, status=201)
     raise Rejected(f"snapshot {cmd.snapshot} of volume {name} was deleted meanwhile")
+
+
+async def _settle(request: web.Request, layer: int) -> None:
+    """Make the copies of the frozen layer agree before the snapshot counts as taken
+    (:meth:`lamina.mgmt.worker.Worker.settle`), with a worker of this request's own."""
+    svc, duties = request.app[SERVICE], request.app[DUTIES]
+    if duties.key is None:
+        return
+    worker = Worker(svc, duties.key, lambda: True, svc.submit)
+    try:
+        if not await worker.settle(layer):
+            raise Unavailable(
+                f"the copies of snapshot layer {layer} could not be made equal in time "
+                "(a storage server failing?); the snapshot exists: read it once the "
+                "resync has run, or delete it"
+            )
+    finally:
+        worker.close()
 
 
 async def list_snapshots(request: web.Request) -> web.Response:

@@ -375,6 +375,7 @@ class Worker:
         page: int,
         epoch: int,
         state: dict[str, cm.ServerState],
+        defer: bool = True,
     ) -> bool:
         part = layer.placement[page % len(layer.placement)]
         live = [i for i, sid in enumerate(part) if state.get(sid) in LIVE]
@@ -407,7 +408,7 @@ class Worker:
             key = (layer.id, page)
             gens_now = tuple(statuses[i][2] for i in live)
             urgent = any(state.get(part[i]) is not cm.ServerState.UP or i not in up for i in live)
-            if not urgent and self._seen_dirty.get(key) != gens_now:
+            if defer and not urgent and self._seen_dirty.get(key) != gens_now:
                 # Dirt on a page whose copies are all trusted is most often a write whose
                 # tokens are still on their way: look again next round, and resync only if
                 # nothing changed meanwhile (a hot page is left to its writer).
@@ -443,6 +444,44 @@ class Worker:
             return False
         self.progress.pages_resynced += 1
         return True
+
+    # -- settling a frozen layer ---------------------------------------------------------
+
+    async def settle(self, layer_id: int, timeout: float = 15.0) -> bool:
+        """Resynchronise now (no deferral) every dirty page of layer ``layer_id`` until a
+        complete listing finds none whose live copies differ; whether that happened
+        within ``timeout`` seconds.  A snapshot is taken once its layer is settled: a
+        write that reached one copy of the old top and was refused by the fence on
+        another (it was then redone in the new top) leaves the copies different, and a
+        reader of the snapshot could see either until the resync chose one.  Any
+        manager may run it: conditional writes and CAS keep it safe beside the worker."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        sem = asyncio.Semaphore(self.parallel)
+        while True:
+            cmap = self.service.map
+            layer = cmap.layers.get(layer_id)
+            owner = None if layer is None else cmap.volume_by_id(layer.volume_id)
+            if layer is None or owner is None:
+                return False
+            state = {sid: s.state for sid, s in cmap.servers.items()}
+            servers = sorted({sid for part in layer.placement for sid in part})
+            live = [sid for sid in servers if state.get(sid) in LIVE]
+            pages, complete = await self._listed(owner, layer, live, cmap.epoch)
+
+            async def one(page: int, owner: cm.Volume, layer: cm.Layer, epoch: int,
+                          state: dict[str, cm.ServerState]) -> bool:  # fmt: skip
+                async with sem:
+                    return await self._resync_page(owner, layer, page, epoch, state, defer=False)
+
+            results = await asyncio.gather(
+                *(one(p, owner, layer, cmap.epoch, state) for p in sorted(pages))
+            )
+            if complete and all(results):
+                return True
+            if loop.time() > deadline:
+                return False
+            await asyncio.sleep(0.05)
 
     # -- layers: moving pages up (migration, merge of a deleted snapshot), flattening ------
 
