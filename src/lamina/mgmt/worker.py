@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lamina.config import parse_addr
-from lamina.errors import Conflict, Corrupt, LaminaError, Unavailable
+from lamina.errors import Conflict, Corrupt, LaminaError, StaleEpoch, Unavailable
 from lamina.mgmt import clustermap as cm
 from lamina.mgmt.service import ManagerService
 from lamina.storage.syncmask import FULL, authoritative, bits, clean_mask, needs_resync
@@ -280,7 +280,7 @@ class Worker:
             held = await self._present_pages(volume, layer, [source], epoch)
         except (LaminaError, OSError, TimeoutError) as exc:
             log.info("filling %s: listing %s: %s", target, source, exc)
-            self.progress.errors += 1
+            self._failed(exc)
             return False
         pages = sorted(p for p in held if p % n == pidx)
 
@@ -321,7 +321,7 @@ class Worker:
             return True  # created meanwhile by a client's copy-up: it has the page
         except (LaminaError, OSError, TimeoutError) as exc:
             log.info("filling page %d of layer %d on %s: %s", page, layer.id, target, exc)
-            self.progress.errors += 1
+            self._failed(exc)
             return False
         self.progress.bytes_copied += size
         return True
@@ -356,7 +356,7 @@ class Worker:
                     )  # fmt: skip
                 except (LaminaError, OSError, TimeoutError) as exc:
                     log.info("enumerating layer %d on %s: %s", layer.id, sid, exc)
-                    self.progress.errors += 1
+                    self._failed(exc)
                     complete = False
                     break
                 assert isinstance(reply, m.EnumerateResponse)
@@ -440,7 +440,7 @@ class Worker:
             return False
         except (LaminaError, OSError, TimeoutError) as exc:
             log.info("resync of page %d of layer %d: %s", page, layer.id, exc)
-            self.progress.errors += 1
+            self._failed(exc)
             return False
         self.progress.pages_resynced += 1
         return True
@@ -591,7 +591,7 @@ class Worker:
             )
         except (LaminaError, OSError, TimeoutError) as exc:
             log.info("moving page %d of layer %d: %s", page, source.id, exc)
-            self.progress.errors += 1
+            self._failed(exc)
             return False
         return True
 
@@ -678,6 +678,9 @@ class Worker:
         """For every volume being flattened: each page its shared layers hold goes, as the
         uppermost of them holds it, into the volume's lowest own layer if absent there;
         once a complete round copied everything, ``FlattenDone``."""
+        flattening = {v.name for v in cmap.volumes.values() if v.flattening}
+        for name in [n for n in self.progress.flattening if n not in flattening]:
+            del self.progress.flattening[name]  # done, or the volume was deleted
         for volume in sorted(cmap.volumes.values(), key=lambda v: v.id):
             if not volume.flattening:
                 continue
@@ -695,7 +698,7 @@ class Worker:
                     pages |= await self._present_pages(owner, layer, live, epoch)
             except (LaminaError, OSError, TimeoutError) as exc:
                 log.info("listing the shared layers of %s: %s", volume.name, exc)
-                self.progress.errors += 1
+                self._failed(exc)
                 continue
 
             async def one(page: int, volume: cm.Volume = volume, lowest: cm.Layer = lowest,
@@ -748,7 +751,7 @@ class Worker:
             return True
         except (LaminaError, OSError, TimeoutError) as exc:
             log.info("flattening page %d of %s: %s", page, volume.name, exc)
-            self.progress.errors += 1
+            self._failed(exc)
             return False
 
     # -- scrub ------------------------------------------------------------------------------
@@ -943,6 +946,12 @@ class Worker:
         if state != statuses[auth][0] or not mask & (1 << auth):
             return True
         return any(not statuses[k][1] & (1 << t) for k in live)
+
+    def _failed(self, exc: BaseException) -> None:
+        """Count a failed request, unless it only met a newer fence (the map moved on:
+        the page is simply done again next round)."""
+        if not isinstance(exc, StaleEpoch):
+            self.progress.errors += 1
 
     async def _throttle(self, nbytes: int) -> None:
         """Wait so that copies average at most ``rate_limit`` bytes per second (bursts of
