@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -141,11 +142,12 @@ def test_snapshots_never_change_while_the_volume_is_written(lc: LocalCluster) ->
     create(lc, "snapvol")
     rnd = random.Random(6)
 
+    taken: dict[str, bytes] = {}
+
     async def main() -> None:
         async with await Cluster.connect(lc.cluster_file) as cluster:
             vol = await cluster.open("snapvol")
             model = Model(SIZE)
-            taken: dict[str, bytes] = {}
             for k in range(3):
                 await scribble(vol, model, rnd, 24)
                 await vol.flush()
@@ -165,6 +167,23 @@ def test_snapshots_never_change_while_the_volume_is_written(lc: LocalCluster) ->
     # taking a snapshot is O(1): one new, empty layer per snapshot, nothing copied
     info = volume_info(lc, "snapvol")
     assert len(info["layers"]) == 4
+    # a snapshot exported read-only over NBD, read by qemu-img; writes refused
+    exporter = lc.export("snapvol@s1", "--read-only")
+    out = lc.root / "s1.img"
+    done = subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "raw", exporter.uri, str(out)],
+        check=False, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes() == taken["s1"]
+    write = subprocess.run(
+        ["qemu-io", "-f", "raw", "-c", "write 0 4k", exporter.uri],
+        check=False, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert write.returncode != 0  # qemu-io opens it read-write: refused
+    assert "Permission denied" in write.stderr, write.stderr
+    assert exporter.stop() == 0
+    assert "read-only" in refused(lc, "nbd", "snapvol@s1", "--listen", "127.0.0.1:0")
     assert "already has a snapshot" in refused(lc, "snapshot", "create", "snapvol", "s1")
     assert "no snapshot" in refused(lc, "snapshot", "delete", "snapvol", "nope")
 
