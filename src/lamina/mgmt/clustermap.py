@@ -1154,6 +1154,20 @@ def _movable(cmap: ClusterMap, volume: Volume) -> list[int]:
     return [lid for lid in cmap.own_layers(volume) if cmap.layers[lid].migrates_to is None]
 
 
+def _crowded(cmap: ClusterMap, volume: Volume, moved: Iterable[int]) -> str | None:
+    """Why a new layer above each of ``moved`` (layers of ``volume``), in every stack that
+    holds it, would stack too many layers in a clone of ``volume``; else ``None``."""
+    below = set(moved)
+    for name in _clones(cmap, volume):
+        stack = cmap.volumes[name].layers
+        if len(stack) + len(below.intersection(stack)) > MAX_STACK:
+            return (
+                f"clone {name} of volume {volume.name} would stack too many layers: "
+                "flatten it or delete its snapshots first"
+            )
+    return None
+
+
 def _migration_targets(
     cmap: ClusterMap, volume: Volume, cmd: MigrateVolume
 ) -> list[tuple[tuple[str, ...], ...]] | str:
@@ -1297,6 +1311,9 @@ def _check_layer_command(cmap: ClusterMap, cmd: LayerCommand) -> str | None:
                 return f"volume {cmd.name} is being flattened: migrate it once that is done"
             if len(volume.layers) + len(cmap.own_layers(volume)) > MAX_STACK:
                 return f"volume {cmd.name} has too many layers to migrate: delete snapshots"
+            crowded = _crowded(cmap, volume, _movable(cmap, volume))
+            if crowded is not None:
+                return crowded
             targets = _migration_targets(cmap, volume, cmd)
             return targets if isinstance(targets, str) else None
         case AbortMigration():
@@ -1312,7 +1329,8 @@ def _check_layer_command(cmap: ClusterMap, cmd: LayerCommand) -> str | None:
                             return f"server {sid} of the old placement was removed: no way back"
             if len(volume.layers) + len(volume.migration) > MAX_STACK:
                 return f"volume {cmd.name} has too many layers to abort its migration"
-            return None
+            back = [t for t, _ in volume.migration if cmap.layers[t].migrates_to is None]
+            return _crowded(cmap, volume, back)
         case MigrationDone():
             layer = cmap.layers.get(cmd.layer)
             if layer is None:
