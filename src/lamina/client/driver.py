@@ -710,7 +710,7 @@ class Volume:
             layer.owner, view.epoch, layer.id, page, page_size, in_page, length, tokens
         )
         client.send(req).add_done_callback(
-            lambda fut: self._read_answered(fut, out, view, layer, page, offset, length, last)
+            lambda fut: self._read_answered(fut, out, view, k, page, offset, length, last)
         )
         return out
 
@@ -734,7 +734,7 @@ class Volume:
         fut: asyncio.Future[Frame],
         out: asyncio.Future[Payload],
         view: VolumeView,
-        layer: LayerView,
+        k: int,
         page: int,
         offset: int,
         length: int,
@@ -742,6 +742,7 @@ class Volume:
     ) -> None:
         if out.done():
             return
+        layer = view.layers[k]
         resp: Any = None
         try:
             resp, data = Client.unpack(fut.result())
@@ -757,7 +758,18 @@ class Volume:
             if state == PageState.ZERO or (state == PageState.ABSENT and last):
                 out.set_result(bytes(length))
                 return
+            if state == PageState.ABSENT:
+                # on down from the layer below (immutable: what it holds now, it held
+                # when this layer answered), not from the top again
+                self._slow(out, self._read_below(view, k + 1, offset, length))
+                return
         self._slow(out, self.read(offset, length))
+
+    async def _read_below(self, view: VolumeView, start: int, offset: int, length: int) -> bytes:
+        try:
+            return await self._read_layers(view, split(offset, length, view.page_size)[0], start)
+        except (LaminaError, Failed):
+            return await self.read(offset, length)  # the full way, with its retries
 
     # -- presence maps ---------------------------------------------------------------------
 
@@ -955,8 +967,8 @@ class Volume:
                 attempt += 1
                 await self._recover(view, [exc], deadline, attempt, f"read of page {ext.page}")
 
-    async def _read_layers(self, view: VolumeView, ext: Extent) -> bytes:
-        for layer in view.layers:
+    async def _read_layers(self, view: VolumeView, ext: Extent, start: int = 0) -> bytes:
+        for layer in view.layers[start:]:
             if layer.id in self._fixed and len(view.layers) > 1:
                 await self._load_presence(view, layer)
                 pages = self._presence.get(layer.id)
