@@ -45,10 +45,12 @@ async def page_states(lc: LocalCluster, layer: dict[str, Any], pages: int) -> li
         part = layer["placement"][page % len(layer["placement"])]
         for sid in part:
             client = await storage_client(lc, sid)
+
+            def status_of(e: int, p: int = page) -> m.Message:
+                return m.StatusRequest(layer["volume_id"], e, layer["id"], (p,))
+
             try:
-                reply = await at_its_epoch(client, epoch, lambda e, p=page: m.StatusRequest(
-                    layer["volume_id"], e, layer["id"], (p,)
-                ))  # fmt: skip
+                reply = await at_its_epoch(client, epoch, status_of)
                 states[page].add(reply.entries[0][1])
             except NotFound:
                 states[page].add(PageState.ABSENT)

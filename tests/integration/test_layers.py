@@ -309,7 +309,8 @@ def test_a_deleted_snapshot_is_merged_up_and_its_space_returns(lc: LocalCluster)
             await vol.close()
             assert await read_all(cluster, "mg@new") == new
             assert await read_all(cluster, "mg") == model.data
-            return old_layer
+            layer: dict[str, Any] = old_layer
+            return layer
 
     old_layer = asyncio.run(main())
     # the merged layer's pages leave the servers' disks
