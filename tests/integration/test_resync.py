@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from lamina.client import Cluster
-from lamina.errors import StaleEpoch, Unavailable
+from lamina.errors import LaminaError, StaleEpoch, Unavailable
+from lamina.localcluster import StorageProcess
 from lamina.wire import messages as m
 from tests.integration.test_driver import dirty_pages, storage_client, volume_info
 from tests.integration.volumes import LocalCluster, MiB, local_cluster
@@ -107,6 +108,73 @@ def test_a_server_back_from_an_outage_gets_only_what_it_missed(tmp_path: Path) -
         os.kill(lc.storage_pid("s1"), signal.SIGKILL)
 
         assert read_whole(lc, "vol", len(model)) == model
+
+
+def test_a_server_back_alone_stays_recovering_until_the_copy_that_has_the_writes_is_back(
+    tmp_path: Path,
+) -> None:
+    """s2 down while s1 alone takes writes; then s1 goes away too (paused past its lease)
+    and s2 comes back.  s2's masks are clean (it never heard of the writes it missed), so
+    nothing looks dirty: it must stay `recovering` (no read may come from it: the data
+    would be stale) until s1 is back; then the worker resyncs from s1 by the masks, both
+    become `up`, and every acknowledged write reads back."""
+    page = MiB
+    pages = 8
+    with local_cluster(tmp_path / "cluster", 1, 2) as lc:
+        lc.create_volume("vol", pages * page, replicas=2, stripe=2)
+        rng = random.Random(12)
+        model = bytearray(rng.randbytes(pages * page))
+        write_whole(lc, "vol", model)
+        os.kill(lc.storage_pid("s2"), signal.SIGKILL)
+        model[100:4196] = rng.randbytes(4096)
+        model[3 * page : 3 * page + 4096] = rng.randbytes(4096)
+
+        async def write() -> None:
+            async with await Cluster.connect(lc.cluster_file) as cluster:
+                vol = await cluster.open("vol")
+                await vol.write(100, bytes(model[100:4196]))
+                await vol.write(3 * page, bytes(model[3 * page : 3 * page + 4096]))
+                await vol.close()
+
+        asyncio.run(write())  # acknowledged by s1 alone
+        s1 = lc.storage_pid("s1")
+        os.kill(s1, signal.SIGSTOP)
+        try:
+            wait_state(lc, "s1", "down", timeout=20)
+            s2 = restart_alone(lc, "s2")  # (`lamina up` would wait for paused s1)
+            wait_state(lc, "s2", "recovering", timeout=20)
+            time.sleep(5)  # several worker rounds
+            assert server_state(lc, "s2") == "recovering"
+
+            async def read_refused() -> None:
+                async with await Cluster.connect(lc.cluster_file, io_timeout=2) as cluster:
+                    vol = await cluster.open("vol", read_only=True)
+                    with pytest.raises(LaminaError):
+                        await vol.read(0, 4096)
+                    await vol.close()
+
+            asyncio.run(read_refused())
+        finally:
+            os.kill(s1, signal.SIGCONT)
+        wait_state(lc, "s1", "up", timeout=60)
+        wait_state(lc, "s2", "up", timeout=60)
+        assert read_whole(lc, "vol", len(model)) == model
+        s2.stop()
+
+
+def restart_alone(lc: LocalCluster, sid: str) -> StorageProcess:
+    """Start storage server ``sid`` again, on its port, data and managers (and nothing
+    else); the caller stops it."""
+    layout = json.loads((lc.root / "run" / "layout.json").read_text())
+    port = dict(layout["servers"])[sid]
+    managers = ",".join(f"127.0.0.1:{m[-1]}" for m in layout["managers"])
+    proc = StorageProcess(
+        id=sid, data=lc.root / sid, key=lc.root / "cluster.key",
+        log=lc.root / "log" / f"{sid}.log", port_file=lc.root / "run" / f"{sid}.port",
+        port=port, extra_args=["--managers", managers],
+    )  # fmt: skip
+    proc.start()
+    return proc
 
 
 async def copies_of(lc: LocalCluster, info: dict[str, Any], page: int) -> list[bytes]:
