@@ -5,8 +5,11 @@ logs collide often (a duplicate id or address, a command on an unknown or delete
 volume, an illegal state change, a publication out of range, a lock held by another
 session).  A log is drawn command by command against the map it has built so far, so
 most kinds of command apply often enough while a good share is still rejected:
-``validate`` is exercised as much as ``apply``.  Every value drawn here passes the
-commands' field checks; tests of those checks build bad values by hand.
+``validate`` is exercised as much as ``apply``.  Layer commands (snapshots, clones,
+flatten, migration) are mostly aimed at what the map holds: a snapshot the volume has, a
+clone that shares layers, a migrating volume, a source layer nothing migrates into.
+Every value drawn here passes the commands' field checks; tests of those checks build
+bad values by hand.
 """
 
 from __future__ import annotations
@@ -18,18 +21,27 @@ from lamina.mgmt.clustermap import (
     MAX_SINCE_MS,
     SIZE_ALIGN,
     TRANSITIONS,
+    AbortMigration,
     AcquireLock,
     AddServer,
+    CloneVolume,
     ClusterMap,
     Command,
+    CreateSnapshot,
     CreateVolume,
+    DeleteSnapshot,
     DeleteVolume,
     FillDone,
+    FlattenDone,
+    FlattenVolume,
+    MigrateVolume,
+    MigrationDone,
     Publish,
     ReleaseLock,
     RemoveServer,
     Rereplicate,
     ResizeVolume,
+    RollbackVolume,
     Server,
     ServerState,
     SetServerState,
@@ -40,6 +52,9 @@ from lamina.mgmt.clustermap import (
 
 SERVER_IDS = tuple(f"s{i}" for i in range(1, 7))
 VOLUME_NAMES = ("db", "logs", "vm-1")
+#: names clones get besides VOLUME_NAMES (so that a clone rarely takes a name in use)
+CLONE_NAMES = ("db-c", "vm-2")
+SNAPSHOT_NAMES = ("nightly", "pre-upgrade", "t1")
 ZONES = ("a", "b", "c")
 HOSTS = ("10.0.0.1", "store-a", "[::1]")
 SESSIONS = ("a1", "b2", "c3")
@@ -59,6 +74,8 @@ sessions = st.sampled_from(SESSIONS)
 lock_hosts = st.sampled_from(LOCK_HOSTS)
 pids = st.integers(0, 1 << 22)
 since = st.integers(0, MAX_SINCE_MS)
+snapshot_names = st.sampled_from(SNAPSHOT_NAMES)
+layer_ids = st.integers(1, 12)
 
 
 def commands(zoned: bool) -> st.SearchStrategy[Command]:
@@ -92,6 +109,21 @@ def commands(zoned: bool) -> st.SearchStrategy[Command]:
         st.builds(ReleaseLock, volume_names, sessions),
         st.builds(Rereplicate, server_ids),
         st.builds(FillDone, st.integers(1, 8), st.integers(0, 5), server_ids),
+        st.builds(CreateSnapshot, volume_names, snapshot_names, since),
+        st.builds(DeleteSnapshot, volume_names, snapshot_names),
+        st.builds(RollbackVolume, volume_names, snapshot_names),
+        st.builds(CloneVolume, volume_names, snapshot_names, volume_names),
+        st.builds(FlattenVolume, volume_names),
+        st.builds(FlattenDone, volume_names),
+        st.builds(
+            MigrateVolume,
+            volume_names,
+            st.lists(server_ids, max_size=4, unique=True).map(tuple),
+            st.integers(0, 4),
+            st.integers(0, 6),
+        ),
+        st.builds(AbortMigration, volume_names),
+        st.builds(MigrationDone, layer_ids),
     ]
     return st.one_of(options)
 
@@ -101,8 +133,15 @@ any_commands = st.booleans().flatmap(commands)
 
 #: one step of a log before it meets a map: (kind, a, b, c, d), see :func:`command_for`
 Choice = tuple[int, int, int, int, int]
-KINDS = 18
+BASIC_KINDS = 18
+#: kinds past the basic ones stand for layer commands (see :func:`layer_command_for`)
+LAYER_KINDS = 14
+KINDS = BASIC_KINDS + LAYER_KINDS
 choices = st.tuples(st.integers(0, KINDS - 1), *[st.integers(0, 255)] * 4)
+
+
+def _pick(pool: list[str], x: int) -> str:
+    return pool[x % len(pool)]
 
 
 def command_for(cmap: ClusterMap, zoned: bool, choice: Choice) -> Command:
@@ -118,11 +157,8 @@ def command_for(cmap: ClusterMap, zoned: bool, choice: Choice) -> Command:
     known = sorted(cmap.servers)
     volumes = sorted(cmap.volumes)
 
-    def pick(pool: list[str], x: int) -> str:
-        return pool[x % len(pool)]
-
-    sid = pick([*known, *known, *SERVER_IDS], a)
-    name = pick([*volumes, *volumes, *volumes, *VOLUME_NAMES], a)
+    sid = _pick([*known, *known, *SERVER_IDS], a)
+    name = _pick([*volumes, *volumes, *volumes, *VOLUME_NAMES], a)
     if kind in {0, 1}:
         zone = ("", *ZONES)[d // 4 % 4] if zoned else ""
         addr = f"{HOSTS[b % len(HOSTS)]}:{7000 + c % 4}"
@@ -130,7 +166,7 @@ def command_for(cmap: ClusterMap, zoned: bool, choice: Choice) -> Command:
     if kind == 2 or (kind == 3 and not known):
         return SetServerState(sid, list(ServerState)[b % 4])
     if kind == 3:
-        here = cmap.servers[pick(known, a)]
+        here = cmap.servers[_pick(known, a)]
         targets = sorted(to for (frm, to) in TRANSITIONS if frm == here.state)
         return SetServerState(here.id, targets[b % len(targets)])
     if kind in {4, 5, 11}:
@@ -157,25 +193,87 @@ def command_for(cmap: ClusterMap, zoned: bool, choice: Choice) -> Command:
         return Publish(a % 41)
     if kind == 16:  # mostly aimed at a down server
         down = [k for k in known if cmap.servers[k].state == "down"]
-        return Rereplicate(pick([*down, *down, *down, *known, *SERVER_IDS], b))
+        return Rereplicate(_pick([*down, *down, *down, *known, *SERVER_IDS], b))
     if kind == 17:
         entries = [(lid, p, s) for lid in sorted(cmap.layers) for p, s in cmap.layers[lid].filling]
         if entries and b % 4:
             lid, part, server = entries[c % len(entries)]
             return FillDone(lid, part, server)
         return FillDone(1 + c % 8, d % 4, sid)
+    if kind >= BASIC_KINDS:
+        if not volumes and d % 4:  # a layer command needs a volume: make one first
+            return command_for(cmap, zoned, (4, a, b, c, d))
+        return layer_command_for(cmap, kind - BASIC_KINDS, choice)
     if kind in {13, 15}:  # mostly aimed at a locked volume
         locked = [n for n in volumes if cmap.volumes[n].lock is not None]
-        name = pick([*locked, *locked, *locked, *volumes, *VOLUME_NAMES], a)
+        name = _pick([*locked, *locked, *locked, *volumes, *VOLUME_NAMES], a)
     volume = cmap.volumes.get(name)
     holder = [volume.lock.session] * 2 if volume is not None and volume.lock else []
-    session = pick([*holder, *SESSIONS], b)
+    session = _pick([*holder, *SESSIONS], b)
     if kind in {12, 14}:
         host = LOCK_HOSTS[c % len(LOCK_HOSTS)]
         return AcquireLock(name, session, host, c * 7, 1_800_000_000_000 + d, takeover=d % 4 == 0)
     if kind in {13, 15}:
         return ReleaseLock(name, session)
     raise AssertionError(f"no command kind {kind}")
+
+
+def _aimed(x: int, wanted: list[str], others: list[str]) -> str:
+    """Mostly (three times in four) one of ``wanted`` if any, else one of ``others``."""
+    if wanted and x % 4:
+        return _pick(wanted, x // 4)
+    return _pick(others, x // 4)
+
+
+def layer_command_for(cmap: ClusterMap, kind: int, choice: Choice) -> Command:
+    """The layer command ``kind`` (0..LAYER_KINDS-1) of ``choice`` stands for, aimed at
+    ``cmap``: snapshot names the volume has (or, to take one, a name it lacks), clones
+    of a snapshot that exists, flatten of a clone, abort of a running migration, and
+    MigrationDone mostly of a source nothing migrates into (the worker proposes those)."""
+    _, a, b, c, d = choice
+    volumes = sorted(cmap.volumes)
+    with_snaps = [n for n in volumes if cmap.volumes[n].snapshots]
+    anyone = [*volumes, *VOLUME_NAMES]
+    name = _aimed(a, with_snaps if kind in {3, 4, 5, 6} else volumes, anyone)
+    volume = cmap.volumes.get(name)
+    snaps = [snap for snap, _, _ in volume.snapshots] if volume is not None else []
+    snapshot = _aimed(b, snaps, list(SNAPSHOT_NAMES))
+    if kind in {0, 1, 2}:
+        pool = (*SNAPSHOT_NAMES, *(f"t{i}" for i in range(2, 9)))
+        fresh = [n for n in pool if n not in snaps] or list(pool)
+        taken = snapshot if d % 8 == 0 else _pick(fresh, c)
+        return CreateSnapshot(name, taken, 1_800_000_000_000 + d)
+    if kind == 3:
+        return DeleteSnapshot(name, snapshot)
+    if kind == 4:
+        return RollbackVolume(name, snapshot)
+    if kind in {5, 6}:
+        return CloneVolume(name, snapshot, _pick([*CLONE_NAMES, *VOLUME_NAMES], c))
+    if kind == 7:
+        clones = [n for n in volumes if cmap.volumes[n].origin and not cmap.volumes[n].flattening]
+        return FlattenVolume(_aimed(a, clones, anyone))
+    if kind == 8:
+        flattening = [n for n in volumes if cmap.volumes[n].flattening]
+        return FlattenDone(_aimed(a, flattening, anyone))
+    if kind in {9, 10}:
+        known = sorted(cmap.servers)
+        ids = known if d % 5 and known else list(SERVER_IDS)
+        servers = tuple(sid for i, sid in enumerate(ids) if c >> i & 1) if d % 3 else ()
+        replicas = 0 if d % 4 else 1 + b % 3
+        stripe = 0 if d // 4 % 4 else 1 + b // 3 % 4
+        return MigrateVolume(name, servers, replicas, stripe)
+    if kind == 11:
+        migrating = [n for n in volumes if cmap.volumes[n].migration]
+        return AbortMigration(_aimed(a, migrating, anyone))
+    if kind in {12, 13}:
+        sources = [lid for lid in sorted(cmap.layers) if cmap.layers[lid].migrates_to is not None]
+        targets = {cmap.layers[lid].migrates_to for lid in sources}
+        ready = [lid for lid in sources if lid not in targets]
+        if not sources or b % 4 == 0:
+            sources = [*sorted(cmap.layers), *range(1, 13)]
+        layers = [*ready, *ready, *ready, *sources]
+        return MigrationDone(layers[c % len(layers)])
+    raise AssertionError(f"no layer command kind {kind}")
 
 
 @st.composite

@@ -94,17 +94,42 @@ def fenced_names(step: Step) -> set[str]:
         return set()
     if isinstance(cmd, CreateVolume | ResizeVolume | AcquireLock | ReleaseLock):
         return {cmd.name}
+    # a volume's own layers: a clone reads the layers it shares under their owner's id,
+    # so the owner's fence covers them
     if isinstance(cmd, SetServerState | RemoveServer | cm.Rereplicate):
         return {
             v.name
             for v in before.volumes.values()
             for lid in v.layers
             for part in before.layers[lid].placement
-            if cmd.id in part
+            if cmd.id in part and before.layers[lid].volume_id == v.id
         }
     if isinstance(cmd, cm.FillDone):
-        return {v.name for v in before.volumes.values() if cmd.layer in v.layers}
+        return {
+            v.name for v in before.volumes.values() if before.layers[cmd.layer].volume_id == v.id
+        }
+    if isinstance(cmd, LAYER_COMMANDS):
+        # the volume it names (a clone: the new one) and every volume whose stack changed
+        named = {cmd.name} if not isinstance(cmd, cm.MigrationDone) else set()
+        return named | {
+            name
+            for name, v in step.after.volumes.items()
+            if name not in before.volumes or before.volumes[name].layers != v.layers
+        }
     return set()
+
+
+LAYER_COMMANDS = (
+    cm.CreateSnapshot,
+    cm.DeleteSnapshot,
+    cm.RollbackVolume,
+    cm.CloneVolume,
+    cm.FlattenVolume,
+    cm.FlattenDone,
+    cm.MigrateVolume,
+    cm.AbortMigration,
+    cm.MigrationDone,
+)
 
 
 # --- the log properties -----------------------------------------------------------------
@@ -280,7 +305,14 @@ def test_locks_change_only_by_lock_commands_and_by_their_rules(log: list[Command
             if not (touched and step.reason is None):
                 assert volume.lock == old
         if isinstance(cmd, DeleteVolume) and cmd.name in before.volumes:
-            assert (step.reason is None) == (before.volumes[cmd.name].lock is None)
+            gone = before.volumes[cmd.name]
+            shared = any(
+                before.layers[lid].volume_id == gone.id
+                for v in before.volumes.values()
+                if v.name != gone.name
+                for lid in v.layers
+            )  # a volume with clones is not deleted either
+            assert (step.reason is None) == (gone.lock is None and not shared)
         if not isinstance(cmd, AcquireLock) or cmd.name not in before.volumes:
             continue
         held = before.volumes[cmd.name].lock
