@@ -1325,8 +1325,15 @@ def _check_layer_command(cmap: ClusterMap, cmd: LayerCommand) -> str | None:
             for _, placement in volume.migration:
                 for part in placement:
                     for sid in part:
-                        if sid not in cmap.servers:
+                        server = cmap.servers.get(sid)
+                        if server is None:
                             return f"server {sid} of the old placement was removed: no way back"
+                        if server.state is not ServerState.UP or server.draining:
+                            why = "being drained" if server.draining else server.state.value
+                            return (
+                                f"server {sid} of the old placement is {why}: "
+                                "the migration goes on (abort once it is up)"
+                            )
             if len(volume.layers) + len(volume.migration) > MAX_STACK:
                 return f"volume {cmd.name} has too many layers to abort its migration"
             back = [t for t, _ in volume.migration if cmap.layers[t].migrates_to is None]
