@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from lamina.client import Cluster, Volume
-from lamina.errors import NotFound, StaleEpoch
+from lamina.client.sync import connect
+from lamina.errors import LaminaError, NotFound, StaleEpoch
 from lamina.wire import messages as m
 from lamina.wire.connection import Client
 from tests.integration.test_driver import storage_client, volume_info
@@ -369,3 +370,26 @@ def test_an_aborted_migration_returns_to_the_old_placement(lc: LocalCluster) -> 
     info = volume_info(lc, "ab")
     assert [layer["placement"] for layer in info["layers"]] == [before]
     assert "not migrating" in refused(lc, "volume", "migrate", "ab", "--abort")
+
+
+def test_snapshots_and_clones_from_python(lc: LocalCluster) -> None:
+    """The same operations through ``lamina.client`` (blocking wrapper)."""
+    create(lc, "py")
+    with connect(lc.cluster_file) as cluster:
+        with cluster.open("py") as vol:
+            vol.write(0, b"before" * 1000)
+            taken = cluster.create_snapshot("py", "one")
+            vol.write(0, b"after!" * 1000)
+        assert taken["name"] == "one"
+        assert [s["name"] for s in cluster.snapshots("py")] == ["one"]
+        cluster.clone("py", "one", "py-clone")
+        assert [s["clones"] for s in cluster.snapshots("py")] == [["py-clone"]]
+        with cluster.open("py@one", read_only=True) as snap:
+            assert snap.read(0, 6000) == b"before" * 1000
+        with cluster.open("py-clone", read_only=True) as clone:
+            assert clone.read(0, 6000) == b"before" * 1000
+        with pytest.raises(LaminaError, match="py-clone"):
+            cluster.delete_snapshot("py", "one")
+        cluster.rollback("py", "one")
+        with cluster.open("py", read_only=True) as vol:
+            assert vol.read(0, 6000) == b"before" * 1000

@@ -49,6 +49,7 @@ import random
 import secrets
 import socket
 import time
+import urllib.parse
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -212,6 +213,42 @@ class Cluster:
         if self._watchdog is None:
             self._watchdog = asyncio.create_task(self._watch_requests())
         return volume
+
+    # -- snapshots and clones (the managers' HTTP API, docs/api.md) -------------------------
+
+    def _path(self, *parts: str) -> str:
+        return "/" + "/".join(urllib.parse.quote(p, safe="") for p in parts)
+
+    async def create_snapshot(self, volume: str, snapshot: str) -> dict[str, Any]:
+        """Take snapshot ``snapshot`` of ``volume``; returns once it is taken (no write
+        made before can change it any more): ``{"name", "layer", "since"}``."""
+        path = self._path("volumes", volume, "snapshots")
+        doc: dict[str, Any] = await self.managers.call("POST", path, {"name": snapshot})
+        return doc
+
+    async def snapshots(self, volume: str) -> list[dict[str, Any]]:
+        """The snapshots of ``volume``, oldest first, each with the clones using it."""
+        docs: list[dict[str, Any]] = await self.managers.call(
+            "GET", self._path("volumes", volume, "snapshots")
+        )
+        return docs
+
+    async def delete_snapshot(self, volume: str, snapshot: str) -> None:
+        """Delete a snapshot (refused while a clone uses it); merged in the background."""
+        await self.managers.call("DELETE", self._path("volumes", volume, "snapshots", snapshot))
+
+    async def rollback(self, volume: str, snapshot: str) -> None:
+        """Make ``volume`` (not attached anywhere) read as ``snapshot`` again."""
+        path = self._path("volumes", volume, "rollback")
+        await self.managers.call("POST", path, {"snapshot": snapshot})
+
+    async def clone(self, volume: str, snapshot: str, name: str) -> dict[str, Any]:
+        """A new volume ``name`` sharing the layers of ``volume@snapshot``; its map entry."""
+        path = self._path("volumes", volume, "clone")
+        doc: dict[str, Any] = await self.managers.call(
+            "POST", path, {"name": name, "snapshot": snapshot}
+        )
+        return doc
 
     async def close(self) -> None:
         for volume in list(self._volumes):

@@ -91,6 +91,21 @@ class SyncCluster:
         volume = self._runner.run(self.cluster.open(name, read_only=read_only, takeover=takeover))
         return SyncVolume(self._runner, volume)
 
+    def create_snapshot(self, volume: str, snapshot: str) -> dict[str, Any]:
+        return self._runner.run(self.cluster.create_snapshot(volume, snapshot))
+
+    def snapshots(self, volume: str) -> list[dict[str, Any]]:
+        return self._runner.run(self.cluster.snapshots(volume))
+
+    def delete_snapshot(self, volume: str, snapshot: str) -> None:
+        self._runner.run(self.cluster.delete_snapshot(volume, snapshot))
+
+    def rollback(self, volume: str, snapshot: str) -> None:
+        self._runner.run(self.cluster.rollback(volume, snapshot))
+
+    def clone(self, volume: str, snapshot: str, name: str) -> dict[str, Any]:
+        return self._runner.run(self.cluster.clone(volume, snapshot, name))
+
     def close(self) -> None:
         try:
             self._runner.run(self.cluster.close())
