@@ -20,7 +20,11 @@ asking the storage servers, so a new leader simply resumes.  One round
   races the resync changes a generation, so a WRITE or MARK_CLEAN answers CONFLICT and the
   page simply stays dirty for the next round: a resync never overwrites newer data.
 - A ``recovering`` server becomes ``up`` after a round that enumerated every layer it
-  holds completely and left no page of its partitions dirty.  Drivers write to
+  holds completely and left no page of its partitions dirty, and only where that proves
+  something: each of its partitions has another copy that is ``up`` and trusted (a write
+  it missed cleared its bit there), or every copy is live (their masks were all listed).
+  A copy back alone, while the copies that took writes in its absence are down, has a
+  clean mask and stale data: it stays ``recovering``.  Drivers write to
   ``recovering`` copies like to ``up`` ones (and wait for a failed one to be marked down),
   so nothing written after that round can be missing on it.
 
