@@ -817,22 +817,20 @@ class Volume:
         flatten target, the top when others may write) is never trusted, and a page that
         leaves a layer leaves a tombstone, which restarts the read: so a read that skips
         a layer on the word of its presence map never misses newer data."""
-        fixed = {layer.id for layer in view.layers if presence_fixed(view, layer, self.writable)}
+        self._fixed = {
+            layer.id for layer in view.layers if presence_fixed(view, layer, self.writable)
+        }
         # Pages reach a layer only from the layer right below it (a merge, a migration)
         # or, in a flatten, from the shared layers below.  Whatever happened between the
         # two maps, such a change shows as a different layer below, or a different
         # ``migrates_to`` of it, or a different flattening flag: then the map is redone.
-        if view.flattening != self.view.flattening:
-            fixed.difference_update(layer.id for layer in view.layers)
+        keep = set() if view.flattening != self.view.flattening else set(self._fixed)
         before = _below(self.view)
         for lid, under in _below(view).items():
             if before.get(lid, under) != under:
-                fixed.discard(lid)
-        for lid in [lid for lid in self._presence if lid not in fixed]:
+                keep.discard(lid)
+        for lid in [lid for lid in self._presence if lid not in keep]:
             del self._presence[lid]
-        self._fixed = {
-            layer.id for layer in view.layers if presence_fixed(view, layer, self.writable)
-        }
 
     def _now_present(self, layer_id: int, page: int) -> None:
         """This client is about to create ``page`` in ``layer_id`` (a copy-up, a

@@ -390,17 +390,7 @@ class Worker:
             up = live
         size = volume.page_size
         try:
-            answers = await asyncio.gather(
-                *(
-                    self._call(part[i], m.StatusRequest(volume.id, epoch, layer.id, (page,)))
-                    for i in live
-                )
-            )
-            statuses: dict[int, tuple[int, int, int]] = {}
-            for i, reply in zip(live, answers, strict=True):
-                assert isinstance(reply, m.StatusResponse)
-                _, st, mask, gen = reply.entries[0]
-                statuses[i] = (st, mask, gen)
+            statuses = await self._statuses(volume, layer, page, epoch, part, live)
             need = bits(live)
             states = {st for st, _, _ in statuses.values()}
             if all(mask & need == need for _, mask, _ in statuses.values()) and (
@@ -659,6 +649,8 @@ class Worker:
         part: tuple[str, ...],
         copies: list[int],
     ) -> dict[int, tuple[int, int, int]]:
+        """{copy: (state, mask, generation)} of ``page`` by STATUS; raises the first
+        failure."""
         answers = await asyncio.gather(
             *(
                 self._call(part[i], m.StatusRequest(volume.id, epoch, layer.id, (page,)))
