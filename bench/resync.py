@@ -317,7 +317,7 @@ async def _check_copies(
         client = clients[sid]
         status = await client.call(m.StatusRequest(view.id, view.epoch, layer.id, (page,)))
         assert isinstance(status, m.StatusResponse)
-        _, state, mask, gen = status.entries[0]
+        _, state, mask, gen, _ = status.entries[0]
         _, data = await client.call_with_payload(
             m.ReadRequest(view.id, view.epoch, layer.id, page, PAGE, 0, PAGE)
         )

@@ -344,7 +344,7 @@ async def _count_dirty(client: Client, layer: int, pages: int) -> int:
         batch = tuple(range(first, min(first + m.MAX_LIST, pages)))
         reply = await client.call(m.StatusRequest(VOLUME, EPOCH, layer, batch))
         assert isinstance(reply, m.StatusResponse)
-        dirty += sum(1 for _, _, mask, _ in reply.entries if mask != FULL)
+        dirty += sum(1 for _, _, mask, *_ in reply.entries if mask != FULL)
     return dirty
 
 

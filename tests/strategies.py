@@ -152,7 +152,7 @@ def _lease_responses(draw: st.DrawFn) -> m.Message:
     return m.LeaseResponse(draw(u32), epoch, tuple(fences))
 
 
-_status_entries = st.lists(st.tuples(u64, page_states, u32, u64), max_size=LIST_SIZE)
+_status_entries = st.lists(st.tuples(u64, page_states, u32, u64, u8), max_size=LIST_SIZE)
 
 _OVERRIDES: dict[type[m.Message], Callable[[], MessageStrategy]] = {
     m.ReadRequest: _read_requests,

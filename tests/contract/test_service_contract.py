@@ -105,7 +105,9 @@ async def status(
 ) -> dict[int, PageInfo]:
     reply, _ = await call(service, m.StatusRequest(VOL, epoch, layer, pages))
     assert isinstance(reply, m.StatusResponse)
-    return {page: PageInfo(PageState(state), mask, gen) for page, state, mask, gen in reply.entries}
+    return {
+        page: PageInfo(PageState(state), mask, gen) for page, state, mask, gen, _ in reply.entries
+    }
 
 
 async def dirty(service: StorageService, *, epoch: int = 1) -> tuple[int, ...]:

@@ -169,7 +169,7 @@ async def verify(proc: StorageProcess, key: bytes, model: Model, st: Stream) -> 
                 model.data[page] = bytearray(got)
             else:
                 assert got == expected, f"page {page} lost acknowledged data"
-            _, state, _, gen = entries[page]
+            _, state, _, gen, _ = entries[page]
             if page in model.written:
                 assert state == m.PageState.PRESENT, f"page {page} is {m.PageState(state)!r}"
                 assert gen >= model.last_gen[page], f"page {page} went back a generation"

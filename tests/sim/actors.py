@@ -155,19 +155,29 @@ def resync(w: World, client: str, page: int, epoch: int, states: dict[str, str])
     req = m.StatusRequest(VOLUME, epoch, LAYER, (page,))
     answers = yield Call(tuple((part[i], req, b"") for i in live), RPC_TIMEOUT)
     statuses: dict[int, tuple[int, int, int]] = {}
+    writing: set[int] = set()
     for i, a in zip(live, answers, strict=False):
         if not _ok(w, client, part[i], a, "status"):
             return False
         assert isinstance(a, tuple)
         assert isinstance(a[0], m.StatusResponse)
-        _, st, mask, gen = a[0].entries[0]
+        _, st, mask, gen, flags = a[0].entries[0]
         statuses[i] = (st, mask, gen)
+        if flags & m.WRITING:
+            writing.add(i)
     need = bits(live)
     kinds = {st for st, _, _ in statuses.values()}
     if all(mask & need == need for _, mask, _ in statuses.values()) and len(kinds) == 1:
         return True
     auth = authoritative({i: statuses[i][:2] for i in up})
     if auth is None:
+        return False
+    statuses4 = {i: (*s, 0) for i, s in statuses.items()}
+    targets = [t for t in live if t != auth and Worker._needs_copy(statuses4, live, auth, t)]
+    if client == "w" and writing & set(targets):
+        # what Worker._resync_page does: a copy with a client write on its way is not
+        # overwritten (the authoritative copy may not hold that write yet)
+        w.trace(f"w: page {page}: a write is in flight on {sorted(writing)}: later")
         return False
     w.repairs += 1
     w.trace(f"{client}: resync page {page} from {part[auth]} {_show(part, statuses)}")
@@ -184,7 +194,7 @@ def resync(w: World, client: str, page: int, epoch: int, states: dict[str, str])
     else:
         data = bytes(PAGE)
     gens = {i: statuses[i][2] for i in live}
-    for t in [t for t in live if t != auth and Worker._needs_copy(statuses, live, auth, t)]:
+    for t in targets:
         wr = m.WriteRequest(
             VOLUME, epoch, LAYER, page, PAGE, 0, FULL, FULL, False,
             conditional=True, if_generation=gens[t],

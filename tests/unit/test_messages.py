@@ -184,8 +184,8 @@ def test_header_is_msgpack_array_of_fields(msg: m.Message) -> None:
 
 def test_lists_and_enums_are_normalised() -> None:
     """List fields are stored as tuples and IntEnum members as plain ints."""
-    msg = m.StatusResponse([[1, m.PageState.PRESENT, 3, 4]])  # type: ignore[arg-type]
-    assert msg.entries == ((1, 1, 3, 4),)
+    msg = m.StatusResponse([[1, m.PageState.PRESENT, 3, 4, m.WRITING]])  # type: ignore[arg-type]
+    assert msg.entries == ((1, 1, 3, 4, 1),)
     assert type(msg.entries[0][1]) is int
     read = m.ReadResponse(m.PageState.ZERO, 1, m.FULL_MASK)
     assert type(read.state) is int
@@ -333,7 +333,7 @@ def test_set_epoch_fences_may_not_exceed_the_epoch(epochs: tuple[int, int], volu
     [
         (m.RestoreRequest, lambda n: [[0] * n]),
         (m.StatusRequest, lambda n: [1, 1, 1, [0] * n]),
-        (m.StatusResponse, lambda n: [[[0, 0, 0, 0]] * n]),
+        (m.StatusResponse, lambda n: [[[0, 0, 0, 0, 0]] * n]),
         (m.EnumerateResponse, lambda n: [0, True, [0] * n]),
         (m.SetEpochRequest, lambda n: [5, [[0, 5]] * n]),
         (m.ReadRequest, lambda n: [1, 1, 1, 0, m.MIN_PAGE_SIZE, 0, 1, [0] * n]),
@@ -357,7 +357,7 @@ def test_headers_at_their_caps_fit_in_a_frame() -> None:
     biggest = [
         m.EnumerateResponse(top, False, (top,) * m.MAX_ENUMERATE),
         m.SetEpochRequest(top, ((top, top),) * m.MAX_FENCES),
-        m.StatusResponse(((top, 255, 2**32 - 1, top),) * m.MAX_LIST),
+        m.StatusResponse(((top, 255, 2**32 - 1, top, 255),) * m.MAX_LIST),
         m.StatusRequest(top, top, top, (top,) * m.MAX_LIST),
         m.WriteRequest(top, top, top, 2**20, m.MIN_PAGE_SIZE, 0, 0, 0, True, (top,) * m.MAX_LIST),
     ]

@@ -85,6 +85,7 @@ from lamina.errors import (
     StorageIOError,
     Unavailable,
 )
+from lamina.storage.syncmask import WRITE_ATTEMPT_LIMIT
 from lamina.wire import messages as m
 from lamina.wire.connection import Client
 from lamina.wire.framing import Frame, Payload
@@ -445,7 +446,7 @@ class _Pending:
 
     __slots__ = (
         "answers", "copies", "data", "fua", "layer_id", "left", "offset", "out", "page",
-        "part", "view",
+        "part", "sent", "view",
     )  # fmt: skip
 
     def __init__(
@@ -471,6 +472,7 @@ class _Pending:
         self.copies = copies
         self.answers: list[asyncio.Future[Frame] | None] = [None] * len(copies)
         self.left = len(copies)
+        self.sent = time.monotonic()
 
 
 class Volume:
@@ -951,6 +953,9 @@ class Volume:
                 self._slow(p.out, self.write(p.offset, p.data, p.fua))  # redo the full way
                 return
             tokens.append((p.part[i], resp.token))
+        if time.monotonic() - p.sent > WRITE_ATTEMPT_LIMIT:
+            self._slow(p.out, self.write(p.offset, p.data, p.fua))  # too slow: redone
+            return
         for sid, token in tokens:
             self.cluster.confirm_later(sid, token)
         if len(p.data) == p.view.page_size:
@@ -1087,7 +1092,7 @@ class Volume:
         )
         out = {}
         for i, (resp, _) in zip(copies, answers, strict=True):
-            _, state, mask, gen = resp.entries[0]
+            _, state, mask, gen, _ = resp.entries[0]
             out[i] = (state, mask, gen)
         return out
 
@@ -1239,6 +1244,7 @@ class Volume:
             )
             for i, client in zip(copies, clients, strict=True)
         ]  # fmt: skip
+        sent = time.monotonic()
         for client in clients:
             await client.drain()
         results: list[tuple[Any, Payload]] = []
@@ -1250,6 +1256,12 @@ class Volume:
                 errors.append(exc)
         if errors:
             return errors  # the tokens of the copies that took it are dropped: it stays dirty
+        took = time.monotonic() - sent
+        if took > WRITE_ATTEMPT_LIMIT:
+            # its tokens are never confirmed: a resync may already have judged it failed
+            # (see syncmask.IN_FLIGHT), so it is redone, not acknowledged
+            log.warning("write of page %d took %.1f s on its copies: redoing it", ext.page, took)
+            return [Unavailable(f"write of page {ext.page} took {took:.1f} s")]
         for i, (resp, _) in zip(copies, results, strict=True):
             cluster.confirm_later(part[i], resp.token)
         if ext.length == view.page_size:

@@ -17,8 +17,14 @@ asking the storage servers, so a new leader simply resumes.  One round
   every copy that needs it with a *conditional* WRITE (applied only if that copy is still
   at the generation its STATUS showed), then every live copy is marked clean by
   compare-and-set on its generation, the authoritative copy last.  A client write that
-  races the resync changes a generation, so a WRITE or MARK_CLEAN answers CONFLICT and the
-  page simply stays dirty for the next round: a resync never overwrites newer data.
+  reaches a copy after its STATUS changes its generation, so a WRITE or MARK_CLEAN
+  answers CONFLICT and the page simply stays dirty for the next round.  A client write
+  that reached a copy *before* its STATUS may not have reached the authoritative copy
+  yet, so the bytes read from it could lack that write: the STATUS flag ``WRITING``
+  says so (the write's token is unconfirmed), and such a copy of a top layer is left
+  alone until the write is confirmed.  Once it is, every copy acknowledged it before,
+  so the authoritative copy, read after the STATUS, holds it.  So a resync never
+  overwrites newer data.
 - A ``recovering`` server becomes ``up`` after a round that enumerated every layer it
   holds completely and left no page of its partitions dirty, and only where that proves
   something: each of its partitions has another copy that is ``up`` and trusted (a write
@@ -55,6 +61,8 @@ from lamina.wire.messages import PageState
 log = logging.getLogger(__name__)
 
 LIVE = (cm.ServerState.UP, cm.ServerState.RECOVERING)
+#: one copy's answer to STATUS (or CHECKSUM): state, mask, generation, flags
+Status = tuple[int, int, int, int]
 #: tries (0.1 s apart) of a request a server refuses while it catches up to an epoch
 CATCH_UP_RETRIES = 40
 #: seconds of copying the throttle lets through at once (bursts stay short)
@@ -392,8 +400,8 @@ class Worker:
         try:
             statuses = await self._statuses(volume, layer, page, epoch, part, live)
             need = bits(live)
-            states = {st for st, _, _ in statuses.values()}
-            if all(mask & need == need for _, mask, _ in statuses.values()) and (
+            states = {st for st, *_ in statuses.values()}
+            if all(mask & need == need for _, mask, *_ in statuses.values()) and (
                 states <= {PageState.PRESENT}
                 or states <= {PageState.ZERO}
                 or states <= {PageState.ABSENT}
@@ -412,8 +420,12 @@ class Worker:
             self._seen_dirty.pop(key, None)
             auth = authoritative({i: statuses[i][:2] for i in up})
             if auth is None:
-                return not any(st != PageState.ABSENT for st, _, _ in statuses.values())
-            auth_state, _, auth_gen = statuses[auth]
+                return not any(st != PageState.ABSENT for st, *_ in statuses.values())
+            targets = [t for t in live if t != auth and self._needs_copy(statuses, live, auth, t)]
+            if _writing(volume, layer, statuses, targets):
+                self.progress.deferred += 1
+                return False
+            auth_state, _, auth_gen, _ = statuses[auth]
             if auth_state == PageState.PRESENT:
                 reply, data = await self._call_with_payload(
                     part[auth], m.ReadRequest(volume.id, epoch, layer.id, page, size, 0, size)
@@ -424,7 +436,6 @@ class Worker:
                     return False
             else:
                 data = bytes(size)
-            targets = [t for t in live if t != auth and self._needs_copy(statuses, live, auth, t)]
             copied = await self._repair(
                 volume, layer, page, epoch, part, live, auth, data, statuses, targets
             )
@@ -553,7 +564,7 @@ class Worker:
         live = [i for i, sid in enumerate(part) if state.get(sid) in LIVE]
         try:
             statuses = await self._statuses(volume, source, page, epoch, part, live)
-            if any(st == PageState.TOMBSTONE for st, _, _ in statuses.values()):
+            if any(st == PageState.TOMBSTONE for st, *_ in statuses.values()):
                 auth = None  # moved already: only copies that missed the tombstone are left
             else:
                 trusted = _trusted(part, live, state, source, pidx)
@@ -648,20 +659,19 @@ class Worker:
         epoch: int,
         part: tuple[str, ...],
         copies: list[int],
-    ) -> dict[int, tuple[int, int, int]]:
-        """{copy: (state, mask, generation)} of ``page`` by STATUS; raises the first
-        failure."""
+    ) -> dict[int, Status]:
+        """{copy: (state, mask, generation, flags)} of ``page`` by STATUS; raises the
+        first failure."""
         answers = await asyncio.gather(
             *(
                 self._call(part[i], m.StatusRequest(volume.id, epoch, layer.id, (page,)))
                 for i in copies
             )
         )
-        out: dict[int, tuple[int, int, int]] = {}
+        out: dict[int, Status] = {}
         for i, reply in zip(copies, answers, strict=True):
             assert isinstance(reply, m.StatusResponse)
-            _, st, mask, gen = reply.entries[0]
-            out[i] = (st, mask, gen)
+            out[i] = reply.entries[0][1:]
         return out
 
     async def _flatten_all(
@@ -840,7 +850,7 @@ class Worker:
             up = live
         size = volume.page_size
         try:
-            statuses: dict[int, tuple[int, int, int]] = {}
+            statuses: dict[int, Status] = {}
             digests: dict[int, tuple[bool, int]] = {}  # (holds data or zeros, crc)
             corrupt: set[int] = set()
             for i in live:  # checksums first: each copy is verified where it is stored
@@ -858,17 +868,26 @@ class Worker:
                     statuses[i] = again.entries[0][1:]
                     continue
                 assert isinstance(summed, m.ChecksumResponse)
-                statuses[i] = (summed.state, summed.mask, summed.generation)
+                statuses[i] = (summed.state, summed.mask, summed.generation, summed.flags)
                 holds = summed.state in (PageState.PRESENT, PageState.ZERO)
                 digests[i] = (holds, summed.crc)
             report.pages_checked += 1
             report.corrupt += len(corrupt)
             if not corrupt and len(set(digests.values())) <= 1:
                 return
+            if not corrupt and _writing(volume, layer, statuses, live):
+                report.errors += 1  # a client write on its way: the copies may differ now
+                return
             report.mismatches += 1
             good = {i: statuses[i][:2] for i in up if i not in corrupt}
             auth = authoritative(good)
             if auth is None:
+                report.errors += 1
+                return
+            targets = [
+                t for t in live if t != auth and (t in corrupt or digests[t] != digests[auth])
+            ]
+            if _writing(volume, layer, statuses, targets):
                 report.errors += 1
                 return
             data: bytes | bytearray = bytes(size)  # bytes only where the checksums differ
@@ -881,9 +900,6 @@ class Worker:
                 if read.generation != statuses[auth][2]:
                     report.errors += 1  # it changed meanwhile: a write in flight
                     return
-            targets = [
-                t for t in live if t != auth and (t in corrupt or digests[t] != digests[auth])
-            ]
             await self._repair(
                 volume, layer, page, epoch, part, live, auth, data, statuses, targets
             )
@@ -906,7 +922,7 @@ class Worker:
         live: list[int],
         auth: int,
         data: bytes | bytearray,
-        statuses: dict[int, tuple[int, int, int]],
+        statuses: dict[int, Status],
         targets: list[int],
     ) -> int:
         """Copy the authoritative ``data`` to ``targets`` (each only if still at the
@@ -934,11 +950,9 @@ class Worker:
         return size * len(targets)
 
     @staticmethod
-    def _needs_copy(
-        statuses: dict[int, tuple[int, int, int]], live: list[int], auth: int, t: int
-    ) -> bool:
+    def _needs_copy(statuses: dict[int, Status], live: list[int], auth: int, t: int) -> bool:
         """Whether copy ``t`` may differ from the authoritative copy."""
-        state, mask, _ = statuses[t]
+        state, mask, *_ = statuses[t]
         if state != statuses[auth][0] or not mask & (1 << auth):
             return True
         return any(not statuses[k][1] & (1 << t) for k in live)
@@ -1017,6 +1031,21 @@ def _vouched(
         return True
     live = [i for i, o in enumerate(part) if state.get(o) in LIVE]
     return any(part[i] != sid for i in _trusted(part, live, state, layer, pidx))
+
+
+def _writing(
+    volume: cm.Volume, layer: cm.Layer, statuses: dict[int, Status], copies: list[int]
+) -> bool:
+    """Whether one of ``copies`` of a page of the volume's top layer has a client write
+    in flight (STATUS flag ``WRITING``): a repair must not overwrite it then.  Its
+    other copies may not have that write yet, so bytes read from them now may lack it,
+    and once the write is confirmed they would vouch for this copy holding it.  The
+    order makes this exact: the flag is read before the authoritative copy is, and the
+    repair writes only at the generation that STATUS saw.  A lower layer takes no
+    client write: its copies know a fence newer than any write still on its way."""
+    if not volume.layers or volume.layers[-1] != layer.id:
+        return False
+    return any(statuses[i][3] & m.WRITING for i in copies)
 
 
 def _trusted(

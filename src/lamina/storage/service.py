@@ -17,6 +17,11 @@ Writes follow the episode rule of ``syncmask``: the clear is made durable by the
 (group commit) before the data is applied; tokens restore the mask when the whole
 episode is confirmed.  MARK_CLEAN is a compare-and-set on the generation and ends the
 page's episode.
+
+STATUS and CHECKSUM flag a page copy ``WRITING`` while a client write on it may still be
+on its way to another copy (an unconfirmed token of the volume's fence or newer, younger
+than ``syncmask.IN_FLIGHT``): a resynchronisation must not overwrite it then (see
+``docs/protocol.md``, "Writes in flight").
 """
 
 from __future__ import annotations
@@ -81,6 +86,8 @@ class StorageService:
         self.catch_up = catch_up
         self._episodes: dict[tuple[int, int], syncmask.Episode] = {}
         self._tokens: dict[int, tuple[int, int]] = {}
+        # unconfirmed tokens of client (not conditional) writes: (epoch, arrival time)
+        self._in_flight: dict[int, tuple[int, float]] = {}
         self._token_ids = itertools.count((secrets.randbits(23) + 1) << 40)
         self._unapplied: dict[tuple[int, int], int] = {}  # admitted writes not applied yet
         self._ops: dict[type[m.Message], Callable[[Any, Payload], Result]] = {
@@ -154,6 +161,7 @@ class StorageService:
             key = self._tokens.pop(token, None)
             if key is None:
                 continue
+            self._in_flight.pop(token, None)
             done += 1
             episode = self._episodes.get(key)
             info = self.store.info(*key)
@@ -225,7 +233,7 @@ class StorageService:
             _, gen = store.create(
                 msg.volume_id, msg.layer_id, msg.page_size, msg.page, payload, mask
             )
-            self._remember(key, token, episode)
+            self._remember(key, token, episode, msg)
             reply = m.WriteResponse(token, gen), b""
             return self._flushed(reply) if msg.fua else reply
         if state == PageState.TOMBSTONE:
@@ -236,7 +244,7 @@ class StorageService:
         mask, episode = syncmask.begin_write(
             info.mask, self._episodes.get(key), msg.clear_mask, msg.restore_mask, token
         )
-        self._remember(key, token, episode)
+        self._remember(key, token, episode, msg)
         pending = store.set_mask(msg.layer_id, msg.page, mask)
         if pending is None and not msg.fua:
             gen = store.write(
@@ -246,14 +254,35 @@ class StorageService:
         self._unapplied[key] = self._unapplied.get(key, 0) + 1
         return self._write_later(msg, payload, token, pending)
 
-    def _remember(self, key: tuple[int, int], token: int, episode: syncmask.Episode) -> None:
+    def _remember(
+        self, key: tuple[int, int], token: int, episode: syncmask.Episode, msg: m.WriteRequest
+    ) -> None:
         self._episodes[key] = episode
         self._tokens[token] = key
+        if not msg.conditional:
+            self._in_flight[token] = (msg.epoch, self.clock())
         if len(self._tokens) > MAX_TOKENS:  # a token that never came back: forget it, and
             old = next(iter(self._tokens))  # its episode can now end only by a resync
+            self._in_flight.pop(old, None)
             stale = self._episodes.get(self._tokens.pop(old))
             if stale is not None:
                 syncmask.abandon(stale)
+
+    def _flags(self, volume_id: int, key: tuple[int, int]) -> int:
+        """:data:`messages.WRITING` while a client write may still be on its way to
+        another copy of the page: one of its unconfirmed tokens is of the volume's fence
+        or newer (an older write is refused by every copy that knows the fence) and
+        younger than ``IN_FLIGHT`` (a driver gives up on an attempt long before)."""
+        episode = self._episodes.get(key)
+        if episode is None or not episode.pending:
+            return 0
+        fence = self.fences.get(volume_id, 0)
+        oldest = self.clock() - syncmask.IN_FLIGHT
+        for token in episode.pending:
+            seen = self._in_flight.get(token)
+            if seen is not None and seen[0] >= fence and seen[1] > oldest:
+                return m.WRITING
+        return 0
 
     async def _flushed(self, reply: Reply) -> Reply:
         await self.store.flush()
@@ -306,7 +335,8 @@ class StorageService:
             crc = crc32c(self.store.read(msg.layer_id, msg.page, 0, msg.page_size))
         elif info.state == PageState.ZERO:
             crc = crc32c(bytes(msg.page_size))
-        return m.ChecksumResponse(int(info.state), info.generation, info.mask, crc), b""
+        flags = self._flags(msg.volume_id, (msg.layer_id, msg.page))
+        return m.ChecksumResponse(int(info.state), info.generation, info.mask, crc, flags), b""
 
     def status(self, msg: m.StatusRequest, payload: Payload) -> Result:
         self._admit(msg)
@@ -314,7 +344,8 @@ class StorageService:
         entries = []
         for page in msg.pages:
             info = self.store.info(msg.layer_id, page)
-            entries.append((page, int(info.state), info.mask, info.generation))
+            flags = self._flags(msg.volume_id, (msg.layer_id, page))
+            entries.append((page, int(info.state), info.mask, info.generation, flags))
         return m.StatusResponse(tuple(entries)), b""
 
     def enumerate(self, msg: m.EnumerateRequest, payload: Payload) -> Result:

@@ -34,6 +34,16 @@ FULL = 0xFFFFFFFF
 #: an episode tracking more unconfirmed writes than this stops tracking them (it is stuck)
 MAX_PENDING = 4096
 
+#: A driver confirms the tokens of a write attempt only if every copy it was sent to
+#: answered within this many seconds of sending it; a slower attempt counts as failed and
+#: is redone.  So a write whose token a copy has held unconfirmed for longer than
+#: ``IN_FLIGHT`` either never completes, or reached every other copy long ago: a
+#: resynchronisation that reads another copy after that holds it.
+WRITE_ATTEMPT_LIMIT = 5.0
+#: seconds an unconfirmed token of a client write marks its page copy as being written
+#: (``messages.WRITING``): must exceed ``WRITE_ATTEMPT_LIMIT`` with room for clock rates
+IN_FLIGHT = 3 * WRITE_ATTEMPT_LIMIT
+
 
 @dataclass(slots=True)
 class Episode:

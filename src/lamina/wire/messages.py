@@ -66,6 +66,14 @@ class PageState(IntEnum):
     QUARANTINED = 4  # failed its checksum; holds no trusted data
 
 
+#: STATUS and CHECKSUM ``flags``: a client write is in flight on this copy of the page (its
+#: token is unconfirmed, it is of the volume's current fence or newer, and it arrived less
+#: than ``syncmask.IN_FLIGHT`` seconds ago).  A resynchronisation must not overwrite the
+#: copy then: the other copies may not have that write yet, and its confirmation would
+#: later vouch for this copy holding it.
+WRITING = 1
+
+
 class EnumerateWhat(IntEnum):
     DIRTY = 1  # pages whose sync mask is not full, or quarantined
     PRESENT = 2  # pages holding data or zeros (not absent, not tombstoned)
@@ -554,13 +562,15 @@ class StatusRequest(DataRequest):
     pages: tuple[int, ...] = w_u64_list()
 
 
-StatusEntry = tuple[int, int, int, int]  # page, state, mask, generation
+StatusEntry = tuple[int, int, int, int, int]  # page, state, mask, generation, flags
 
 
 @response(Op.STATUS)
 @dataclass(frozen=True, slots=True)
 class StatusResponse(Message):
-    entries: tuple[StatusEntry, ...] = w_records(_U64, _U8, _U32, _U64, max_len=MAX_LIST)
+    """``flags``: :data:`WRITING` or 0."""
+
+    entries: tuple[StatusEntry, ...] = w_records(_U64, _U8, _U32, _U64, _U8, max_len=MAX_LIST)
 
 
 @request(Op.ENUMERATE)
@@ -682,12 +692,13 @@ class ChecksumRequest(DataRequest):
 @dataclass(frozen=True, slots=True)
 class ChecksumResponse(Message):
     """``crc`` is the crc32c of the page's bytes (a ZERO page: of page_size zero bytes;
-    an ABSENT or TOMBSTONE page: 0)."""
+    an ABSENT or TOMBSTONE page: 0); ``flags``: :data:`WRITING` or 0."""
 
     state: int = w_u8()
     generation: int = w_u64()
     mask: int = w_u32()
     crc: int = w_u32()
+    flags: int = w_u8()
 
 
 @request(Op.FLUSH)
