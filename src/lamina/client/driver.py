@@ -499,7 +499,9 @@ class Volume:
         self._presence: dict[int, set[int]] = {}
         self._presence_loading: dict[int, asyncio.Future[None]] = {}
         self._fixed: set[int] = set()
-        self._created: dict[int, set[int]] = {}  # copied up while the map was loading
+        # pages this client created in a presence-fixed layer that has no map yet: a
+        # listing may have been answered before the creation reached the server
+        self._created: dict[int, set[int]] = {}
         self._cache_presence(view)
 
     # -- BlockBackend ---------------------------------------------------------------------
@@ -833,6 +835,8 @@ class Volume:
                 keep.discard(lid)
         for lid in [lid for lid in self._presence if lid not in keep]:
             del self._presence[lid]
+        for lid in [lid for lid in self._created if lid not in self._fixed]:
+            del self._created[lid]
 
     def _now_present(self, layer_id: int, page: int) -> None:
         """This client is about to create ``page`` in ``layer_id`` (a copy-up, a
@@ -840,8 +844,14 @@ class Volume:
         pages = self._presence.get(layer_id)
         if pages is not None:
             pages.add(page)
-        elif layer_id in self._presence_loading:
-            self._created.setdefault(layer_id, set()).add(page)
+        elif layer_id in self._fixed:
+            # remembered until a map is loaded: the listing of a load that starts later
+            # may still overtake the creation on its way to the server
+            created = self._created.setdefault(layer_id, set())
+            created.add(page)
+            if len(created) > MAX_PRESENCE:  # no map would be kept anyway: none until
+                self._fixed.discard(layer_id)  # the next map change
+                del self._created[layer_id]
 
     async def _load_presence(self, view: VolumeView, layer: LayerView) -> None:
         """ENUMERATE the pages ``layer`` holds on each server with a readable copy of it,
@@ -879,15 +889,15 @@ class Volume:
                     if resp.done:
                         break
                     start = resp.next_start
-            # pages copied up while the listing ran may have been passed over by it
-            pages |= self._created.pop(layer.id, set())
+            # pages this client created may have been passed over by the listing
+            pages |= self._created.get(layer.id, set())
             if len(pages) <= MAX_PRESENCE and layer.id in self._fixed:
                 self._presence[layer.id] = pages
+                self._created.pop(layer.id, None)
         except (LaminaError, Failed) as exc:
             log.info("no presence map of layer %d: %s", layer.id, exc)
         finally:
             del self._presence_loading[layer.id]
-            self._created.pop(layer.id, None)
             fut.set_result(None)
 
     def start_write(self, offset: int, data: Payload, fua: bool) -> asyncio.Future[None]:
