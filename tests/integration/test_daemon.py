@@ -151,7 +151,9 @@ def test_sigterm_exits_0_and_a_restart_serves_the_same_data(
             for page, data in pages.items():
                 _, got = await read_page(client, LAYER, page)
                 assert got == data
-            assert await status(client, LAYER, list(pages)) == before
+            # state, mask, generation (not flags: no write is in flight after a restart)
+            after = await status(client, LAYER, list(pages))
+            assert {p: e[:4] for p, e in after.items()} == {p: e[:4] for p, e in before.items()}
         finally:
             client.close()
 

@@ -273,11 +273,14 @@ def test_scrub_finds_and_repairs_copies_that_differ(tmp_path: Path) -> None:
             epoch = st["epoch"]
             client = await storage_client(lc, "s2")
             try:
-                await client.call(
+                done = await client.call(
                     m.WriteRequest(info["id"], epoch, layer, 3, MiB, 0, 0xFFFFFFFF, 0xFFFFFFFF,
                                    False),
                     b"\xee" * MiB,
                 )  # fmt: skip
+                assert isinstance(done, m.WriteResponse)
+                # confirmed, like a finished write: nothing is on its way any more
+                await client.call(m.RestoreRequest((done.token,)))
             finally:
                 client.close()
 
