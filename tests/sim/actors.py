@@ -174,7 +174,7 @@ def resync(w: World, client: str, page: int, epoch: int, states: dict[str, str])
         return False
     statuses4 = {i: (*s, 0) for i, s in statuses.items()}
     targets = [t for t in live if t != auth and Worker._needs_copy(statuses4, live, auth, t)]
-    if client == "w" and writing & set(targets):
+    if client == "w" and w.broken != "overwrite_writing" and writing & set(targets):
         # what Worker._resync_page does: a copy with a client write on its way is not
         # overwritten (the authoritative copy may not hold that write yet)
         w.trace(f"w: page {page}: a write is in flight on {sorted(writing)}: later")

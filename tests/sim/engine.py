@@ -254,7 +254,7 @@ def main() -> None:
     ap.add_argument(
         "--broken",
         default="",
-        choices=("", "no_clear_mask", "no_generation_check", "recover_alone"),
+        choices=("", "no_clear_mask", "no_generation_check", "overwrite_writing", "recover_alone"),
     )
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()

@@ -33,6 +33,7 @@ class Chaos:
             (2, self.pause),
             (3, self.cut),
             (2, self.network),
+            (6, self.lag),
             (25, lambda: None),
         ]
         self.total = sum(weight for weight, _ in self.actions)
@@ -100,6 +101,23 @@ class Chaos:
 
         self._later(0.2, 4.0, heal)
 
+    def lag(self) -> None:
+        """The client's frames to one server take longer for a while (its disk is slow to
+        make a mask clear durable, or the path is congested): a write reaches its copies
+        far apart, while the worker's requests do not wait."""
+        w = self.w
+        link = ("c", w.rng.choice(sorted(w.servers)))
+        if link in w.net.slow:
+            return
+        w.net.slow[link] = w.rng.uniform(0.05, 0.4)
+        w.trace(f"net: slow {link} +{w.net.slow[link]:.2f}s")
+
+        def done() -> None:
+            w.net.slow.pop(link, None)
+            w.trace(f"net: {link} fast again")
+
+        self._later(0.5, 3.0, done)
+
     def network(self) -> None:
         """A bad patch or a calm one: change the per-message fault rates."""
         rng, f = self.w.rng, self.faults
@@ -113,6 +131,7 @@ class Chaos:
         w.trace("sim: heal everything, no more faults")
         self.faults.drop = self.faults.duplicate = self.faults.delay = 0.0
         w.net.cut.clear()
+        w.net.slow.clear()
         for srv in w.servers.values():
             if srv.paused:
                 srv.resume()

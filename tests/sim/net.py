@@ -85,6 +85,8 @@ class Net:
     trace: Callable[[str], None]
     faults: Faults = field(default_factory=Faults)
     cut: set[tuple[str, str]] = field(default_factory=set)
+    #: extra seconds every frame on a directed link takes (a slow path or a busy disk)
+    slow: dict[tuple[str, str], float] = field(default_factory=dict)
     _fifo: dict[Any, float] = field(default_factory=dict)
     sent: int = 0
 
@@ -100,6 +102,8 @@ class Net:
         if f.delay and self.rng.random() < f.delay:
             lo, hi = f.long_delay
             self.trace(f"net: delay {src}->{dst} {what}")
+        lo += self.slow.get((src, dst), 0.0)
+        hi += self.slow.get((src, dst), 0.0)
         when = max(self.loop.now + self.rng.uniform(lo, hi), self._fifo.get(conn, 0.0))
         self._fifo[conn] = when
 

@@ -45,7 +45,7 @@ def _first_failure(broken: str) -> tuple[int, str] | None:
     return None
 
 
-@pytest.mark.parametrize("broken", ["no_clear_mask", "no_generation_check"])
+@pytest.mark.parametrize("broken", ["no_clear_mask", "no_generation_check", "overwrite_writing"])
 def test_the_checker_catches_a_broken_protocol(broken: str) -> None:
     found = _first_failure(broken)
     assert found is not None, f"no seed in 1..50 found the {broken} protocol broken"
