@@ -5,7 +5,9 @@ the attempt limit, the driver's clock is moved forward between a request and its
 answers):
 
 - a write attempt that took longer than ``WRITE_ATTEMPT_LIMIT`` is redone, and its
-  tokens are never confirmed (what bounds ``syncmask.IN_FLIGHT``, docs/protocol.md);
+  tokens are confirmed only with those of the attempt that succeeds (what bounds
+  ``syncmask.IN_FLIGHT``, docs/protocol.md); so are the tokens of an attempt that
+  failed on one copy;
 - a page this client creates while no presence map of the layer is loaded is in the
   map loaded next, even when that listing overtook the creation.
 """
@@ -21,6 +23,7 @@ import pytest
 
 from lamina.client import driver
 from lamina.client.layout import volume_view
+from lamina.errors import ErrorCode, Unavailable
 from lamina.storage.syncmask import WRITE_ATTEMPT_LIMIT
 from lamina.wire import messages as m
 from lamina.wire.connection import Client
@@ -63,6 +66,7 @@ class Cluster:
         self.clients = {"s1": Recorder(), "s2": Recorder()}
         self.confirmed: list[tuple[str, int]] = []
         self.managers = Managers()
+        self.reported: list[str] = []
 
     def learn(self, view: Any) -> None:
         return None
@@ -87,6 +91,9 @@ class Cluster:
 
     def busy(self, sid: str) -> int:
         return 0
+
+    def report(self, sid: str, error: BaseException) -> None:
+        self.reported.append(sid)
 
 
 tokens = itertools.count(100)
@@ -129,10 +136,12 @@ def test_a_write_attempt_answered_too_late_is_redone_and_its_tokens_dropped(
         late = await answer_all(cluster, 0)
         await asyncio.sleep(0.05)
         assert not out.done(), "a write acknowledged after its attempt took too long"
+        assert cluster.confirmed == [], "the late attempt's tokens went back on their own"
         retry = await answer_all(cluster, 1)  # the attempt redone answers at once
         await asyncio.wait_for(out, 5)
-        assert not set(late) & set(cluster.confirmed), "the late attempt's tokens went back"
-        assert sorted(cluster.confirmed) == sorted(retry)
+        # every copy holds the bytes again, written after the late attempt: its tokens
+        # go back with the redone attempt's
+        assert sorted(cluster.confirmed) == sorted(late + retry)
         for c in cluster.clients.values():
             assert [type(msg) for msg, _ in c.sent] == [m.WriteRequest, m.WriteRequest]
 
@@ -199,5 +208,41 @@ def test_a_page_created_before_the_presence_map_is_listed_is_in_the_map() -> Non
             await asyncio.sleep(0.01)
         assert await read == b"z" * 4096
         await write
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("hot", [True, False], ids=["hot path", "full path"])
+def test_an_attempt_that_failed_on_one_copy_is_confirmed_with_the_one_that_succeeds(
+    hot: bool,
+) -> None:
+    """s2 takes the first attempt, s1 fails it: s2's token waits (the page stays dirty)
+    and goes back with the tokens of the attempt redone on both; the copies that did not
+    take it are never confirmed for it."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        vol = driver.Volume(cluster, volume_view(_doc(), "db"), read_only=False)  # type: ignore[arg-type]
+        data = b"x" * 4096
+        if hot:
+            out: asyncio.Future[None] = vol.start_write(5 * PAGE, data, False)
+        else:
+            out = asyncio.ensure_future(vol.write(5 * PAGE, data))
+        await asyncio.sleep(0)
+        for _ in range(200):
+            if all(c.sent for c in cluster.clients.values()):
+                break
+            await asyncio.sleep(0.01)
+        took = ("s2", ack(cluster.clients["s2"].sent[0][1]))
+        # s1 lost the request (its connection dropped): a failed attempt
+        lost = m.encode_error(Unavailable("connection lost"))
+        failed = Frame(Kind.RESPONSE, m.Op.WRITE, int(ErrorCode.UNAVAILABLE), 1, lost, b"")
+        cluster.clients["s1"].sent[0][1].set_result(failed)
+        await asyncio.sleep(0.05)
+        assert cluster.confirmed == []
+        assert not out.done()
+        retry = await answer_all(cluster, 1)
+        await asyncio.wait_for(out, 5)
+        assert sorted(cluster.confirmed) == sorted([took, *retry])
 
     asyncio.run(main())

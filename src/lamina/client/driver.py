@@ -21,9 +21,11 @@ succeeds or its deadline (``io_timeout``) passes:
   the tokens go back on the next request to that server, or on their own within
   ``RESTORE_DELAY``, so a quiet page is clean again within a second.  A partial write to a
   page the top layer does not hold yet is NOT_FOUND: copy-up (CREATE_IF_ABSENT of the page
-  from the uppermost layer that has it, or zeros) and write again.  A write whose copies
-  did not all succeed never returns its tokens: the evidence that a copy may have missed
-  it stays in the masks until a resynchronisation.
+  from the uppermost layer that has it, or zeros) and write again.  An attempt whose
+  copies did not all succeed returns no token: the evidence that a copy may have missed
+  it stays in the masks, until an attempt of the same write in the same layer succeeds
+  on every copy (the tokens of both go back then) or a resynchronisation.  An attempt
+  answered more than ``WRITE_ATTEMPT_LIMIT`` seconds after it was sent counts as failed.
 - **Errors**: STALE -> fetch the published map (at least the epoch the server named) and
   restart; a copy that fails (connection lost, no answer within ``request_timeout``,
   NO_LEASE) -> report it to the managers, wait a little, take the newest published map
@@ -97,6 +99,8 @@ log = logging.getLogger(__name__)
 #: pages of a layer beyond which the driver keeps no presence map of it (memory bound)
 MAX_PRESENCE = 1 << 22
 T = TypeVar("T")
+#: (layer id, server id, token) of copies that took a write attempt that failed elsewhere
+Orphans = list[tuple[int, str, int]]
 
 #: a write's tokens go back on their own after this long if no request carries them
 RESTORE_DELAY = 0.2
@@ -954,23 +958,32 @@ class Volume:
         if p.out.done():
             return
         tokens = []
+        failed = False
         for i, answer in zip(p.copies, p.answers, strict=True):
             resp: Any
             try:
                 assert answer is not None
                 resp, _ = Client.unpack(answer.result())
             except Exception:
-                self._slow(p.out, self.write(p.offset, p.data, p.fua))  # redo the full way
-                return
+                failed = True
+                continue
             tokens.append((p.part[i], resp.token))
-        if time.monotonic() - p.sent > WRITE_ATTEMPT_LIMIT:
-            self._slow(p.out, self.write(p.offset, p.data, p.fua))  # too slow: redone
+        if failed or time.monotonic() - p.sent > WRITE_ATTEMPT_LIMIT:
+            # redone the full way (too slow: see syncmask.IN_FLIGHT); the copies that took
+            # it are confirmed once an attempt succeeds everywhere
+            orphans = [(p.layer_id, sid, token) for sid, token in tokens]
+            self._slow(p.out, self._write_again(p, orphans))
             return
         for sid, token in tokens:
             self.cluster.confirm_later(sid, token)
         if len(p.data) == p.view.page_size:
             self._clean.add(key)
         p.out.set_result(None)
+
+    async def _write_again(self, p: _Pending, orphans: Orphans) -> None:
+        self._check_writable(p.offset, len(p.data))
+        (ext,) = split(p.offset, len(p.data), p.view.page_size)
+        await self._write_extent(ext, p.data, p.fua, orphans)
 
     def _write_done(self, key: tuple[int, int]) -> None:
         """A write of this client on page ``key`` is over (a waiting resync may start)."""
@@ -1188,9 +1201,18 @@ class Volume:
 
     # -- the write process (Fig. 7B) ------------------------------------------------------------
 
-    async def _write_extent(self, ext: Extent, data: Payload, fua: bool) -> None:
+    async def _write_extent(
+        self, ext: Extent, data: Payload, fua: bool, orphans: Orphans | None = None
+    ) -> None:
+        """Write one extent, attempt after attempt, until every copy of the top layer
+        acknowledged one attempt.  ``orphans``: (layer, server, token) of the copies that
+        took an earlier attempt that failed elsewhere; once an attempt in the same layer
+        succeeds, every copy holds these bytes again (written after them), so those
+        tokens are confirmed with its own: left unconfirmed they would keep the pages
+        dirty and flagged WRITING for up to ``IN_FLIGHT`` seconds."""
         deadline = self._deadline()
         attempt = 0
+        orphans = [] if orphans is None else orphans
         while True:
             view = self.view
             self._check_lock()
@@ -1200,10 +1222,13 @@ class Volume:
                 await asyncio.shield(self._resyncs[key])
             self._writes[key] = self._writes.get(key, 0) + 1
             try:
-                errors = await self._write_page(view, layer, ext, data, fua)
+                errors = await self._write_page(view, layer, ext, data, fua, orphans)
             finally:
                 self._write_done(key)
             if not errors:
+                for lid, sid, token in orphans:
+                    if lid == layer.id:  # another layer's copies never got this attempt
+                        self.cluster.confirm_later(sid, token)
                 return
             attempt += 1
             absent = [e for e in errors if isinstance(e, NotFound)]
@@ -1222,9 +1247,16 @@ class Volume:
             await self._recover(view, errors, deadline, attempt, f"write of page {ext.page}")
 
     async def _write_page(
-        self, view: VolumeView, layer: LayerView, ext: Extent, data: Payload, fua: bool
+        self,
+        view: VolumeView,
+        layer: LayerView,
+        ext: Extent,
+        data: Payload,
+        fua: bool,
+        orphans: Orphans,
     ) -> list[BaseException]:
-        """One attempt: the write to every up copy; the errors (none: done)."""
+        """One attempt: the write to every up copy; the errors (none: done).  A failed
+        attempt adds the tokens of the copies that took it to ``orphans``."""
         part = layer.partition(ext.page)
         copies = view.writable(part)
         if not copies:
@@ -1257,23 +1289,26 @@ class Volume:
         sent = time.monotonic()
         for client in clients:
             await client.drain()
-        results: list[tuple[Any, Payload]] = []
+        took: list[tuple[str, int]] = []
         errors: list[BaseException] = []
         for i, fut in zip(copies, futures, strict=True):
             try:
-                results.append(cluster.answer(part[i], await _settled(fut)))
+                resp, _ = cluster.answer(part[i], await _settled(fut))
+                took.append((part[i], resp.token))
             except (LaminaError, Failed) as exc:
                 errors.append(exc)
+        elapsed = time.monotonic() - sent
+        if not errors and elapsed > WRITE_ATTEMPT_LIMIT:
+            # a resync may already have judged it failed (see syncmask.IN_FLIGHT): it is
+            # redone, not acknowledged, and its tokens wait for the attempt that succeeds
+            log.warning("write of page %d took %.1f s on its copies: redoing it", ext.page, elapsed)
+            errors.append(Unavailable(f"write of page {ext.page} took {elapsed:.1f} s"))
         if errors:
-            return errors  # the tokens of the copies that took it are dropped: it stays dirty
-        took = time.monotonic() - sent
-        if took > WRITE_ATTEMPT_LIMIT:
-            # its tokens are never confirmed: a resync may already have judged it failed
-            # (see syncmask.IN_FLIGHT), so it is redone, not acknowledged
-            log.warning("write of page %d took %.1f s on its copies: redoing it", ext.page, took)
-            return [Unavailable(f"write of page {ext.page} took {took:.1f} s")]
-        for i, (resp, _) in zip(copies, results, strict=True):
-            cluster.confirm_later(part[i], resp.token)
+            # the copies that took it stay dirty until an attempt succeeds everywhere
+            orphans.extend((layer.id, sid, token) for sid, token in took)
+            return errors
+        for sid, token in took:
+            cluster.confirm_later(sid, token)
         if ext.length == view.page_size:
             self._clean.add((layer.id, ext.page))
         return []
