@@ -9,6 +9,7 @@ reaches it, and the worker must not overwrite the recovering copy with those old
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -108,43 +109,77 @@ async def test_an_unconfirmed_client_write_flags_its_copy_as_writing(
     assert reply.entries[0][4] == 0
 
 
-@in_loop
-async def test_a_resync_never_overwrites_a_write_the_up_copy_has_not_received_yet(
+async def recovering_copy_with_a_write_on_its_way(
     make_store: MakeStore,
-) -> None:
-    """Copy s3 took a write while s2 was away (s3's mask disowns s2); s2 is back,
-    recovering.  A new client write reaches s2 first; the worker reads s3 before the
-    write reaches it.  The worker must leave s2 alone: overwriting it with s3's older
-    bytes, and then the write's confirmation vouching for s2, lost the write for good."""
-    clock = Clock()
-    svc = services(make_store, clock)
+) -> tuple[dict[str, StorageService], bytes, m.WriteResponse]:
+    """s3 took a write while s2 was away (s3's mask disowns s2); s2 is back, recovering,
+    and a new client write reached s2 but not s3 yet.  The services, the bytes every
+    copy must end with, and s2's answer to that write."""
+    svc = services(make_store, Clock())
     s2, s3 = svc["s2"], svc["s3"]
     base = page_bytes(1, PAGE)
     for s in (s2, s3):
         created = await send(s, m.CreateRequest(VOL, EPOCH, LAYER, 0, PAGE, FULL, False), base)
         assert created.created
-    # s2 away: a write to s3 alone, confirmed; s3 keeps evidence against s2
     away = await send(s3, client_write(1, 0, written=(1,)), b"A" * 4096)
     await restore(s3, away.token)
-    # s2 is back (recovering); the client writes both copies, s2 gets it first
     on_s2 = await send(s2, client_write(0, 8192), b"W" * 4096)
-    worker = worker_over(svc)
-    state = {"s2": cm.ServerState.RECOVERING, "s3": cm.ServerState.UP}
-    done = await worker._resync_page(VOLUME, TOP, 0, EPOCH, state)
-    assert not done, "the worker repaired a copy with a client write on its way"
-    on_s3 = await send(s3, client_write(1, 8192), b"W" * 4096)
-    await restore(s2, on_s2.token)  # the write is acknowledged: its tokens come back
-    await restore(s3, on_s3.token)
-    for _ in range(3):  # the next rounds repair s2 from s3, now that s3 holds the write
-        if await worker._resync_page(VOLUME, TOP, 0, EPOCH, state):
-            break
     expected = b"A" * 4096 + base[4096:8192] + b"W" * 4096 + base[12288:]
+    return svc, expected, on_s2
+
+
+async def the_write_reaches_s3(svc: dict[str, StorageService], on_s2: m.WriteResponse) -> None:
+    """The rest of the write lands on s3, and its tokens come back (acknowledged)."""
+    on_s3 = await send(svc["s3"], client_write(1, 8192), b"W" * 4096)
+    await restore(svc["s2"], on_s2.token)
+    await restore(svc["s3"], on_s3.token)
+
+
+async def both_hold(svc: dict[str, StorageService], expected: bytes) -> None:
     for sid, s in svc.items():
         reply, data = await call(s, m.ReadRequest(VOL, EPOCH, LAYER, 0, PAGE, 0, PAGE))
         assert isinstance(reply, m.ReadResponse)
         assert reply.state == PageState.PRESENT
         assert bytes(data) == expected, f"{sid} lost a write"
         assert reply.mask == FULL, f"{sid} is still dirty"
+
+
+STATE = {"s2": cm.ServerState.RECOVERING, "s3": cm.ServerState.UP}
+
+
+@in_loop
+async def test_a_resync_never_overwrites_a_write_the_up_copy_has_not_received_yet(
+    make_store: MakeStore,
+) -> None:
+    """The worker reads s3 before the write reaches it: it must leave s2 alone.
+    Overwriting s2 with s3's older bytes, and then the write's confirmation vouching for
+    s2, lost the write for good."""
+    svc, expected, on_s2 = await recovering_copy_with_a_write_on_its_way(make_store)
+    worker = worker_over(svc)
+    done = await worker._resync_page(VOLUME, TOP, 0, EPOCH, STATE)
+    assert not done, "the worker repaired a copy with a client write on its way"
+    await the_write_reaches_s3(svc, on_s2)
+    for _ in range(3):  # the next rounds repair s2 from s3, now that s3 holds the write
+        if await worker._resync_page(VOLUME, TOP, 0, EPOCH, STATE):
+            break
+    await both_hold(svc, expected)
+
+
+@in_loop
+async def test_a_write_confirmed_soon_is_waited_for_within_the_round(
+    make_store: MakeStore,
+) -> None:
+    """Tokens come back within a fraction of a second: the worker looks again within
+    the same round and repairs s2 then, so a recovering server written all the time
+    still comes up (its pages are seldom free of writes for a whole round)."""
+    svc, expected, on_s2 = await recovering_copy_with_a_write_on_its_way(make_store)
+    worker = worker_over(svc)
+    resync = asyncio.ensure_future(worker._resync_page(VOLUME, TOP, 0, EPOCH, STATE))
+    await asyncio.sleep(0.2)
+    assert not resync.done()
+    await the_write_reaches_s3(svc, on_s2)
+    assert await resync, "not repaired within the round"
+    await both_hold(svc, expected)
 
 
 @in_loop

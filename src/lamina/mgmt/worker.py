@@ -63,6 +63,10 @@ log = logging.getLogger(__name__)
 LIVE = (cm.ServerState.UP, cm.ServerState.RECOVERING)
 #: one copy's answer to STATUS (or CHECKSUM): state, mask, generation, flags
 Status = tuple[int, int, int, int]
+#: seconds a resync waits, within a round, for a copy to repair to have no client write
+#: in flight (looking every WRITING_STEP seconds), before leaving it to the next round
+WRITING_WAIT = 0.6
+WRITING_STEP = 0.05
 #: tries (0.1 s apart) of a request a server refuses while it catches up to an epoch
 CATCH_UP_RETRIES = 40
 #: seconds of copying the throttle lets through at once (bursts stay short)
@@ -389,6 +393,10 @@ class Worker:
         state: dict[str, cm.ServerState],
         defer: bool = True,
     ) -> bool:
+        """Make the live copies of one page agree (phase 2); whether it is done.  A copy
+        to repair with a client write in flight is looked at again every WRITING_STEP
+        seconds, for WRITING_WAIT seconds (its tokens come back within a fraction of a
+        second), then left for the next round."""
         part = layer.placement[page % len(layer.placement)]
         live = [i for i, sid in enumerate(part) if state.get(sid) in LIVE]
         up = _trusted(part, live, state, layer, page % len(layer.placement))
@@ -397,58 +405,69 @@ class Worker:
             # say which holds what, so any of them may be the authority
             up = live
         size = volume.page_size
-        try:
-            statuses = await self._statuses(volume, layer, page, epoch, part, live)
-            need = bits(live)
-            states = {st for st, *_ in statuses.values()}
-            if all(mask & need == need for _, mask, *_ in statuses.values()) and (
-                states <= {PageState.PRESENT}
-                or states <= {PageState.ZERO}
-                or states <= {PageState.ABSENT}
-            ):
-                return True  # the live copies agree; any dirt is about copies not live
-            key = (layer.id, page)
-            gens_now = tuple(statuses[i][2] for i in live)
-            urgent = any(state.get(part[i]) is not cm.ServerState.UP or i not in up for i in live)
-            if defer and not urgent and self._seen_dirty.get(key) != gens_now:
-                # Dirt on a page whose copies are all trusted is most often a write whose
-                # tokens are still on their way: look again next round, and resync only if
-                # nothing changed meanwhile (a hot page is left to its writer).
-                self._seen_dirty[key] = gens_now
-                self.progress.deferred += 1
-                return False
-            self._seen_dirty.pop(key, None)
-            auth = authoritative({i: statuses[i][:2] for i in up})
-            if auth is None:
-                return not any(st != PageState.ABSENT for st, *_ in statuses.values())
-            targets = [t for t in live if t != auth and self._needs_copy(statuses, live, auth, t)]
-            if _writing(volume, layer, statuses, targets):
-                self.progress.deferred += 1
-                return False
-            auth_state, _, auth_gen, _ = statuses[auth]
-            if auth_state == PageState.PRESENT:
-                reply, data = await self._call_with_payload(
-                    part[auth], m.ReadRequest(volume.id, epoch, layer.id, page, size, 0, size)
+        looks = int(WRITING_WAIT / WRITING_STEP) + 1
+        for look in range(looks):
+            try:
+                statuses = await self._statuses(volume, layer, page, epoch, part, live)
+                need = bits(live)
+                states = {st for st, *_ in statuses.values()}
+                if all(mask & need == need for _, mask, *_ in statuses.values()) and (
+                    states <= {PageState.PRESENT}
+                    or states <= {PageState.ZERO}
+                    or states <= {PageState.ABSENT}
+                ):
+                    return True  # the live copies agree; any dirt is about copies not live
+                key = (layer.id, page)
+                gens_now = tuple(statuses[i][2] for i in live)
+                urgent = any(
+                    state.get(part[i]) is not cm.ServerState.UP or i not in up for i in live
                 )
-                assert isinstance(reply, m.ReadResponse)
-                if reply.generation != auth_gen:
-                    self.progress.conflicts += 1
+                if defer and not urgent and self._seen_dirty.get(key) != gens_now:
+                    # Dirt on a page whose copies are all trusted is most often a write
+                    # whose tokens are still on their way: look again next round, and
+                    # resync only if nothing changed meanwhile (a hot page is left to its
+                    # writer).
+                    self._seen_dirty[key] = gens_now
+                    self.progress.deferred += 1
                     return False
-            else:
-                data = bytes(size)
-            copied = await self._repair(
-                volume, layer, page, epoch, part, live, auth, data, statuses, targets
-            )
-            self.progress.bytes_copied += copied  # not `+= await`: pages run concurrently
-        except Conflict:
-            self.progress.conflicts += 1
-            return False
-        except (LaminaError, OSError, TimeoutError) as exc:
-            log.info("resync of page %d of layer %d: %s", page, layer.id, exc)
-            self._failed(exc)
-            return False
-        self.progress.pages_resynced += 1
-        return True
+                self._seen_dirty.pop(key, None)
+                auth = authoritative({i: statuses[i][:2] for i in up})
+                if auth is None:
+                    return not any(st != PageState.ABSENT for st, *_ in statuses.values())
+                targets = [
+                    t for t in live if t != auth and self._needs_copy(statuses, live, auth, t)
+                ]
+                if _writing(volume, layer, statuses, targets):
+                    if look + 1 < looks:
+                        await asyncio.sleep(WRITING_STEP)
+                        continue
+                    self.progress.deferred += 1
+                    return False
+                auth_state, _, auth_gen, _ = statuses[auth]
+                if auth_state == PageState.PRESENT:
+                    reply, data = await self._call_with_payload(
+                        part[auth], m.ReadRequest(volume.id, epoch, layer.id, page, size, 0, size)
+                    )
+                    assert isinstance(reply, m.ReadResponse)
+                    if reply.generation != auth_gen:
+                        self.progress.conflicts += 1
+                        return False
+                else:
+                    data = bytes(size)
+                copied = await self._repair(
+                    volume, layer, page, epoch, part, live, auth, data, statuses, targets
+                )
+                self.progress.bytes_copied += copied  # not `+= await`: pages run concurrently
+            except Conflict:
+                self.progress.conflicts += 1
+                return False
+            except (LaminaError, OSError, TimeoutError) as exc:
+                log.info("resync of page %d of layer %d: %s", page, layer.id, exc)
+                self._failed(exc)
+                return False
+            self.progress.pages_resynced += 1
+            return True
+        raise AssertionError("unreachable: the last look returns")
 
     # -- settling a frozen layer ---------------------------------------------------------
 
