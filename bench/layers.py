@@ -34,11 +34,9 @@ import json
 import os
 import platform
 import random
-import shutil
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -70,7 +68,17 @@ from nbd import (
     summarise,
 )
 from resync import _div
-from storage import _background_load, _filesystem, _fmt, _progress, _table, load_lines
+from storage import (
+    _background_load,
+    _filesystem,
+    _fmt,
+    _progress,
+    _table,
+    cluster_options,
+    host_info,
+    load_lines,
+    scratch_dir,
+)
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -417,11 +425,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reads", type=int, default=200, help="reads counted per open and path [200]")
     p.add_argument("--stripe", type=int, default=4, help="stripe of both volumes [4]")
     p.add_argument("--seed", type=int, default=1, help="seed of the blocks read and written")
-    p.add_argument("--dir", default=None, help="parent of the temporary directory [system tmp]")
-    p.add_argument(
-        "--keep", action="store_true", help="leave the cluster running and keep the directory"
-    )
-    p.add_argument("--json", metavar="FILE", help="also write every raw number as JSON here")
+    cluster_options(p)
     args = p.parse_args(argv)
     try:
         args.size = parse_size(args.size, "--size")
@@ -444,27 +448,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
     idle_load = _background_load()
-    root = Path(tempfile.mkdtemp(prefix="lamina-bench-layers-", dir=args.dir))
-    need = 2 * REPLICAS * args.size + 512 * MIB
-    free = shutil.disk_usage(root).free
-    if free < need:
-        shutil.rmtree(root, ignore_errors=True)
-        print(f"bench: {root} has {free >> 20} MiB free, needs {need >> 20} MiB", file=sys.stderr)
+    root = scratch_dir("lamina-bench-layers-", args.dir, 2 * REPLICAS * args.size + 512 * MIB)
+    if root is None:
         return 1
     signal.signal(signal.SIGTERM, _on_sigterm)
     cluster = Cluster(root / "cluster")
     started: list[Target] = []
     doc: dict[str, Any] = {
         "config": {k: v for k, v in vars(args).items() if k != "json"},
-        "host": {
-            "node": platform.node(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "fio": _version(["fio", "--version"]),
-            "dir": str(root),
-            "filesystem": _filesystem(root),
-            "load_before_start": idle_load,
-        },
+        "host": host_info(root, idle_load, fio=_version(["fio", "--version"])),
     }
     code = 1
     try:

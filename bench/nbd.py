@@ -23,7 +23,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +39,10 @@ from storage import (
     _progress,
     _server_cpu_seconds,
     _table,
+    cluster_options,
+    host_info,
     load_lines,
+    scratch_dir,
 )
 
 KIB = 1024
@@ -585,11 +587,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"comma-separated subset of: {', '.join(TARGET_NAMES)}",
     )
     p.add_argument("--stripe", type=int, default=4, help="stripe of both lamina volumes [4]")
-    p.add_argument("--dir", default=None, help="parent of the temporary directory [system tmp]")
-    p.add_argument(
-        "--keep", action="store_true", help="leave the cluster running and keep the directory"
-    )
-    p.add_argument("--json", metavar="FILE", help="also write every raw number as JSON here")
+    cluster_options(p)
     args = p.parse_args(argv)
     try:
         args.size = parse_size(args.size, "--size")
@@ -623,13 +621,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
     idle_load = _background_load()
-    root = Path(tempfile.mkdtemp(prefix="lamina-bench-nbd-", dir=args.dir))
     copies = sum(int(t[-1]) if t.startswith("lamina") else 1 for t in args.targets)
-    need = copies * args.size + 512 * MIB
-    free = shutil.disk_usage(root).free
-    if free < need:
-        shutil.rmtree(root, ignore_errors=True)
-        print(f"bench: {root} has {free >> 20} MiB free, needs {need >> 20} MiB", file=sys.stderr)
+    root = scratch_dir("lamina-bench-nbd-", args.dir, copies * args.size + 512 * MIB)
+    if root is None:
         return 1
     signal.signal(signal.SIGTERM, _on_sigterm)
     lamina = any(t.startswith("lamina") for t in args.targets)
@@ -719,17 +713,13 @@ def _write_json(
 ) -> None:
     doc = {
         "config": {k: v for k, v in vars(args).items() if k != "json"},
-        "host": {
-            "node": platform.node(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "fio": _version(["fio", "--version"]),
-            "nbdkit": _version(["nbdkit", "--version"]),
-            "qemu_nbd": _version(["qemu-nbd", "--version"]),
-            "dir": str(root),
-            "filesystem": _filesystem(root),
-            "load_before_start": idle_load,
-        },
+        "host": host_info(
+            root,
+            idle_load,
+            fio=_version(["fio", "--version"]),
+            nbdkit=_version(["nbdkit", "--version"]),
+            qemu_nbd=_version(["qemu-nbd", "--version"]),
+        ),
         "targets": {
             t.name: {
                 "argv": t.argv,

@@ -30,7 +30,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -64,7 +63,17 @@ from nbd import (
     fio_argv,
     lamina_cmd,
 )
-from storage import _background_load, _filesystem, _fmt, _progress, _table, load_lines
+from storage import (
+    _background_load,
+    _filesystem,
+    _fmt,
+    _progress,
+    _table,
+    cluster_options,
+    host_info,
+    load_lines,
+    scratch_dir,
+)
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -946,11 +955,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--skip-fio", action="store_true", help="only the first outage, no fio")
     p.add_argument("--seed", type=int, default=1, help="seed of page choice and payloads")
-    p.add_argument("--dir", default=None, help="parent of the temporary directory [system tmp]")
-    p.add_argument(
-        "--keep", action="store_true", help="leave the cluster running and keep the directory"
-    )
-    p.add_argument("--json", metavar="FILE", help="also write every raw number as JSON here")
+    cluster_options(p)
     args = p.parse_args(argv)
     try:
         args.size = parse_size(args.size, "--size")
@@ -989,26 +994,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
     idle_load = _background_load()
-    root = Path(tempfile.mkdtemp(prefix="lamina-bench-resync-", dir=args.dir))
-    need = 2 * args.size + 512 * MIB
-    free = shutil.disk_usage(root).free
-    if free < need:
-        shutil.rmtree(root, ignore_errors=True)
-        print(f"bench: {root} has {free >> 20} MiB free, needs {need >> 20} MiB", file=sys.stderr)
+    root = scratch_dir("lamina-bench-resync-", args.dir, 2 * args.size + 512 * MIB)
+    if root is None:
         return 1
     signal.signal(signal.SIGTERM, _on_sigterm)
     cluster = ResyncCluster(root / "cluster")
     doc: dict[str, Any] = {
         "config": {k: v for k, v in vars(args).items() if k != "json"},
-        "host": {
-            "node": platform.node(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "fio": _version(["fio", "--version"]),
-            "dir": str(root),
-            "filesystem": _filesystem(root),
-            "load_before_start": idle_load,
-        },
+        "host": host_info(root, idle_load, fio=_version(["fio", "--version"])),
         "resync_rate": RESYNC_RATE,
     }
     code = 1

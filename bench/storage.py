@@ -644,6 +644,41 @@ def _filesystem(path: Path) -> str:
     return f"{best[0]} ({best[1]}, mounted on {best[2] or '?'})"
 
 
+def scratch_dir(prefix: str, parent: str | None, need: int) -> Path | None:
+    """A new temporary directory under ``parent``; None (the reason printed) when its
+    filesystem has fewer than ``need`` bytes free."""
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    free = shutil.disk_usage(root).free
+    if free < need:
+        shutil.rmtree(root, ignore_errors=True)
+        print(f"bench: {root} has {free >> 20} MiB free, needs {need >> 20} MiB", file=sys.stderr)
+        return None
+    return root
+
+
+def host_info(root: Path, idle_load: Any, **tools: Any) -> dict[str, Any]:
+    """The "host" part of a benchmark's JSON: the machine, ``tools`` (versions), where
+    the data lived, and the load before the run started."""
+    return {
+        "node": platform.node(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        **tools,
+        "dir": str(root),
+        "filesystem": _filesystem(root),
+        "load_before_start": idle_load,
+    }
+
+
+def cluster_options(p: argparse.ArgumentParser) -> None:
+    """--dir, --keep and --json of the benchmarks that start a local cluster."""
+    p.add_argument("--dir", default=None, help="parent of the temporary directory [system tmp]")
+    p.add_argument(
+        "--keep", action="store_true", help="leave the cluster running and keep the directory"
+    )
+    p.add_argument("--json", metavar="FILE", help="also write every raw number as JSON here")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Benchmark one lamina storage server against local pwrite/pread."
@@ -687,12 +722,8 @@ def load_lines(idle_load: float) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     idle_load = _background_load()
-    root = Path(tempfile.mkdtemp(prefix="lamina-bench-", dir=args.dir))
-    need = 2 * args.size_mib * MIB + (256 * MIB)
-    free = shutil.disk_usage(root).free
-    if free < need:
-        shutil.rmtree(root, ignore_errors=True)
-        print(f"bench: {root} has {free >> 20} MiB free, needs {need >> 20} MiB", file=sys.stderr)
+    root = scratch_dir("lamina-bench-", args.dir, 2 * args.size_mib * MIB + 256 * MIB)
+    if root is None:
         return 1
     try:
         key = ensure_key(root / "cluster.key")
@@ -727,14 +758,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             doc = {
                 "config": {k: v for k, v in vars(args).items() if k not in ("json",)},
-                "host": {
-                    "node": platform.node(),
-                    "cpus": os.cpu_count(),
-                    "python": platform.python_version(),
-                    "data_dir": str(server.data),
-                    "filesystem": _filesystem(root),
-                    "load_before_start": idle_load,
-                },
+                "host": host_info(root, idle_load, data_dir=str(server.data)),
                 "workloads": [
                     {
                         "name": r.workload.name,
