@@ -133,7 +133,10 @@ class _PreparedRead(_PreparedWrite):
 
 
 def _write_fields(layer: int, page: int, offset: int, restore: Sequence[int]) -> list[Any]:
-    return [VOLUME, EPOCH, layer, page, PAGE_SIZE, offset, CLEAR_MASK, RESTORE_MASK, False, restore]
+    return [
+        VOLUME, EPOCH, layer, page, PAGE_SIZE, offset, CLEAR_MASK, RESTORE_MASK, False, restore,
+        False, 0,
+    ]  # fmt: skip
 
 
 def _read_fields(
