@@ -11,7 +11,7 @@ from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
 from lamina.errors import LaminaError, StaleEpoch
-from lamina.mgmt.worker import Worker
+from lamina.mgmt.worker import Status, Worker
 from lamina.storage.syncmask import (
     FULL,
     authoritative,
@@ -154,30 +154,26 @@ def resync(w: World, client: str, page: int, epoch: int, states: dict[str, str])
         return False
     req = m.StatusRequest(VOLUME, epoch, LAYER, (page,))
     answers = yield Call(tuple((part[i], req, b"") for i in live), RPC_TIMEOUT)
-    statuses: dict[int, tuple[int, int, int]] = {}
-    writing: set[int] = set()
+    statuses: dict[int, Status] = {}
     for i, a in zip(live, answers, strict=False):
         if not _ok(w, client, part[i], a, "status"):
             return False
         assert isinstance(a, tuple)
         assert isinstance(a[0], m.StatusResponse)
-        _, st, mask, gen, flags = a[0].entries[0]
-        statuses[i] = (st, mask, gen)
-        if flags & m.WRITING:
-            writing.add(i)
+        statuses[i] = a[0].entries[0][1:]
     need = bits(live)
-    kinds = {st for st, _, _ in statuses.values()}
-    if all(mask & need == need for _, mask, _ in statuses.values()) and len(kinds) == 1:
+    kinds = {st for st, *_ in statuses.values()}
+    if all(mask & need == need for _, mask, *_ in statuses.values()) and len(kinds) == 1:
         return True
     auth = authoritative({i: statuses[i][:2] for i in up})
     if auth is None:
         return False
-    statuses4 = {i: (*s, 0) for i, s in statuses.items()}
-    targets = [t for t in live if t != auth and Worker._needs_copy(statuses4, live, auth, t)]
-    if client == "w" and w.broken != "overwrite_writing" and writing & set(targets):
+    targets = [t for t in live if t != auth and Worker._needs_copy(statuses, live, auth, t)]
+    writing = [part[t] for t in targets if statuses[t][3] & m.WRITING]
+    if client == "w" and w.broken != "overwrite_writing" and writing:
         # what Worker._resync_page does: a copy with a client write on its way is not
         # overwritten (the authoritative copy may not hold that write yet)
-        w.trace(f"w: page {page}: a write is in flight on {sorted(writing)}: later")
+        w.trace(f"w: page {page}: a write is in flight on {writing}: later")
         return False
     w.repairs += 1
     w.trace(f"{client}: resync page {page} from {part[auth]} {_show(part, statuses)}")
@@ -214,8 +210,10 @@ def resync(w: World, client: str, page: int, epoch: int, states: dict[str, str])
     return True
 
 
-def _show(part: tuple[str, ...], statuses: dict[int, tuple[int, int, int]]) -> str:
-    return " ".join(f"{part[i]}=({st},{mask:#x},g{gen})" for i, (st, mask, gen) in statuses.items())
+def _show(part: tuple[str, ...], statuses: dict[int, Status]) -> str:
+    return " ".join(
+        f"{part[i]}=({st},{mask:#x},g{gen})" for i, (st, mask, gen, _) in statuses.items()
+    )
 
 
 def _ok(w: World, client: str, sid: str, a: Answer, what: str) -> bool:

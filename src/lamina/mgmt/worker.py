@@ -405,8 +405,8 @@ class Worker:
             # say which holds what, so any of them may be the authority
             up = live
         size = volume.page_size
-        looks = int(WRITING_WAIT / WRITING_STEP) + 1
-        for look in range(looks):
+        give_up = time.monotonic() + WRITING_WAIT
+        while True:
             try:
                 statuses = await self._statuses(volume, layer, page, epoch, part, live)
                 need = bits(live)
@@ -438,7 +438,7 @@ class Worker:
                     t for t in live if t != auth and self._needs_copy(statuses, live, auth, t)
                 ]
                 if _writing(volume, layer, statuses, targets):
-                    if look + 1 < looks:
+                    if time.monotonic() < give_up:
                         await asyncio.sleep(WRITING_STEP)
                         continue
                     self.progress.deferred += 1
@@ -467,7 +467,6 @@ class Worker:
                 return False
             self.progress.pages_resynced += 1
             return True
-        raise AssertionError("unreachable: the last look returns")
 
     # -- settling a frozen layer ---------------------------------------------------------
 
