@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from lamina.storage.diskstore import DiskPageStore
+from lamina.storage.files import OS_FILES
 from lamina.storage.memstore import MemPageStore
 from lamina.storage.pagestore import PageStore
+from lamina.storage.powerloss import PowerLossFiles
 from tests.contract.stores import BACKENDS, MakeStore
 
 
@@ -23,10 +25,14 @@ def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeS
 
     def make() -> PageStore:
         store: PageStore
+        n = next(dirs)
         if request.param == "mem":
             store = MemPageStore()
         else:
-            disk = DiskPageStore(tmp_path / f"store{next(dirs)}", "s1")
+            files = (
+                PowerLossFiles(tmp_path / f"trash{n}") if request.param == "powerloss" else OS_FILES
+            )
+            disk = DiskPageStore(tmp_path / f"store{n}", "s1", files=files)
             disk.open()
             store = disk
         made.append(store)

@@ -11,7 +11,8 @@ from lamina.storage.pagestore import PageStore
 
 P = ParamSpec("P")
 MakeStore = Callable[[], PageStore]
-BACKENDS = ("mem", "disk")
+#: "powerloss" is the on-disk store on the disk that can lose power, with the power kept on
+BACKENDS = ("mem", "disk", "powerloss")
 
 
 def in_loop(fn: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, None]:

@@ -43,8 +43,6 @@ overwrites and metadata.  Stored pages stay readable.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -70,6 +68,7 @@ from lamina.errors import (
     StorageIOError,
 )
 from lamina.storage.checksums import BLOCK, ZERO_BLOCK_CRC, block_crcs, zero_crcs
+from lamina.storage.files import OS_FILES, Files
 from lamina.storage.pagestore import (
     ABSENT_INFO,
     PageInfo,
@@ -101,22 +100,6 @@ DEFAULT_CHECKPOINT_BYTES = 64 << 20
 
 class StoreFormatError(LocalError):
     pass
-
-
-# --- punching holes (fallocate is not in the os module) ----------------------------------
-
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
-
-def punch_hole(fd: int, offset: int, length: int) -> None:
-    """Release the blocks of a byte range (reads return zeros); best effort."""
-    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        err = ctypes.get_errno()
-        if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
-            log.warning("punch hole failed: %s", os.strerror(err))
 
 
 # --- in-memory metadata ----------------------------------------------------------------
@@ -170,8 +153,10 @@ class DiskPageStore(PageStore):
         root: str | os.PathLike[str],
         server_id: str,
         checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES,
+        files: Files = OS_FILES,
     ) -> None:
         self.root = Path(root)
+        self.files = files  # every read, write, sync and name change goes through it
         self.server_id = server_id
         self.checkpoint_bytes = checkpoint_bytes
         self.incarnation = 0
@@ -187,6 +172,7 @@ class DiskPageStore(PageStore):
         self._commit_exec = ThreadPoolExecutor(1, thread_name_prefix="lamina-commit")
         self._data_exec = ThreadPoolExecutor(1, thread_name_prefix="lamina-datasync")
         self._dirty_fds: set[int] = set()
+        self._new_layer_files = False  # layers/ holds a name not yet fsynced
         self._lazy: set[tuple[int, int]] = set()
         self._low_space = False
         self._failed: str | None = None
@@ -216,7 +202,7 @@ class DiskPageStore(PageStore):
             if seq >= next_seq:
                 self._replay(self.root / f"log.{seq}")
         for layer_id, layer in self._layers.items():
-            layer.fd = os.open(self._layer_path(layer_id), os.O_RDWR | os.O_CREAT, 0o600)
+            layer.fd = self.files.open(self._layer_path(layer_id), os.O_RDWR | os.O_CREAT)
         self._verify_last_data()
         self._pages = sum(len(layer.pages) for layer in self._layers.values())
         self._used = sum(
@@ -237,6 +223,7 @@ class DiskPageStore(PageStore):
                 raise
             self._write_snapshot_sync(body, new_seq)
         self._log = self._open_log(new_seq)
+        self.files.fsync_dir(self.root)  # the new log's name: its records are relied on
         self._ensure_ballast()
 
     def _ensure_ballast(self) -> None:
@@ -244,23 +231,23 @@ class DiskPageStore(PageStore):
         path = self.root / "ballast"
         if path.exists() and path.stat().st_blocks * 512 >= BALLAST:
             return
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = self.files.open(path, os.O_RDWR | os.O_CREAT)
         try:
-            os.posix_fallocate(fd, 0, BALLAST)
+            self.files.allocate(fd, 0, BALLAST)
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            path.unlink(missing_ok=True)
+            self.files.unlink(path)
             self._low_space = True
         finally:
-            os.close(fd)
+            self.files.close(fd)
 
     def _release_ballast(self) -> bool:
         path = self.root / "ballast"
         if not path.exists():
             return False
         log.warning("disk full: releasing the ballast file to keep metadata writable")
-        path.unlink()
+        self.files.unlink(path)
         self._low_space = True
         return True
 
@@ -270,12 +257,10 @@ class DiskPageStore(PageStore):
             others = [p for p in self.root.iterdir() if p.name not in ("layers", "quarantine")]
             if others:
                 raise StoreFormatError(f"{self.root} holds files but no FORMAT: not a page store")
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(f"{FORMAT_NAME} {FORMAT_VERSION}\nserver {self.server_id}\n")
-            os.replace(tmp, path)
-            self._fsync_dir()
+            text = f"{FORMAT_NAME} {FORMAT_VERSION}\nserver {self.server_id}\n"
+            self.files.replace_durably(path, text.encode())
             return
-        lines = path.read_text().split("\n")
+        lines = self.files.read_file(path).decode(errors="replace").split("\n")
         head = lines[0].split()
         if len(head) != 2 or head[0] != FORMAT_NAME:
             raise StoreFormatError(f"{path} does not describe a lamina page store")
@@ -289,28 +274,15 @@ class DiskPageStore(PageStore):
 
     def _bump_boot(self) -> int:
         path = self.root / "BOOT"
-        n = int(path.read_text().strip() or 0) if path.exists() else 0
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            f.write(f"{n + 1}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        self._fsync_dir()
+        n = int(self.files.read_file(path).strip() or 0) if path.exists() else 0
+        self.files.replace_durably(path, f"{n + 1}\n".encode())
         return n + 1
-
-    def _fsync_dir(self) -> None:
-        fd = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def _load_snapshot(self) -> int:
         path = self.root / "meta.snap"
         if not path.exists():
             return 1
-        raw = path.read_bytes()
+        raw = self.files.read_file(path)
         if len(raw) < SNAP_HEAD.size:
             raise StoreFormatError(f"{path} is truncated")
         magic, length, crc = SNAP_HEAD.unpack_from(raw)
@@ -327,8 +299,7 @@ class DiskPageStore(PageStore):
         return int(snap["next_log"])
 
     def _replay(self, path: Path) -> None:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = self.files.read_file(path)
         off = 0
         while off + REC_HEAD.size <= len(raw):
             length, crc = REC_HEAD.unpack_from(raw, off)
@@ -387,9 +358,7 @@ class DiskPageStore(PageStore):
         if last is None:
             return
         if last[0] == "drop":
-            path = self._layer_path(last[1])
-            if path.exists():
-                path.unlink()
+            self.files.unlink(self._layer_path(last[1]))
             return
         layer_id, page = last[1], last[2]
         layer = self._layers.get(layer_id)
@@ -400,11 +369,11 @@ class DiskPageStore(PageStore):
         if last[0] == "page":
             before: _Page | None = last[3]
             if p.state == PageState.TOMBSTONE:
-                punch_hole(layer.fd, base, layer.page_size)
+                self.files.punch(layer.fd, base, layer.page_size)
                 return
             if p.crcs is None:
                 return
-            data = os.pread(layer.fd, layer.page_size, base).ljust(layer.page_size, b"\0")
+            data = self.files.pread(layer.fd, layer.page_size, base).ljust(layer.page_size, b"\0")
             now = block_crcs(data)
             bad = [i for i, got in enumerate(now) if got != p.crcs[i]]
             # Blocks that still read as the zeros of a fresh extent: the write never landed.
@@ -421,7 +390,7 @@ class DiskPageStore(PageStore):
         first: int = last[3]
         old: array[int] = last[4]
         assert p.crcs is not None
-        data = os.pread(layer.fd, len(old) * BLOCK, base + first * BLOCK)
+        data = self.files.pread(layer.fd, len(old) * BLOCK, base + first * BLOCK)
         data = data.ljust(len(old) * BLOCK, b"\0")
         now = block_crcs(data)
         for i, got in enumerate(now):
@@ -431,17 +400,17 @@ class DiskPageStore(PageStore):
     # -- the log ----------------------------------------------------------------------------
 
     def _open_log(self, seq: int) -> _Log:
-        fd = os.open(self.root / f"log.{seq}", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = self.files.open(self.root / f"log.{seq}", os.O_RDWR | os.O_CREAT | os.O_TRUNC)
         lg = _Log(seq, fd)
         try:
-            os.posix_fallocate(fd, 0, LOG_EXTENT)
+            self.files.allocate(fd, 0, LOG_EXTENT)
             lg.allocated = LOG_EXTENT
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
                 raise
             self._low_space = True
             try:
-                os.posix_fallocate(fd, 0, LOG_RESERVE)
+                self.files.allocate(fd, 0, LOG_RESERVE)
                 lg.allocated = LOG_RESERVE
             except OSError:
                 lg.allocated = 0
@@ -459,7 +428,7 @@ class DiskPageStore(PageStore):
                 self._extend_log()
             if lg.offset + len(rec) > lg.allocated:
                 raise NoSpace("no space left for metadata")
-        os.pwrite(lg.fd, rec, lg.offset)
+        self.files.pwrite(lg.fd, rec, lg.offset)
         lg.offset += len(rec)
         self._lsn += len(rec)
         if lg.allocated - lg.offset < LOG_RESERVE:
@@ -473,7 +442,7 @@ class DiskPageStore(PageStore):
         assert lg is not None
         for size in (LOG_EXTENT, LOG_RESERVE):
             try:
-                os.posix_fallocate(lg.fd, lg.allocated, size)
+                self.files.allocate(lg.fd, lg.allocated, size)
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
@@ -499,7 +468,7 @@ class DiskPageStore(PageStore):
         assert self._log is not None
         fd = self._log.fd
         loop = asyncio.get_running_loop()
-        cf = loop.run_in_executor(self._commit_exec, os.fdatasync, fd)
+        cf = loop.run_in_executor(self._commit_exec, self.files.fdatasync, fd)
         cf.add_done_callback(lambda f: self._commit_done(f, target))
 
     def _commit_done(self, f: asyncio.Future[None], target: int) -> None:
@@ -551,25 +520,13 @@ class DiskPageStore(PageStore):
         return body
 
     def _write_snapshot_sync(self, body: bytes, next_log: int) -> None:
-        for fd in [layer.fd for layer in self._layers.values()]:
-            os.fdatasync(fd)
-        tmp = self.root / "meta.snap.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, SNAP_HEAD.pack(SNAP_MAGIC, len(body), crc32c.crc32c(body)))
-            view = memoryview(body)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.root / "meta.snap")
-        self._fsync_dir()
+        self._sync_all([layer.fd for layer in self._layers.values()])
+        head = SNAP_HEAD.pack(SNAP_MAGIC, len(body), crc32c.crc32c(body))
+        self.files.replace_durably(self.root / "meta.snap", head + body)
         for p in self.root.glob("log.*"):
             suffix = p.name.split(".", 1)[1]
             if suffix.isdigit() and int(suffix) < next_log:
-                p.unlink()
+                self.files.unlink(p)
 
     def _start_checkpoint(self) -> None:
         if self._checkpointing or self._log is None:
@@ -592,8 +549,9 @@ class DiskPageStore(PageStore):
                 return
             self._log = new
             # Queued now, before any commit of the new log: a commit that completes later
-            # thus also covers every record of the old one.
-            old_done = loop.run_in_executor(self._commit_exec, _sync_close, old.fd)
+            # thus also covers every record of the old one, and the new log's name.
+            old_done = loop.run_in_executor(self._commit_exec, self._sync_close, old.fd)
+            loop.run_in_executor(self._commit_exec, self.files.fsync_dir, self.root)
             body = self._snapshot_body(new.seq)
             try:
                 await old_done
@@ -606,6 +564,19 @@ class DiskPageStore(PageStore):
             self._checkpointing = False
 
     # -- helpers -------------------------------------------------------------------------------
+
+    def _sync_close(self, fd: int) -> None:
+        try:
+            self.files.fdatasync(fd)
+        finally:
+            self.files.close(fd)
+
+    def _sync_all(self, fds: list[int], names: bool = True) -> None:
+        """fdatasync the files, and first (with ``names``) the names of new layer files."""
+        if names:
+            self.files.fsync_dir(self.root / "layers")
+        for fd in fds:
+            self.files.fdatasync(fd)
 
     def _layer_path(self, layer_id: int) -> Path:
         return self.root / "layers" / f"{layer_id}.data"
@@ -628,7 +599,8 @@ class DiskPageStore(PageStore):
         check_layer(self, volume_id, layer_id, page_size)
         if layer is None:
             self._append([R_LAYER, layer_id, volume_id, page_size])
-            fd = os.open(self._layer_path(layer_id), os.O_RDWR | os.O_CREAT, 0o600)
+            fd = self.files.open(self._layer_path(layer_id), os.O_RDWR | os.O_CREAT)
+            self._new_layer_files = True
             layer = self._layers[layer_id] = _Layer(volume_id, page_size, fd)
         return layer
 
@@ -642,18 +614,14 @@ class DiskPageStore(PageStore):
             if self._low_space:
                 raise NoSpace("no space left on the storage server's disk")
         try:
-            os.posix_fallocate(layer.fd, page * layer.page_size, layer.page_size)
+            self.files.allocate(layer.fd, page * layer.page_size, layer.page_size)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise NoSpace(f"no space left for page {page}: {exc.strerror}") from None
             raise StorageIOError(f"allocating page {page}: {exc}") from None
 
     def _pwrite(self, layer: _Layer, data: bytes | bytearray | memoryview, offset: int) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(layer.fd, view, offset)
-            view = view[n:]
-            offset += n
+        self.files.pwrite(layer.fd, data, offset)
         self._dirty_fds.add(layer.fd)
 
     def _undo(self, record: list[Any]) -> None:
@@ -668,9 +636,9 @@ class DiskPageStore(PageStore):
     def _quarantine(self, layer_id: int, layer: _Layer, page: int, p: _Page, why: str) -> Corrupt:
         log.error("quarantining page %d of layer %d: %s", page, layer_id, why)
         try:
-            data = os.pread(layer.fd, layer.page_size, page * layer.page_size)
+            data = self.files.pread(layer.fd, layer.page_size, page * layer.page_size)
             name = f"{layer_id}-{page}-{time.time_ns()}.page"
-            (self.root / "quarantine" / name).write_bytes(data)
+            self.files.write_file(self.root / "quarantine" / name, data, durable=False)
         except OSError as exc:
             log.warning("could not keep a copy of the quarantined page: %s", exc)
         p.state = PageState.QUARANTINED
@@ -708,7 +676,7 @@ class DiskPageStore(PageStore):
         b0 = offset // BLOCK
         b1 = -(-(offset + length) // BLOCK)
         n = (b1 - b0) * BLOCK
-        data = os.pread(layer.fd, n, page * layer.page_size + b0 * BLOCK)
+        data = self.files.pread(layer.fd, n, page * layer.page_size + b0 * BLOCK)
         if len(data) < n:
             data = data.ljust(n, b"\0")
         view = memoryview(data)
@@ -751,7 +719,7 @@ class DiskPageStore(PageStore):
         buf: bytes | bytearray = data
         if offset % BLOCK or length % BLOCK:
             n = (b1 - b0) * BLOCK
-            old = bytearray(os.pread(layer.fd, n, base + b0 * BLOCK).ljust(n, b"\0"))
+            old = bytearray(self.files.pread(layer.fd, n, base + b0 * BLOCK).ljust(n, b"\0"))
             if not fresh:
                 for b in {b0, b1 - 1}:
                     i = b - b0
@@ -852,8 +820,11 @@ class DiskPageStore(PageStore):
         seq = self._write_seq
         fds = list(self._dirty_fds)
         self._dirty_fds.clear()
+        names, self._new_layer_files = self._new_layer_files, False
         try:
-            await asyncio.get_running_loop().run_in_executor(self._data_exec, _sync_all, fds)
+            await asyncio.get_running_loop().run_in_executor(
+                self._data_exec, self._sync_all, fds, names
+            )
         except OSError as exc:
             self._failed = f"fdatasync of the data failed: {exc}"
             log.error(self._failed)
@@ -896,7 +867,7 @@ class DiskPageStore(PageStore):
         if old is None:
             self._pages += 1
         elif old.crcs is not None:
-            punch_hole(layer.fd, page * page_size, page_size)
+            self.files.punch(layer.fd, page * page_size, page_size)
             self._used -= page_size
         layer.pages[page] = _Page(PageState.TOMBSTONE, FULL, gen, None, FULL, lsn)
         self._lazy.discard((layer_id, page))
@@ -912,9 +883,9 @@ class DiskPageStore(PageStore):
         self._used -= layer.page_size * sum(1 for p in layer.pages.values() if p.crcs is not None)
         # Unlink now (a layer id used again gets a new file), close on the I/O thread
         # after any sync already queued for this descriptor.
-        self._layer_path(layer_id).unlink(missing_ok=True)
+        self.files.unlink(self._layer_path(layer_id))
         self._dirty_fds.discard(layer.fd)
-        self._data_exec.submit(os.close, layer.fd)
+        self._data_exec.submit(self.files.close, layer.fd)
         return len(layer.pages)
 
     def enumerate(
@@ -958,10 +929,10 @@ class DiskPageStore(PageStore):
     def _close_fds(self) -> None:
         for layer in self._layers.values():
             if layer.fd >= 0:
-                os.close(layer.fd)
+                self.files.close(layer.fd)
                 layer.fd = -1
         if self._log is not None:
-            os.close(self._log.fd)
+            self.files.close(self._log.fd)
 
     def abandon(self) -> None:
         """Drop every file handle without flushing (tests simulate a crash with this)."""
@@ -969,9 +940,9 @@ class DiskPageStore(PageStore):
         self._data_exec.shutdown(wait=True)
         for layer in self._layers.values():
             if layer.fd >= 0:
-                os.close(layer.fd)
+                self.files.close(layer.fd)
         if self._log is not None:
-            os.close(self._log.fd)
+            self.files.close(self._log.fd)
             self._log = None
 
 
@@ -979,15 +950,3 @@ def _io_error(exc: OSError, what: str) -> LaminaError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return NoSpace(f"{what}: {exc.strerror}")
     return StorageIOError(f"{what}: {exc.strerror or exc}")
-
-
-def _sync_close(fd: int) -> None:
-    try:
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sync_all(fds: list[int]) -> None:
-    for fd in fds:
-        os.fdatasync(fd)
