@@ -256,12 +256,27 @@ def _reason(exc: BaseException | str, timeout: float) -> str:
     return str(exc) or type(exc).__name__
 
 
+class NotCaughtUp(ManagerUnreachable):
+    """A manager answered 503 with ``caught_up: false``: it restarted and has not caught up
+    with the Raft log yet, so it took nothing; another manager (or it, a moment later) can
+    answer."""
+
+    def __init__(self, url: str, message: str) -> None:
+        super().__init__(url, message, False)
+
+
+#: how long a call keeps asking managers that have not caught up (one just restarted)
+CATCH_UP_WAIT = 10.0
+
+
 def _http_error(url: str, err: urllib.error.HTTPError) -> LaminaError:
     """The lamina error an HTTP error answer stands for."""
     try:
         body = json.loads(err.read(MAX_ANSWER))
     except (OSError, ValueError, http.client.HTTPException):
         body = None
+    if isinstance(body, dict) and body.get("caught_up") is False:
+        return NotCaughtUp(url, str(body.get("message", "not caught up with the raft log")))
     fallback = _HTTP_CODES.get(err.code, ErrorCode.INTERNAL)
     if isinstance(body, dict) and isinstance(body.get("message"), str):
         name = body.get("error")
@@ -307,19 +322,29 @@ class ManagerClient:
 
     def call(self, method: str, path: str, body: Any = None, *, admin: bool = False) -> Any:
         """Ask the managers in order until one answers.  ``admin``: a change, sent with
-        the admin token and never repeated to another manager once one may have taken it."""
+        the admin token and never repeated to another manager once one may have taken it.
+        A manager that has not caught up with the Raft log (just restarted) took
+        nothing: the next one is asked, and while no manager answers but some are still
+        catching up, the round is repeated for up to :data:`CATCH_UP_WAIT` seconds."""
         token = self.cluster.token() if admin else None
-        failed: list[ManagerUnreachable] = []
-        for url in self.cluster.managers:
-            try:
-                return self.call_one(url, method, path, body, token)
-            except ManagerUnreachable as exc:
-                if admin and exc.sent:
-                    raise Unavailable(
-                        f"{url} took the change but gave no answer ({exc.reason}); it may "
-                        "or may not be applied: check with `lamina status`"
-                    ) from None
-                failed.append(exc)
+        deadline = time.monotonic() + CATCH_UP_WAIT
+        while True:
+            failed: list[ManagerUnreachable] = []
+            for url in self.cluster.managers:
+                try:
+                    return self.call_one(url, method, path, body, token)
+                except ManagerUnreachable as exc:
+                    if admin and exc.sent:
+                        raise Unavailable(
+                            f"{url} took the change but gave no answer ({exc.reason}); it "
+                            "may or may not be applied: check with `lamina status`"
+                        ) from None
+                    failed.append(exc)
+            if not any(isinstance(exc, NotCaughtUp) for exc in failed):
+                break
+            if time.monotonic() + 0.2 > deadline:
+                break
+            time.sleep(0.2)
         raise no_manager_reachable(failed)
 
     def get(self, path: str) -> Any:

@@ -437,7 +437,10 @@ def _register_servers(urls: list[str], token: str, layout: Layout, root: Path) -
             url = urls[attempt % len(urls)]
             try:
                 status, body = http_json(url, "GET", "/api/v1/servers")
-                if status == 200 and any(s["id"] == sid for s in body):
+                if status != 200:  # e.g. 503: a manager that has not caught up yet
+                    time.sleep(0.2)
+                    continue
+                if any(s["id"] == sid for s in body):
                     break
                 status, body = http_json(
                     url, "POST", "/api/v1/servers",

@@ -456,3 +456,39 @@ def test_port_in_use_is_refused(tmp_path: Path) -> None:
         addr = f"127.0.0.1:{busy.getsockname()[1]}"
         with pytest.raises(LocalError, match="cannot listen"):
             ReplicatedLog(addr, [addr], tmp_path, KEY, rec.apply, rec.dump, rec.load)
+
+
+def test_restarted_member_is_caught_up_only_once_it_has_everything(group3: Group) -> None:
+    """A member restarted behind the group reports ``caught_up`` only once it has applied
+    every command committed before it restarted, and then for good."""
+
+    async def body() -> None:
+        for i in range(3):
+            group3.start(i)
+        leader = await group3.leader()
+        down = next(i for i in range(3) if i != leader)
+        for c in cmds("a", 5):
+            await group3.member(leader).propose(c)
+        await group3.converged([0, 1, 2], 5)
+        assert all(group3.member(i).caught_up for i in range(3))
+
+        group3.stop(down)
+        for c in cmds("b", 30):
+            await group3.member(leader).propose(c)
+        member = group3.start(down)
+        assert not member.status().caught_up  # it knows no leader yet
+        samples = 0
+        deadline = time.monotonic() + WAIT
+        while not member.caught_up:
+            # the flag is read before the list: applied entries only ever grow
+            assert time.monotonic() < deadline, "never caught up"
+            samples += 1
+            await asyncio.sleep(0.001)
+        assert len(group3.recorders[down].snapshot()) >= 35
+        assert member.status().caught_up
+        await group3.member(leader).propose(b"c")
+        await group3.converged([0, 1, 2], 36)
+        assert member.caught_up
+        assert samples > 0
+
+    run(body())

@@ -71,6 +71,10 @@ DUTIES = web.AppKey("duties", LeaderDuties)
 TOKEN = web.AppKey("token", str)
 StatusFn = Callable[[], dict[str, Any]]
 STATUS: web.AppKey[StatusFn] = web.AppKey("status")
+CaughtUpFn = Callable[[], bool]
+CAUGHT_UP: web.AppKey[CaughtUpFn] = web.AppKey("caught_up")
+#: what a manager that has not caught up with the Raft log still answers
+ANSWERED_WHILE_CATCHING_UP = frozenset({"/api/v1/openapi.json"})
 
 _HTTP_STATUS = {
     ErrorCode.BAD_REQUEST: 400,
@@ -99,12 +103,44 @@ class NotLeader(Unavailable):
         self.fields = {"leader": leader}
 
 
+class NotCaughtUp(Unavailable):
+    """503: this manager has not caught up with the Raft log since it started, so its map
+    may be older than one it or another manager served; ask another manager (or again
+    after ``Retry-After``).  ``caught_up: false`` in the answer tells it from other 503s;
+    ``/status`` adds this manager's ``raft`` view."""
+
+    headers = {"Retry-After": "1"}
+
+    def __init__(self, message: str, raft: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.fields: dict[str, Any] = {"caught_up": False}
+        if raft is not None:
+            self.fields["raft"] = raft
+
+
 def _error_response(exc: LaminaError) -> web.Response:
     status = _HTTP_STATUS.get(exc.code, 500)
     body: dict[str, Any] = {"error": exc.code.name, "message": exc.message}
     fields: dict[str, Any] = getattr(exc, "fields", {})
     body.update(fields)
-    return web.json_response(body, status=status)
+    return web.json_response(body, status=status, headers=getattr(exc, "headers", None))
+
+
+@web.middleware
+async def _catching_up(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer nothing from the map until this manager has caught up with the Raft log: a
+    manager just restarted would otherwise serve an empty or older map for a moment."""
+    if request.path in ANSWERED_WHILE_CATCHING_UP or request.app[CAUGHT_UP]():
+        return await handler(request)
+    svc = request.app[SERVICE]
+    message = f"manager {svc.manager_id} has not caught up with the raft log yet; ask another"
+    raft = None
+    if request.path == "/api/v1/status":
+        try:
+            raft = request.app[STATUS]()
+        except LaminaError:
+            raft = None
+    raise NotCaughtUp(message, raft)
 
 
 @web.middleware
@@ -657,12 +693,16 @@ def make_app(
     token: str,
     status: Callable[[], dict[str, Any]],
     duties: LeaderDuties,
+    caught_up: CaughtUpFn = lambda: True,
 ) -> web.Application:
-    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
+    """The API of one manager; ``caught_up`` tells whether its map may be served yet
+    (:attr:`lamina.mgmt.raft.ReplicatedLog.caught_up`)."""
+    app = web.Application(middlewares=[_errors, _catching_up], client_max_size=MAX_BODY)
     app[SERVICE] = service
     app[DUTIES] = duties
     app[TOKEN] = token
     app[STATUS] = status
+    app[CAUGHT_UP] = caught_up
     app.router.add_get("/api/v1/status", get_status)
     app.router.add_get("/api/v1/map", get_map)
     app.router.add_get("/api/v1/servers", list_servers)
@@ -731,6 +771,14 @@ def _op(
             "content": {"application/json": {"schema": _ERR}},
         }
         op["responses"]["503"] = {"description": "no quorum of managers"}
+    op["responses"].setdefault(
+        "503",
+        {
+            "description": "this manager has not caught up with the raft log yet "
+            "('caught_up': false, Retry-After): ask another",
+            "content": {"application/json": {"schema": _ERR}},
+        },
+    )
     if query:
         op["parameters"] = [
             {
@@ -929,6 +977,10 @@ OPENAPI: dict[str, Any] = {
                     "message": {"type": "string"},
                     "holder": {"$ref": "#/components/schemas/Lock"},
                     "leader": {"type": "string", "nullable": True},
+                    "caught_up": {
+                        "type": "boolean",
+                        "description": "false: this manager is still catching up",
+                    },
                 },
                 "required": ["error", "message"],
             },

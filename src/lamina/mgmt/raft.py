@@ -137,6 +137,7 @@ class RaftStatus:
     last_applied: int
     connected_peers: int  # other members this one has an authenticated connection to
     has_quorum: bool  # this member plus its connected peers form a majority
+    caught_up: bool  # see ReplicatedLog.caught_up
 
 
 def _check_addr(addr: str) -> str:
@@ -211,7 +212,25 @@ class _Member(SyncObj):  # type: ignore[misc]  # PySyncObj has no type hints
     ) -> None:
         # Set before SyncObj.__init__: its tick thread may replay the journal at once.
         self._lamina_apply = apply
+        self.caught_up = False
         super().__init__(self_addr, others, conf)
+        self.addOnTickCallback(self._check_caught_up)
+
+    def _check_caught_up(self) -> None:
+        """On the tick thread, after every tick: latch ``caught_up`` once this member knows
+        a leader, has applied up to the commit index it learned from that leader in this
+        run, and has applied an entry of the current term (a new leader's commit index
+        covers everything committed before its term only once an entry of its own term
+        commits: its no-op).  Read without a lock: a bool is replaced atomically."""
+        if self.caught_up or self._getLeader() is None:
+            return
+        leader_commit = self._SyncObj__leaderCommitIndex  # None until learned in this run
+        applied = self.raftLastApplied
+        if leader_commit is None or applied < leader_commit:
+            return
+        entries = self._SyncObj__getEntries(applied, 1)
+        if entries and entries[0][2] == self.raftCurrentTerm:
+            self.caught_up = True
 
     @_replicated
     def _command(self, command: bytes) -> Any:
@@ -368,7 +387,18 @@ class ReplicatedLog:
                 1 for k, v in st.items() if k.startswith(prefix) and v == _CONNECTED
             ),
             has_quorum=bool(st["has_quorum"]),
+            caught_up=self.caught_up,
         )
+
+    @property
+    def caught_up(self) -> bool:
+        """Whether this member's state is at least as new as anything the group committed
+        before this member (re)started, so a read of it is never older than one it served
+        before: true once it knows a leader, has applied up to the leader's commit index
+        as learned in this run, and has applied an entry of the current term.  It stays
+        true from then on (the state only moves forward).  Until then the manager answers
+        no map reads and does no leader work (docs/raft.md)."""
+        return bool(self._member.caught_up)
 
     def compact(self) -> None:
         """Ask for a snapshot and log compaction at the next tick (normally automatic)."""

@@ -62,7 +62,8 @@ async def serve(cfg: ManagerConfig) -> None:
     service.log = rlog
     duties = LeaderDuties(
         service,
-        lambda: rlog.status().is_leader,
+        # a member that has not caught up does no leader work (its map may be old)
+        lambda: rlog.caught_up and rlog.status().is_leader,
         time.monotonic,
         cfg.lease_duration,
         key,
@@ -88,7 +89,9 @@ async def serve(cfg: ManagerConfig) -> None:
     )
     duties.worker = worker
     worker_task = asyncio.ensure_future(worker.run())
-    app = make_app(service, token, lambda: dataclasses.asdict(rlog.status()), duties)
+    app = make_app(
+        service, token, lambda: dataclasses.asdict(rlog.status()), duties, lambda: rlog.caught_up
+    )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     host, port = cfg.listen_addr

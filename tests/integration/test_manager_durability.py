@@ -1,0 +1,116 @@
+"""Real `lamina manager` processes killed and restarted: what a restarted manager serves."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.test_managers import Managers, api, group, leader_of, wait_for
+from tests.integration.test_up import lamina, pids, up
+
+pytestmark = pytest.mark.integration
+__all__ = ["group"]  # the fixture of test_managers, shared
+GiB = 1 << 30
+SERVERS = 40
+VOLUMES = 10
+
+
+def _get(url: str) -> tuple[int, Any] | None:
+    """One GET without retries: (status, body), or None if nothing listens yet."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None
+
+
+def _sizes(path: str, body: Any) -> tuple[int, ...]:
+    """How much of the map one answer shows: (servers or volumes,) or, for a whole map,
+    (epoch, published epoch, servers, volumes)."""
+    if path.startswith("/api/v1/map"):
+        return body["epoch"], body["published_epoch"], len(body["servers"]), len(body["volumes"])
+    return (len(body),)
+
+
+def test_a_restarted_manager_never_answers_an_empty_or_older_map(group: Managers) -> None:
+    """A manager killed with -9 and restarted, polled from the moment it listens, answers
+    map reads with 503 until it has caught up, never 200 with fewer servers or volumes
+    than the cluster had before the kill."""
+    leader = wait_for(lambda: leader_of(group), "a leader")
+    for i in range(SERVERS):
+        status, body = api(
+            leader.url, "POST", "/api/v1/servers",
+            {"id": f"s{i}", "addr": f"127.0.0.1:{9000 + i}", "capacity": GiB}, group.token,
+        )  # fmt: skip
+        assert status == 201, body
+    for i in range(VOLUMES):
+        status, body = api(
+            leader.url, "POST", "/api/v1/volumes", {"name": f"v{i}", "size": GiB}, group.token
+        )
+        assert status == 201, body
+    victim = next(p for p in group.procs if p is not leader)
+    paths = ["/api/v1/servers", "/api/v1/volumes", "/api/v1/map", "/api/v1/map?current=1"]
+    wait_for(
+        lambda: len(api(victim.url, "GET", "/api/v1/volumes")[1]) == VOLUMES,
+        f"{victim.id} to apply every change",
+    )
+    before = {}
+    for path in paths:
+        status, body = api(victim.url, "GET", path)
+        assert status == 200, body
+        before[path] = _sizes(path, body)
+    assert before["/api/v1/servers"] == (SERVERS,)
+    victim.kill()
+    starting = threading.Thread(target=victim.start)
+    starting.start()
+    answers: dict[int, int] = {}
+    full = 0
+    deadline = time.monotonic() + 60
+    k = 0
+    try:
+        while full < 20 and time.monotonic() < deadline:
+            path = paths[k % len(paths)]
+            k += 1
+            got = _get(victim.url + path)
+            if got is None:
+                continue
+            status, body = got
+            answers[status] = answers.get(status, 0) + 1
+            if status == 503:
+                assert body.get("caught_up") is False, body
+                continue
+            assert status == 200, (path, body)
+            seen = _sizes(path, body)
+            assert all(a >= b for a, b in zip(seen, before[path], strict=True)), (path, seen)
+            full += 1
+    finally:
+        starting.join(timeout=60)
+    assert full == 20, f"{victim.id} never served its whole map (answers: {answers})"
+
+
+def test_up_after_kill_9_of_the_first_manager(tmp_path: Path) -> None:
+    """`lamina up` after kill -9 of manager m1 restarts it and succeeds: it does not take
+    the restarted manager's empty map for a cluster without storage servers."""
+    root = tmp_path / "cluster"
+    try:
+        up(root)
+        os.kill(pids(root)["m1"], signal.SIGKILL)
+        again = lamina("up", "--dir", str(root), "--managers", "3", "--servers", "2", "--json")
+        assert again.returncode == 0, again.stderr
+        report = json.loads(again.stdout)
+        assert report["started"] == ["m1"]
+        assert report["registered"] == []
+    finally:
+        if (root / "run").is_dir():
+            lamina("down", "--dir", str(root))
