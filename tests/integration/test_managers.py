@@ -161,7 +161,10 @@ def test_leader_kill_9_elects_a_new_leader_and_loses_nothing(group: Managers) ->
     assert new.alive()
     old.start()  # it comes back and catches up from the journal and the leader
     wait_for(
-        lambda: len(api(old.url, "GET", "/api/v1/map?current=1")[1]["volumes"]) == 2,
+        lambda: (
+            (got := api(old.url, "GET", "/api/v1/map?current=1"))[0] == 200  # 503: catching up
+            and len(got[1]["volumes"]) == 2
+        ),
         "the old leader to catch up",
     )
 
