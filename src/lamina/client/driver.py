@@ -21,7 +21,9 @@ succeeds or its deadline (``io_timeout``) passes:
   the tokens go back on the next request to that server, or on their own within
   ``RESTORE_DELAY``, so a quiet page is clean again within a second.  A partial write to a
   page the top layer does not hold yet is NOT_FOUND: copy-up (CREATE_IF_ABSENT of the page
-  from the uppermost layer that has it, or zeros) and write again.  An attempt whose
+  from the uppermost layer that has it, or zeros) and write again; a page copied up out
+  of a migration source is tombstoned there by the next successful :meth:`Volume.flush`,
+  which covers every layer written since the last one.  An attempt whose
   copies did not all succeed returns no token: the evidence that a copy may have missed
   it stays in the masks, until an attempt of the same write in the same layer succeeds
   on every copy (the tokens of both go back then) or a resynchronisation.  An attempt
@@ -106,6 +108,10 @@ Orphans = list[tuple[int, str, int]]
 RESTORE_DELAY = 0.2
 #: tokens per request (the wire limit of a list)
 MAX_TOKENS_PER_REQUEST = m.MAX_LIST
+#: pages copied up out of a migration source kept for the next flush to tombstone
+MAX_MOVED = 1 << 16
+#: TOMBSTONE requests in flight at once after a flush
+TOMBSTONE_BATCH = 256
 IO_TIMEOUT = 120.0
 REQUEST_TIMEOUT = 5.0
 
@@ -506,6 +512,13 @@ class Volume:
         # pages this client created in a presence-fixed layer that has no map yet: a
         # listing may have been answered before the creation reached the server
         self._created: dict[int, set[int]] = {}
+        # what the next FLUSH must cover: the layers written since their last flush (a
+        # snapshot or a migration may have moved the top onto other servers since), and
+        # the pages copied up out of a migration source, tombstoned there only once a
+        # FLUSH made their copies in the top durable; each with the write count
+        self._writes_sent = 0
+        self._unflushed: dict[int, int] = {}
+        self._moved: list[tuple[int, int, int]] = []  # (count, source layer, page)
         self._cache_presence(view)
 
     # -- BlockBackend ---------------------------------------------------------------------
@@ -555,27 +568,66 @@ class Volume:
         self._check_writable(offset, length)
 
     async def flush(self) -> None:
-        """Return once every copy of the volume's top layer has made what it acknowledged
-        durable."""
+        """Return once every copy of the volume's top layer, and of every other layer
+        this client wrote since its last flush, has made what it acknowledged durable;
+        then tombstone the pages copied up out of a migration source before it began."""
         self._check_open()
         deadline = self._deadline()
         attempt = 0
+        covered = self._writes_sent
         # the tokens first: on the same connections they arrive before the FLUSH, which
         # then makes the restored masks durable too (a clean page stays clean in a crash)
         self.cluster.send_restores()
         while True:
             view = self.view
             self._check_lock()
-            servers = [sid for sid in view.servers_of(view.top) if view.is_live(sid)]
+            written = {lid for lid, n in self._unflushed.items() if n <= covered}
+            servers = sorted(
+                {
+                    sid
+                    for layer in view.layers
+                    if layer.id == view.top.id or layer.id in written
+                    for sid in view.servers_of(layer)
+                    if view.is_live(sid)
+                }
+            )
             results = await asyncio.gather(
                 *(self._call(sid, m.FlushRequest(view.id, view.epoch)) for sid in servers),
                 return_exceptions=True,
             )
             errors = [r for r in results if isinstance(r, BaseException)]
             if not errors:
-                return
+                break
             attempt += 1
             await self._recover(view, errors, deadline, attempt, "flush")
+        for lid in written:
+            if self._unflushed.get(lid, covered + 1) <= covered:
+                del self._unflushed[lid]
+        moved = [(lid, page) for n, lid, page in self._moved if n <= covered]
+        if moved:
+            self._moved = [entry for entry in self._moved if entry[0] > covered]
+            await self._tombstone_moved(view, moved)
+
+    def _sent(self, layer_id: int) -> None:
+        """A write (or copy-up) to ``layer_id`` is going out: the next FLUSH covers it."""
+        self._writes_sent += 1
+        self._unflushed[layer_id] = self._writes_sent
+
+    async def _tombstone_moved(self, view: VolumeView, moved: list[tuple[int, int]]) -> None:
+        """TOMBSTONE in their migration source the pages copied up out of it, now that
+        their copies in the top are durable (best effort: the worker tombstones what
+        is left, after its own FLUSH of the target)."""
+        sources = {layer.id: layer for layer in view.layers if layer.migrates_to is not None}
+        requests = [
+            self._call(
+                sid, m.TombstoneRequest(layer.owner, view.epoch, layer.id, page, view.page_size)
+            )
+            for lid, page in moved
+            if (layer := sources.get(lid)) is not None
+            for sid in _up_copies(view, layer, page)
+        ]
+        for k in range(0, len(requests), TOMBSTONE_BATCH):
+            await asyncio.gather(*requests[k : k + TOMBSTONE_BATCH], return_exceptions=True)
 
     async def close(self) -> None:
         """Flush, give back the tokens and the lock."""
@@ -934,6 +986,7 @@ class Volume:
         restore = restore_mask(set(copies), n)
         take = self.cluster.take_tokens
         self._writes[key] = self._writes.get(key, 0) + 1
+        self._sent(layer.id)
         if len(data) == page_size:
             self._now_present(layer.id, page)  # a whole-page write creates the page
         pending = _Pending(out, view, layer.id, page, offset, data, fua, part, copies)
@@ -1167,6 +1220,7 @@ class Volume:
         else:
             data = bytes(size)
         others = [i for i in readable if i != auth]
+        self._sent(layer.id)
         # each copy is overwritten only if it did not change since its STATUS: a write that
         # reached it meanwhile is never replaced by older data (CONFLICT: start over)
         try:
@@ -1264,6 +1318,7 @@ class Volume:
         n = len(part)
         restore = restore_mask(set(copies), n)
         cluster = self.cluster
+        self._sent(layer.id)
         if ext.length == view.page_size:
             self._now_present(layer.id, ext.page)  # a whole-page write creates the page
         clients: list[Client] = []
@@ -1365,6 +1420,7 @@ class Volume:
         # in the presence map before it exists: a map may say "present" wrongly (the read
         # then finds it absent and goes on down), never "absent" wrongly
         self._now_present(layer.id, page)
+        self._sent(layer.id)
         results = await asyncio.gather(
             *(
                 self._call(
@@ -1407,13 +1463,11 @@ class Volume:
         if all(reply[0].created for reply in results if not isinstance(reply, BaseException)):
             self._clean.add((layer.id, page))
         if source is not None and source.migrates_to == layer.id:
-            await _all(
-                self._call(
-                    sid,
-                    m.TombstoneRequest(source.owner, view.epoch, source.id, page, view.page_size),
-                )
-                for sid in _up_copies(view, source, page)
-            )
+            # tombstoned only after the next FLUSH made the copies in the top durable: a
+            # power loss before it must find the page still in the source
+            self._moved.append((self._writes_sent, source.id, page))
+            if len(self._moved) > MAX_MOVED:
+                del self._moved[0]  # the worker tombstones it, after its own FLUSH
 
 
 def _below(view: VolumeView) -> dict[int, tuple[int, int | None] | None]:

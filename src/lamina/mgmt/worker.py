@@ -47,7 +47,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from lamina.config import parse_addr
 from lamina.errors import Conflict, Corrupt, LaminaError, StaleEpoch, Unavailable
@@ -60,6 +60,7 @@ from lamina.wire.messages import PageState
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 LIVE = (cm.ServerState.UP, cm.ServerState.RECOVERING)
 #: one copy's answer to STATUS (or CHECKSUM): state, mask, generation, flags
 Status = tuple[int, int, int, int]
@@ -517,9 +518,11 @@ class Worker:
     ) -> None:
         """Move pages out of every layer that ``migrates_to`` another (DESIGN section 8):
         each page an in-sync source copy holds is created in the target layer if absent
-        there (CREATE_IF_ABSENT: a client's copy-up or a newer write wins) and tombstoned
-        on every source copy.  A source found empty, complete on every partition, and
-        into which nothing migrates any more is retired (``MigrationDone``)."""
+        there (CREATE_IF_ABSENT: a client's copy-up or a newer write wins); once every
+        live server of the target has answered a FLUSH (the copies are durable), the
+        pages are tombstoned on every source copy, which frees their space at once.  A
+        source found empty, complete on every partition, and into which nothing migrates
+        any more is retired (``MigrationDone``), after one more FLUSH of the target."""
         moving: dict[int, dict[str, Any]] = {}
         for lid in sorted(cmap.layers):
             source = cmap.layers[lid]
@@ -533,18 +536,22 @@ class Worker:
                 {sid for part in source.placement for sid in part if state.get(sid) in LIVE}
             )
             pages, listed = await self._listed(volume, source, live, epoch, m.EnumerateWhat.PRESENT)
-
-            async def one(
-                page: int,
-                volume: cm.Volume = volume,
-                source: cm.Layer = source,
-                target: cm.Layer = target,
-            ) -> bool:
-                async with sem:
-                    return await self._move_page(volume, source, target, page, epoch, state)
-
-            results = await asyncio.gather(*(one(p) for p in sorted(pages)))
-            moved = sum(results)
+            copied = await asyncio.gather(
+                *(
+                    _bounded(sem, self._move_page(volume, source, target, p, epoch, state))
+                    for p in sorted(pages)
+                )
+            )
+            ready = [p for p, ok in zip(sorted(pages), copied, strict=True) if ok]
+            moved = 0
+            if ready and await self._flush_layer(volume, target, epoch, state):
+                buried = await asyncio.gather(
+                    *(
+                        _bounded(sem, self._tombstone(volume, source, p, epoch, state))
+                        for p in ready
+                    )
+                )
+                moved = sum(buried)
             entry = moving.setdefault(
                 lid, {"volume": volume.name, "layer": lid, "to": target.id, "moved": 0}
             )
@@ -560,6 +567,7 @@ class Worker:
                 and whole
                 and not any(x.migrates_to == lid for x in cmap.layers.values())
                 and self.leading()
+                and await self._flush_layer(volume, target, epoch, state)
             ):
                 log.info("layer %d holds no page any more: retiring it", lid)
                 with contextlib.suppress(LaminaError):
@@ -576,44 +584,74 @@ class Worker:
         epoch: int,
         state: dict[str, cm.ServerState],
     ) -> bool:
-        """Move one page from ``source`` up into ``target``; whether it is done."""
+        """Copy one page from ``source`` up into ``target`` (not durable yet, and not
+        tombstoned in ``source``); whether it may now be tombstoned there."""
         pidx = page % len(source.placement)
         part = source.placement[pidx]
         live = [i for i, sid in enumerate(part) if state.get(sid) in LIVE]
         try:
             statuses = await self._statuses(volume, source, page, epoch, part, live)
             if any(st == PageState.TOMBSTONE for st, *_ in statuses.values()):
-                auth = None  # moved already: only copies that missed the tombstone are left
-            else:
-                trusted = _trusted(part, live, state, source, pidx)
-                if any(needs_resync(statuses[i][1], trusted) for i in trusted):
-                    return False  # the resync makes it clean first
-                auth = authoritative({i: statuses[i][:2] for i in trusted})
-                if auth is None:
-                    return False
-            if auth is not None:
-                size = volume.page_size
-                st = statuses[auth][0]
-                data: bytes | bytearray = b""
-                if st == PageState.PRESENT:
-                    reply, data = await self._call_with_payload(
-                        part[auth], m.ReadRequest(volume.id, epoch, source.id, page, size, 0, size)
-                    )
-                    assert isinstance(reply, m.ReadResponse)
-                await self._throttle(size)
-                await self._create(volume, target, page, epoch, state, data, st == PageState.ZERO)
-                self.progress.bytes_copied += size
-            await asyncio.gather(
-                *(
-                    self._call(
-                        part[i],
-                        m.TombstoneRequest(volume.id, epoch, source.id, page, volume.page_size),
-                    )
-                    for i in live
+                return True  # moved already: only copies that missed the tombstone are left
+            trusted = _trusted(part, live, state, source, pidx)
+            if any(needs_resync(statuses[i][1], trusted) for i in trusted):
+                return False  # the resync makes it clean first
+            auth = authoritative({i: statuses[i][:2] for i in trusted})
+            if auth is None:
+                return False
+            size = volume.page_size
+            st = statuses[auth][0]
+            data: bytes | bytearray = b""
+            if st == PageState.PRESENT:
+                reply, data = await self._call_with_payload(
+                    part[auth], m.ReadRequest(volume.id, epoch, source.id, page, size, 0, size)
                 )
-            )
+                assert isinstance(reply, m.ReadResponse)
+            await self._throttle(size)
+            await self._create(volume, target, page, epoch, state, data, st == PageState.ZERO)
+            self.progress.bytes_copied += size
         except (LaminaError, OSError, TimeoutError) as exc:
             log.info("moving page %d of layer %d: %s", page, source.id, exc)
+            self._failed(exc)
+            return False
+        return True
+
+    async def _tombstone(
+        self,
+        volume: cm.Volume,
+        source: cm.Layer,
+        page: int,
+        epoch: int,
+        state: dict[str, cm.ServerState],
+    ) -> bool:
+        """TOMBSTONE a page whose copy in the target layer is durable on every live copy
+        of the source; whether every one answered."""
+        part = source.placement[page % len(source.placement)]
+        msg = m.TombstoneRequest(volume.id, epoch, source.id, page, volume.page_size)
+        return await self._on_all(
+            [sid for sid in part if state.get(sid) in LIVE],
+            msg,
+            f"tombstoning page {page} of layer {source.id}",
+        )
+
+    async def _flush_layer(
+        self, volume: cm.Volume, layer: cm.Layer, epoch: int, state: dict[str, cm.ServerState]
+    ) -> bool:
+        """FLUSH every live server of ``layer``: whether all made what they applied
+        durable (the pages created there so far survive a power loss)."""
+        servers = sorted(
+            {sid for part in layer.placement for sid in part if state.get(sid) in LIVE}
+        )
+        return await self._on_all(
+            servers, m.FlushRequest(volume.id, epoch), f"flushing layer {layer.id}"
+        )
+
+    async def _on_all(self, servers: list[str], msg: m.Message, what: str) -> bool:
+        """Send ``msg`` to every one of ``servers``: whether all answered it."""
+        try:
+            await asyncio.gather(*(self._call(sid, msg) for sid in servers))
+        except (LaminaError, OSError, TimeoutError) as exc:
+            log.info("%s: %s", what, exc)
             self._failed(exc)
             return False
         return True
@@ -1034,6 +1072,12 @@ class Worker:
     async def _call(self, sid: str, msg: m.Message) -> m.Message:
         reply, _ = await self._call_with_payload(sid, msg)
         return reply
+
+
+async def _bounded(sem: asyncio.Semaphore, aw: Awaitable[T]) -> T:
+    """``aw`` awaited while holding ``sem``."""
+    async with sem:
+        return await aw
 
 
 def _vouched(
