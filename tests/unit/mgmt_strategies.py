@@ -37,6 +37,7 @@ from lamina.mgmt.clustermap import (
     MigrateVolume,
     MigrationDone,
     Publish,
+    ReclaimDone,
     ReleaseLock,
     RemoveServer,
     Rereplicate,
@@ -109,6 +110,7 @@ def commands(zoned: bool) -> st.SearchStrategy[Command]:
         st.builds(ReleaseLock, volume_names, sessions),
         st.builds(Rereplicate, server_ids),
         st.builds(FillDone, st.integers(1, 8), st.integers(0, 5), server_ids),
+        st.builds(ReclaimDone, st.integers(1, 8), server_ids),
         st.builds(CreateSnapshot, volume_names, snapshot_names, since),
         st.builds(DeleteSnapshot, volume_names, snapshot_names),
         st.builds(RollbackVolume, volume_names, snapshot_names),
@@ -195,6 +197,10 @@ def command_for(cmap: ClusterMap, zoned: bool, choice: Choice) -> Command:
         down = [k for k in known if cmap.servers[k].state == "down"]
         return Rereplicate(_pick([*down, *down, *down, *known, *SERVER_IDS], b))
     if kind == 17:
+        retired = [(lid, s) for lid in sorted(cmap.layers) for s in cmap.layers[lid].retired]
+        if retired and d % 2:  # half the time, a retired copy reclaimed
+            lid, server = retired[c % len(retired)]
+            return ReclaimDone(lid, server)
         entries = [(lid, p, s) for lid in sorted(cmap.layers) for p, s in cmap.layers[lid].filling]
         if entries and b % 4:
             lid, part, server = entries[c % len(entries)]

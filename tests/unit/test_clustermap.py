@@ -213,7 +213,8 @@ def test_fences_rise_for_exactly_the_affected_volumes(log: list[Command]) -> Non
 @LOGS
 @given(command_logs())
 def test_affected_servers_hold_the_affected_volumes(log: list[Command]) -> None:
-    """affected_servers is every server holding a layer of an affected volume, before or after."""
+    """affected_servers is every server holding a layer of an affected volume, or retired
+    from one, before or after."""
     for step in replay(log):
         volume_ids = affected_volumes(step.before, step.cmd)
         expected = {
@@ -221,8 +222,7 @@ def test_affected_servers_hold_the_affected_volumes(log: list[Command]) -> None:
             for cmap in (step.before, step.after)
             for layer in cmap.layers.values()
             if layer.volume_id in volume_ids
-            for part in layer.placement
-            for sid in part
+            for sid in (*(s for part in layer.placement for s in part), *layer.retired)
         }
         got = affected_servers(step.before, step.cmd)
         assert got == expected
@@ -889,6 +889,56 @@ def test_rereplicate_moves_a_down_servers_copies_to_filling_copies() -> None:
     assert done.volumes["db"].fence_epoch == done.epoch
     assert "is not being filled" in str(validate(done, cm.FillDone(layer.id, 0, "s3")))
     assert cm.map_from_dict(json.loads(json.dumps(cm.map_to_dict(after)))) == after
+
+
+def test_a_retired_server_gets_no_copy_of_the_layer_until_it_is_reclaimed() -> None:
+    """Rereplicate retires the down server from the layer; while it is retired no copy of
+    that layer goes back to it (the rejection says why), ReclaimDone ends that once, and
+    RemoveServer drops the server from every layer it was retired from."""
+    cmap = final(
+        [
+            AddServer("s1", "10.0.0.1:7000", 1),
+            AddServer("s2", "10.0.0.2:7000", 1),
+            CreateVolume("db", 1 << 30, replicas=2, stripe=1),
+            AddServer("s3", "10.0.0.3:7000", 1),
+            SetServerState("s2", ServerState.DOWN),
+            cm.Rereplicate("s2"),
+        ]
+    )
+    (lid,) = cmap.layers
+    assert cmap.layers[lid].placement == (("s1", "s3"),)
+    assert cmap.layers[lid].retired == ("s2",)
+    for cmd in (
+        SetServerState("s2", ServerState.RECOVERING),
+        SetServerState("s2", ServerState.UP),
+        cm.FillDone(lid, 0, "s3"),
+        SetServerState("s3", ServerState.DOWN),
+    ):
+        cmap = apply(cmap, cmd)
+    reason = validate(cmap, cm.Rereplicate("s3"))
+    assert reason is not None
+    assert "s2 still hold(s) an old copy of the layer, not yet reclaimed" in reason
+    assert validate(cmap, cm.ReclaimDone(lid, "s3")) == (
+        f"server s3 holds no retired copy of layer {lid}"
+    )
+    reclaimed = apply(cmap, cm.ReclaimDone(lid, "s2"))
+    assert reclaimed.layers[lid].retired == ()
+    assert reclaimed.epoch == cmap.epoch + 1
+    assert reclaimed.volumes["db"].fence_epoch == cmap.volumes["db"].fence_epoch  # no fence
+    assert validate(reclaimed, cm.ReclaimDone(lid, "s2")) is not None
+    back = apply(reclaimed, cm.Rereplicate("s3"))
+    assert back.layers[lid].placement == (("s1", "s2"),)
+    assert back.layers[lid].filling == ((0, "s2"),)
+    assert back.layers[lid].retired == ("s3",)
+    assert cm.map_from_dict(json.loads(json.dumps(cm.map_to_dict(back)))) == back
+    # the retired server is fenced with the others
+    assert affected_servers(back, AcquireLock("db", "abc", "h", 1, T0)) == {"s1", "s2", "s3"}
+    gone = apply(back, RemoveServer("s3"))
+    assert gone.layers[lid].retired == ()
+    doc = cm.map_to_dict(back)
+    doc["layers"][str(lid)]["retired"] = ["s1"]  # placed there: not retired
+    with pytest.raises(ProtocolError, match="retires"):
+        cm.map_from_dict(doc)
 
 
 def test_rereplicate_without_a_free_server_says_why() -> None:

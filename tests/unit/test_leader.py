@@ -9,7 +9,7 @@ import pytest
 
 from lamina.errors import NotFound, Unavailable
 from lamina.mgmt import clustermap as cm
-from lamina.mgmt.leader import LeaderDuties
+from lamina.mgmt.leader import LeaderDuties, fences_of, publication_waits_for
 from lamina.mgmt.service import ManagerService
 from lamina.wire import messages as m
 
@@ -129,3 +129,26 @@ def test_a_server_is_marked_down_only_after_grace_and_lease() -> None:
         assert state(svc) == cm.ServerState.RECOVERING
 
     asyncio.run(main())
+
+
+def test_a_server_retired_from_a_layer_is_fenced_and_awaited_like_its_holders() -> None:
+    """The server a re-replication moved a copy away from gets the volume's fence with
+    its lease and is one of the servers a publication of that volume waits for."""
+    cmap = cm.empty_map()
+    for cmd in (
+        cm.AddServer("s1", "127.0.0.1:1", GiB),
+        cm.AddServer("s2", "127.0.0.1:2", GiB),
+        cm.CreateVolume("db", GiB, replicas=2, stripe=1),
+        cm.AddServer("s3", "127.0.0.1:3", GiB),
+        cm.SetServerState("s2", cm.ServerState.DOWN),
+        cm.Rereplicate("s2"),
+    ):
+        cmap = cm.apply(cmap, cmd)
+    vid = cmap.volumes["db"].id
+    assert fences_of(cmap, "s2") == ((vid, cmap.epoch),)
+    assert publication_waits_for(cmap) == {"s1", "s2", "s3"}
+    (lid,) = cmap.layers
+    reclaimed = cm.apply(cmap, cm.ReclaimDone(lid, "s2"))
+    assert fences_of(reclaimed, "s2") == ()
+    locked = cm.apply(reclaimed, cm.AcquireLock("db", "abc", "h", 1, 1_800_000_000_000))
+    assert publication_waits_for(locked) == {"s1", "s3"}

@@ -66,6 +66,14 @@ surviving copies.  ``FillDone(layer, partition, server)`` ends that.  Both fence
 volumes they change.  Rejected (with the partition named) when no server can take a
 copy; the down server then keeps it.
 
+The server a copy moved away from still holds its pages, perhaps stale ones, and may
+come back.  It is listed in the layer's ``retired`` until ``ReclaimDone(layer,
+server)``, which the leader proposes once that server confirmed it dropped the layer
+(DELETE_LAYER): a retired server is fenced and awaited by publications like the
+layer's own servers (:func:`holders`), and no copy of the layer is placed on it again,
+so a copy placed on a server always starts empty and the fill copies every page.
+RemoveServer drops the server from every ``retired``.
+
 Server states
 -------------
 A new server starts ``up``.  The legal transitions (:data:`TRANSITIONS`); every other,
@@ -227,6 +235,9 @@ class Layer:
     #: (partition index, server id) of copies being filled after a re-replication: they
     #: take every write but serve no read until the worker has copied their partition
     filling: tuple[tuple[int, str], ...] = ()
+    #: servers a re-replication moved a copy away from that may still hold pages of the
+    #: layer (sorted): fenced like its own servers, given no copy of it until reclaimed
+    retired: tuple[str, ...] = ()
 
 
 K = TypeVar("K")
@@ -549,6 +560,19 @@ class FillDone:
 
 
 @dataclass(frozen=True, slots=True)
+class ReclaimDone:
+    """Retired ``server`` dropped every page of layer ``layer``: it may get a copy again."""
+
+    TAG: ClassVar[str] = "reclaim_done"
+    layer: int
+    server: str
+
+    def __post_init__(self) -> None:
+        check_int("layer id", self.layer, 1)
+        check_id("server id", self.server)
+
+
+@dataclass(frozen=True, slots=True)
 class CreateSnapshot:
     """Freeze the top layer of volume ``name`` as snapshot ``snapshot`` and push a new,
     empty top layer on the same servers [0056]: O(1), no data moves.  ``since`` is the
@@ -704,6 +728,7 @@ Command: TypeAlias = (
     | ReleaseLock
     | Rereplicate
     | FillDone
+    | ReclaimDone
     | CreateSnapshot
     | DeleteSnapshot
     | RollbackVolume
@@ -727,6 +752,7 @@ COMMAND_TYPES: tuple[type[Command], ...] = (
     ReleaseLock,
     Rereplicate,
     FillDone,
+    ReclaimDone,
     CreateSnapshot,
     DeleteSnapshot,
     RollbackVolume,
@@ -807,6 +833,13 @@ def validate(cmap: ClusterMap, cmd: Command) -> str | None:
                     "is not being filled"
                 )
             return None
+        case ReclaimDone():
+            layer = cmap.layers.get(cmd.layer)
+            if layer is None:
+                return f"unknown layer {cmd.layer}"
+            if cmd.server not in layer.retired:
+                return f"server {cmd.server} holds no retired copy of layer {cmd.layer}"
+            return None
         case (
             CreateSnapshot()
             | DeleteSnapshot()
@@ -832,7 +865,8 @@ def _rereplaced(cmap: ClusterMap, server_id: str) -> dict[int, Layer] | str:
     """The layers after every partition copy on ``server_id`` moved to another up server,
     or why that cannot be done.  Deterministic: layers and partitions in order, each copy
     to the eligible up server with the lowest fill ``(copies + 1) / capacity`` (ties: the
-    smaller id), counting the copies given so far."""
+    smaller id), counting the copies given so far.  A server the layer retired is not
+    eligible (it may still hold old pages of it); ``server_id`` joins the retired."""
     server = cmap.servers.get(server_id)
     if server is None:
         return f"unknown server {server_id}"
@@ -852,11 +886,16 @@ def _rereplaced(cmap: ClusterMap, server_id: str) -> dict[int, Layer] | str:
             if server_id not in part:
                 continue
             others = {cmap.servers[o].zone for o in part if o != server_id and o in cmap.servers}
-            eligible = [s for s in up if s.id not in part and not (zoned and s.zone in others)]
+            fits = [s for s in up if s.id not in part and not (zoned and s.zone in others)]
+            eligible = [s for s in fits if s.id not in layer.retired]
             if not eligible:
+                why = "add a server"
+                if fits:
+                    old = ", ".join(s.id for s in fits)
+                    why = f"{old} still hold(s) an old copy of the layer, not yet reclaimed"
                 return (
                     f"no up server can take the copy of partition {pidx} of layer {layer.id} "
-                    f"that {server_id} holds (partition {', '.join(part)}): add a server"
+                    f"that {server_id} holds (partition {', '.join(part)}): {why}"
                 )
             best = min(
                 eligible, key=lambda s: (Fraction(copies.get(s.id, 0) + 1, s.capacity), s.id)
@@ -865,7 +904,10 @@ def _rereplaced(cmap: ClusterMap, server_id: str) -> dict[int, Layer] | str:
             placement[pidx] = tuple(best.id if sid == server_id else sid for sid in part)
             filling.append((pidx, best.id))
         out[layer.id] = dataclasses.replace(
-            layer, placement=tuple(placement), filling=tuple(sorted(filling))
+            layer,
+            placement=tuple(placement),
+            filling=tuple(sorted(filling)),
+            retired=tuple(sorted({*layer.retired, server_id})),
         )
     return out
 
@@ -1013,7 +1055,13 @@ def apply(cmap: ClusterMap, cmd: Command) -> ClusterMap:
         case RemoveServer():
             kept = {k: v for k, v in cmap.servers.items() if k != cmd.id}
             volumes = _fenced(cmap, _affected(cmap, cmd), epoch)
-            return replace(cmap, epoch=epoch, servers=_frozen(kept), volumes=volumes)
+            unretired = {
+                lid: _unretire(layer, cmd.id)
+                for lid, layer in cmap.layers.items()
+                if cmd.id in layer.retired
+            }
+            layers = _frozen({**cmap.layers, **unretired}) if unretired else cmap.layers
+            return replace(cmap, epoch=epoch, servers=_frozen(kept), volumes=volumes, layers=layers)
         case DrainServer():
             server = replace(cmap.servers[cmd.id], draining=not cmd.undo)
             return replace(cmap, epoch=epoch, servers=_frozen({**cmap.servers, cmd.id: server}))
@@ -1049,6 +1097,9 @@ def apply(cmap: ClusterMap, cmd: Command) -> ClusterMap:
             layers = _frozen({**cmap.layers, layer.id: replace(layer, filling=done)})
             volumes = _fenced(cmap, _affected(cmap, cmd), epoch)
             return replace(cmap, epoch=epoch, volumes=volumes, layers=layers)
+        case ReclaimDone():
+            layer = _unretire(cmap.layers[cmd.layer], cmd.server)
+            return replace(cmap, epoch=epoch, layers=_frozen({**cmap.layers, layer.id: layer}))
         case ResizeVolume():
             volume = replace(cmap.volumes[cmd.name], size=cmd.size, fence_epoch=epoch)
             return replace(cmap, epoch=epoch, volumes=_frozen({**cmap.volumes, cmd.name: volume}))
@@ -1075,6 +1126,11 @@ def apply(cmap: ClusterMap, cmd: Command) -> ClusterMap:
             volume = replace(volume, lock=lock, fence_epoch=epoch)
             return replace(cmap, epoch=epoch, volumes=_frozen({**cmap.volumes, cmd.name: volume}))
     assert_never(cmd)
+
+
+def _unretire(layer: Layer, server_id: str) -> Layer:
+    retired = tuple(s for s in layer.retired if s != server_id)
+    return dataclasses.replace(layer, retired=retired)
 
 
 def _lock_after(lock: Lock | None, cmd: AcquireLock | ReleaseLock) -> Lock | None:
@@ -1584,7 +1640,7 @@ def affected_volumes(cmap: ClusterMap, cmd: Command) -> frozenset[int]:
 
 def _affected(cmap: ClusterMap, cmd: Command) -> frozenset[int]:
     match cmd:
-        case AddServer() | DrainServer() | Publish():
+        case AddServer() | DrainServer() | ReclaimDone() | Publish():
             return frozenset()
         case RemoveServer() | SetServerState() | Rereplicate():
             return frozenset(layer.volume_id for layer in cmap.layers_on(cmd.id))
@@ -1609,20 +1665,27 @@ def _affected(cmap: ClusterMap, cmd: Command) -> frozenset[int]:
     assert_never(cmd)
 
 
+def holders(cmap: ClusterMap, volume_ids: Iterable[int]) -> set[str]:
+    """The servers that hold, or may still hold, pages of a layer of these volumes: the
+    servers of its placement and those it retired."""
+    ids = set(volume_ids)
+    servers: set[str] = set()
+    for layer in cmap.layers.values():
+        if layer.volume_id in ids:
+            for part in layer.placement:
+                servers.update(part)
+            servers.update(layer.retired)
+    return servers
+
+
 def affected_servers(cmap: ClusterMap, cmd: Command) -> set[str]:
-    """Storage servers holding a layer of a volume ``cmd`` affects, before or after it
-    applies to ``cmap`` (the map before it): the leader sends them SET_EPOCH before it
-    publishes the new epoch.  A rejected command affects nothing."""
+    """The :func:`holders` of the volumes ``cmd`` affects, before or after it applies to
+    ``cmap`` (the map before it): the servers that must know the new fence before the
+    new epoch is published.  A rejected command affects nothing."""
     volume_ids = affected_volumes(cmap, cmd)
     if not volume_ids:
         return set()
-    servers: set[str] = set()
-    for m in (cmap, apply(cmap, cmd)):
-        for layer in m.layers.values():
-            if layer.volume_id in volume_ids:
-                for part in layer.placement:
-                    servers.update(part)
-    return servers
+    return holders(cmap, volume_ids) | holders(apply(cmap, cmd), volume_ids)
 
 
 def fences(cmap: ClusterMap) -> list[tuple[int, int]]:
@@ -1726,6 +1789,7 @@ def map_to_dict(cmap: ClusterMap) -> dict[str, Any]:
                 "role": layer.role.value,
                 "migrates_to": layer.migrates_to,
                 "filling": [list(f) for f in layer.filling],
+                "retired": list(layer.retired),
             }
             for lid, layer in sorted(cmap.layers.items())
         },
@@ -1760,8 +1824,8 @@ _VOLUME_OPTIONAL = ("lock", "snapshots", "origin", "flattening", "migration")
 _SNAPSHOT_KEYS = ("name", "layer", "since")
 _MIGRATION_KEYS = ("layer", "from")
 _LOCK_KEYS = ("session", "host", "pid", "since")
-_LAYER_KEYS = ("volume_id", "placement", "role", "migrates_to", "filling")
-_LAYER_OPTIONAL = ("filling",)
+_LAYER_KEYS = ("volume_id", "placement", "role", "migrates_to", "filling", "retired")
+_LAYER_OPTIONAL = ("filling", "retired")
 
 
 def _record(
@@ -1865,9 +1929,10 @@ def map_from_dict(data: Mapping[str, Any]) -> ClusterMap:
         role = _enum(r["role"], f"role of layer {lid}", LayerRole)
         raw_filling = _list(r["filling"] or [], f"filling copies of layer {lid}", 1 << 10)
         filling = tuple(tuple(_list(f, f"filling copy of layer {lid}", 2)) for f in raw_filling)
+        retired = tuple(_list(r["retired"] or [], f"retired copies of layer {lid}", 1 << 10))
         layers[lid] = Layer(
             lid, r["volume_id"], placement, role, r["migrates_to"],
-            filling,  # checked by check_map below
+            filling, retired,  # checked by check_map below
         )  # fmt: skip
     cmap = ClusterMap(
         _int(d["epoch"], "epoch"),
@@ -1986,6 +2051,12 @@ def _check_map(cmap: ClusterMap) -> None:
                 or entry[1] not in layer.placement[entry[0]]
             ):
                 fail(f"layer {lid} fills {_show(entry)}, not a copy of one of its partitions")
+        placed = {sid for part in layer.placement for sid in part}
+        if any(
+            type(sid) is not str or sid not in cmap.servers or sid in placed
+            for sid in layer.retired
+        ) or list(layer.retired) != sorted(set(layer.retired)):
+            fail(f"layer {lid} retires {_show(layer.retired)}, not other servers of the map")
         target = layer.migrates_to
         if target is not None and (
             type(target) is not int

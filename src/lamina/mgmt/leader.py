@@ -15,8 +15,10 @@ Once a second or so the leader's duty loop (:meth:`LeaderDuties.run_once`):
 - publishes the current epoch once every server holding a layer of a volume fenced since
   the last publication has acknowledged it (by asking for a lease with that epoch) or has
   certainly lost its lease: the publication rule, with leases as the channel;
-- reclaims the space of deleted volumes: DELETE_LAYER to every server that may hold one
-  of their layers, until each confirmed;
+- reclaims space: DELETE_LAYER of every layer gone from the map (deleted volumes, ...)
+  to every server that may hold it, until each confirmed; and of every layer copy a
+  re-replication moved away to the server it ``retired`` (that server may still hold old
+  pages of it), then ``ReclaimDone``, after which the layer may be placed there again;
 - once a second, releases the volume locks whose sessions sent this manager no
   keepalive for longer than the session timeout (:mod:`lamina.mgmt.sessions`).
 Every change goes through Raft like any other; a new leader resumes from the map.
@@ -62,11 +64,12 @@ REPORT_PING_TIMEOUT = 1.0
 
 
 def fences_of(cmap: cm.ClusterMap, server_id: str) -> tuple[tuple[int, int], ...]:
-    """(volume id, fence epoch) of every volume with a layer copy on ``server_id``."""
+    """(volume id, fence epoch) of every volume with a layer copy on ``server_id``, or a
+    copy it was retired from (it must refuse the old maps that still place it there)."""
     volume_ids = {
         layer.volume_id
         for layer in cmap.layers.values()
-        if any(server_id in part for part in layer.placement)
+        if server_id in layer.retired or any(server_id in part for part in layer.placement)
     }
     return tuple(
         (v.id, v.fence_epoch) for v in sorted(cmap.volumes.values(), key=lambda v: v.id)
@@ -77,13 +80,7 @@ def fences_of(cmap: cm.ClusterMap, server_id: str) -> tuple[tuple[int, int], ...
 def publication_waits_for(cmap: cm.ClusterMap) -> set[str]:
     """The servers that must acknowledge ``cmap.epoch`` before it is published."""
     fenced = {v.id for v in cmap.volumes.values() if v.fence_epoch > cmap.published_epoch}
-    return {
-        sid
-        for layer in cmap.layers.values()
-        if layer.volume_id in fenced
-        for part in layer.placement
-        for sid in part
-    }
+    return cm.holders(cmap, fenced)
 
 
 class LeaderDuties:
@@ -194,7 +191,7 @@ class LeaderDuties:
         self.rereplicate(cmap, now)
         self.drain(cmap)
         if (
-            self.service.reclaim
+            (self.service.reclaim or any(layer.retired for layer in cmap.layers.values()))
             and self.key is not None
             and (self._reclaiming is None or self._reclaiming.done())
         ):
@@ -373,6 +370,30 @@ class LeaderDuties:
                 assert isinstance(reply, m.DeleteLayerResponse)
                 log.info("reclaimed layer %d on %s (%d pages)", lid, sid, reply.pages_removed)
                 self.service.reclaimed(lid, sid)
+        await self.reclaim_retired(cmap)
+
+    async def reclaim_retired(self, cmap: cm.ClusterMap) -> None:
+        """DELETE_LAYER to every server a layer retired (skipping the ``down`` ones), and
+        ``ReclaimDone`` once it confirmed.  No copy of the layer is placed on a retired
+        server, so the delete cannot reach a copy the server holds now."""
+        assert self.key is not None
+        for lid in sorted(cmap.layers):
+            layer = cmap.layers[lid]
+            for sid in layer.retired:
+                server = cmap.servers.get(sid)
+                if server is None or server.state is cm.ServerState.DOWN:
+                    continue
+                try:
+                    request = m.DeleteLayerRequest(layer.volume_id, cmap.epoch, lid)
+                    reply = await self._call(server.addr, request, 2.0, 5.0)
+                    assert isinstance(reply, m.DeleteLayerResponse)
+                    await self.service.submit(cm.ReclaimDone(lid, sid))
+                except (LaminaError, OSError, TimeoutError) as exc:
+                    log.info("reclaiming the old copy of layer %d on %s: %s; will retry",
+                             lid, sid, exc)  # fmt: skip
+                    continue
+                log.info("reclaimed the old copy of layer %d on %s (%d pages)", lid, sid,
+                         reply.pages_removed)  # fmt: skip
 
     async def run(self) -> None:
         while True:

@@ -75,7 +75,7 @@ class ManagerService:
         # merge) leaves its pages on its servers until the leader reclaims them
         for lid in before.layers.keys() - self.map.layers.keys():
             layer = before.layers[lid]
-            servers = sorted({s for part in layer.placement for s in part})
+            servers = sorted({s for part in layer.placement for s in part} | {*layer.retired})
             self.reclaim[lid] = (layer.volume_id, tuple(servers))
         if isinstance(cmd, cm.Publish):
             seen = self._unpublished.get(cmd.epoch)

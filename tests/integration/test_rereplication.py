@@ -1,0 +1,144 @@
+"""Re-replication on real processes: a server whose copy moved away while it was down
+comes back fenced for that copy, never serves it, and has its space reclaimed; when a
+copy is placed back on it, the fill starts from nothing, so every acknowledged write
+reads back and a scrub finds every copy equal."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lamina.client import Cluster
+from lamina.errors import StaleEpoch, Unavailable
+from lamina.wire import messages as m
+from tests.integration.test_driver import storage_client, volume_info
+from tests.integration.test_resync import copies_of, read_whole, scrub, status, wait_state
+from tests.integration.volumes import LocalCluster, MiB, local_cluster
+
+pytestmark = pytest.mark.integration
+
+PAGES = 4
+REREPLICATE = ("--rereplicate-after", "2")
+
+
+def write_flushed(lc: LocalCluster, name: str, data: bytes) -> None:
+    """Write ``data`` at offset 0 of ``name`` through the driver and FLUSH it."""
+
+    async def main() -> None:
+        async with await Cluster.connect(lc.cluster_file) as cluster:
+            vol = await cluster.open(name)
+            await vol.write(0, data)
+            await vol.flush()
+            await vol.close()
+
+    asyncio.run(main())
+
+
+def wait_layer(
+    lc: LocalCluster, name: str, done: Callable[[dict[str, Any]], bool], what: str
+) -> dict[str, Any]:
+    """The volume's (only) layer once ``done`` holds for it (60 s at most)."""
+    deadline = time.monotonic() + 60
+    while True:
+        layer: dict[str, Any]
+        (layer,) = volume_info(lc, name)["layers"]
+        if done(layer):
+            return layer
+        assert time.monotonic() < deadline, f"{what}: {layer}"
+        time.sleep(0.3)
+
+
+def wait_gone(path: Path, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while path.exists():
+        assert time.monotonic() < deadline, f"{what}: {path} is still there"
+        time.sleep(0.2)
+
+
+async def read_at(lc: LocalCluster, sid: str, info: dict[str, Any], epoch: int) -> bytes:
+    """Page 0 of the volume's layer as server ``sid`` serves it at ``epoch`` (an
+    UNAVAILABLE while it catches up is retried)."""
+    layer = info["layers"][-1]["id"]
+    client = await storage_client(lc, sid)
+    try:
+        for _ in range(100):
+            try:
+                reply, data = await client.call_with_payload(
+                    m.ReadRequest(info["id"], epoch, layer, 0, MiB, 0, MiB)
+                )
+            except Unavailable:
+                await asyncio.sleep(0.1)
+                continue
+            assert isinstance(reply, m.ReadResponse)
+            return bytes(data) if reply.state == m.PageState.PRESENT else bytes(MiB)
+        raise AssertionError(f"{sid} stayed unavailable at epoch {epoch}")
+    finally:
+        client.close()
+
+
+def test_a_replaced_copy_that_comes_back_is_fenced_emptied_and_never_trusted(
+    tmp_path: Path,
+) -> None:
+    """(s1,s2) hold A; s2 dies and its copy moves to s3, which is filled; B is written.
+    s2 comes back: it refuses its old copy at the old epoch (an idle read-only client
+    that still has the old map reads B), and the copy's file goes away.  Then s3 dies and
+    the copy moves back to s2: it is filled whole, so every copy and every read is B, a
+    scrub finds nothing, and s3's old copy is reclaimed once it is back."""
+    size = PAGES * MiB
+    old, new = b"\xaa" * size, b"\xbb" * size
+    root = tmp_path / "cluster"
+    with local_cluster(root, 1, 3, *REREPLICATE) as lc:
+        info = lc.create_volume("v", size, replicas=2, stripe=1)
+        (layer,) = info["layers"]
+        lid = layer["id"]
+        first, second = layer["placement"][0]
+        (third,) = {"s1", "s2", "s3"} - {first, second}
+        write_flushed(lc, "v", old)
+        old_epoch = status(lc)["published_epoch"]
+        idle = lc.export("v", "--read-only")  # opens now: it keeps this map while idle
+
+        os.kill(lc.storage_pid(second), signal.SIGKILL)
+        wait_layer(lc, "v", lambda la: la["placement"] == [[first, third]] and not la["filling"],
+                   f"{second}'s copy never moved to {third}")  # fmt: skip
+        write_flushed(lc, "v", new)
+
+        lc.up(1, 3, *REREPLICATE)  # s2 again, holding A
+        wait_state(lc, second, "up", timeout=60)
+        # its old copy is fenced: a request of the old map is refused there
+        with pytest.raises(StaleEpoch):
+            asyncio.run(read_at(lc, second, info, old_epoch))
+        # the idle client, still on the old map, reads B (real NBD client, verified bytes)
+        done = subprocess.run(
+            ["qemu-io", "-r", "-f", "raw", "-c", f"read -P 0xbb 0 {size}", idle.uri],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "failed" not in done.stdout, done.stdout
+        # and the space of the copy it no longer holds is reclaimed
+        wait_gone(root / second / "layers" / f"{lid}.data", f"{second}'s old copy stayed")
+
+        os.kill(lc.storage_pid(third), signal.SIGKILL)
+        wait_layer(lc, "v", lambda la: la["placement"] == [[first, second]] and not la["filling"],
+                   f"{third}'s copy never moved back to {second}")  # fmt: skip
+        info = volume_info(lc, "v")
+        for page in range(PAGES):
+            copies = asyncio.run(copies_of(lc, info, page))
+            assert copies == [new[:MiB], new[:MiB]], f"page {page}: a copy is not B"
+        assert read_whole(lc, "v", size) == new
+        report = scrub(lc, "v")
+        assert (report["mismatches"], report["errors"]) == (0, 0), report
+        assert read_whole(lc, "v", size) == new
+
+        lc.up(1, 3, *REREPLICATE)  # s3 again, holding B in a copy it no longer has
+        wait_gone(root / third / "layers" / f"{lid}.data", f"{third}'s old copy stayed")
+        with pytest.raises(StaleEpoch):
+            asyncio.run(read_at(lc, third, info, old_epoch))
+        assert read_whole(lc, "v", size) == new
