@@ -9,7 +9,9 @@ answers):
   ``syncmask.IN_FLIGHT``, docs/protocol.md); so are the tokens of an attempt that
   failed on one copy;
 - a page this client creates while no presence map of the layer is loaded is in the
-  map loaded next, even when that listing overtook the creation.
+  map loaded next, even when that listing overtook the creation;
+- a write's tokens go back only once a FLUSH succeeded on every copy it reached, so no
+  mask vouches for a copy whose bytes a power loss could still take.
 """
 
 from __future__ import annotations
@@ -86,6 +88,9 @@ class Cluster:
     def confirm_later(self, sid: str, token: int) -> None:
         self.confirmed.append((sid, token))
 
+    def send_restores(self) -> None:
+        return None
+
     async def call(self, sid: str, msg: m.Message, payload: Any = b"") -> tuple[Any, Any]:
         return self.answer(sid, await self.clients[sid].send(msg, payload))
 
@@ -97,6 +102,37 @@ class Cluster:
 
 
 tokens = itertools.count(100)
+
+
+@pytest.fixture(autouse=True)
+def quick_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The background FLUSH that makes acknowledged writes durable goes out at once."""
+    monkeypatch.setattr(driver, "SYNC_DELAY", 0.001, raising=False)
+
+
+async def answer_flushes(cluster: Cluster, failing: tuple[str, ...] = ()) -> set[str]:
+    """Wait for a FLUSH to every server (a little), answer each (an error from the
+    servers in ``failing``); the servers that got one."""
+    asked: set[str] = set()
+    for _ in range(200):
+        for sid, c in cluster.clients.items():
+            for msg, fut in c.sent:
+                if isinstance(msg, m.FlushRequest) and not fut.done():
+                    asked.add(sid)
+                    if sid in failing:
+                        lost = m.encode_error(Unavailable("disk gone"))
+                        fut.set_result(
+                            Frame(
+                                Kind.RESPONSE, m.Op.FLUSH, int(ErrorCode.UNAVAILABLE), 1, lost, b""
+                            )
+                        )
+                    else:
+                        reply(fut, m.FlushResponse())
+        if asked == set(cluster.clients):
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.02)
+    return asked
 
 
 async def one_write(hot: bool) -> tuple[Cluster, asyncio.Future[None]]:
@@ -146,11 +182,13 @@ def test_a_write_attempt_answered_too_late_is_redone_and_not_acknowledged(
         assert cluster.confirmed == [], "the late attempt's tokens went back on their own"
         retry = await answer_all(cluster, 1)  # the attempt redone answers at once
         await asyncio.wait_for(out, 5)
+        assert await answer_flushes(cluster) == {"s1", "s2"}
         # every copy holds the bytes again, written after the late attempt: its tokens
         # go back with the redone attempt's
         assert sorted(cluster.confirmed) == sorted(late + retry)
         for c in cluster.clients.values():
-            assert [type(msg) for msg, _ in c.sent] == [m.WriteRequest, m.WriteRequest]
+            writes = [msg for msg, _ in c.sent if not isinstance(msg, m.FlushRequest)]
+            assert [type(msg) for msg in writes] == [m.WriteRequest, m.WriteRequest]
 
     asyncio.run(main())
 
@@ -166,6 +204,7 @@ def test_a_write_answered_in_time_is_acknowledged_at_once(monkeypatch: pytest.Mo
         now[0] += WRITE_ATTEMPT_LIMIT - 1
         acks = await answer_all(cluster, 0)
         await asyncio.wait_for(out, 5)
+        assert await answer_flushes(cluster) == {"s1", "s2"}
         assert sorted(cluster.confirmed) == sorted(acks)
 
     asyncio.run(main())
@@ -243,6 +282,58 @@ def test_an_attempt_that_failed_on_one_copy_is_confirmed_with_the_one_that_succe
         assert not out.done()
         retry = await answer_all(cluster, 1)
         await asyncio.wait_for(out, 5)
+        assert await answer_flushes(cluster) == {"s1", "s2"}
         assert sorted(cluster.confirmed) == sorted([took, *retry])
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("hot", [True, False], ids=["hot path", "full path"])
+def test_tokens_go_back_only_once_every_copy_made_the_write_durable(hot: bool) -> None:
+    """Both copies acknowledge a write; its tokens wait for a FLUSH that succeeds on
+    both.  One that fails on s2 (its bytes may be only in its page cache) confirms
+    nothing, on s1 either: s1's mask keeps disowning s2, so a power loss of s2 cannot
+    leave s1 vouching for bytes s2 lost.  The next write, flushed on both, is confirmed."""
+
+    async def main() -> None:
+        cluster, out = await one_write(hot)
+        first = await answer_all(cluster, 0)
+        await asyncio.wait_for(out, 5)
+        await asyncio.sleep(0.05)
+        assert cluster.confirmed == [], "tokens went back before any copy flushed"
+        assert await answer_flushes(cluster, failing=("s2",)) == {"s1", "s2"}
+        assert cluster.confirmed == [], "tokens went back though s2 did not flush"
+        vol = driver.Volume(cluster, volume_view(_doc(), "db"), read_only=False)  # type: ignore[arg-type]
+        again = vol.start_write(6 * PAGE, b"w" * 4096, False)
+        done = len(cluster.clients["s1"].sent)
+        second = [(sid, ack(c.sent[done - 1][1])) for sid, c in cluster.clients.items()]
+        await asyncio.wait_for(again, 5)
+        assert await answer_flushes(cluster) == {"s1", "s2"}
+        assert sorted(cluster.confirmed) == sorted(second)
+        assert not set(first) & set(cluster.confirmed)
+
+    asyncio.run(main())
+
+
+def test_a_client_flush_confirms_the_writes_it_covered() -> None:
+    """A FLUSH of the client makes the writes acknowledged before it durable on every
+    copy: their tokens go back once it succeeded, not before."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        vol = driver.Volume(cluster, volume_view(_doc(), "db"), read_only=False)  # type: ignore[arg-type]
+        driver.SYNC_DELAY = 3600.0  # only the client's FLUSH makes it durable here
+        try:
+            out = vol.start_write(5 * PAGE, b"f" * 4096, False)
+            acks = await answer_all(cluster, 0)
+            await asyncio.wait_for(out, 5)
+            flush = asyncio.ensure_future(vol.flush())
+            await asyncio.sleep(0.05)
+            assert cluster.confirmed == []
+            assert await answer_flushes(cluster) == {"s1", "s2"}
+            await asyncio.wait_for(flush, 5)
+            assert sorted(cluster.confirmed) == sorted(acks)
+        finally:
+            driver.SYNC_DELAY = 0.001
 
     asyncio.run(main())

@@ -18,8 +18,12 @@ succeeds or its deadline (``io_timeout``) passes:
   another copy, and repair the bad one from it.  A copy that fails -> try another.
 - **Write** (Fig. 7B): to every ``up`` copy of the page in the top layer, each with its
   clear mask and the restore mask of the copies written.  Once every copy acknowledged,
-  the tokens go back on the next request to that server, or on their own within
-  ``RESTORE_DELAY``, so a quiet page is clean again within a second.  A partial write to a
+  the write waits to be *durable* on every copy: a FLUSH of those servers (the client's
+  own, or one the driver sends within ``SYNC_DELAY``) that succeeds on all of them.  Only
+  then do its tokens go back (on the next request to that server, or on their own within
+  ``RESTORE_DELAY``), so a mask never vouches for a copy whose bytes a power loss could
+  still take (see docs/protocol.md, "When a mask bit comes back"); a quiet page is clean
+  again within a second.  A partial write to a
   page the top layer does not hold yet is NOT_FOUND: copy-up (CREATE_IF_ABSENT of the page
   from the uppermost layer that has it, or zeros) and write again; a page copied up out
   of a migration source is tombstoned there by the next successful :meth:`Volume.flush`,
@@ -106,6 +110,11 @@ Orphans = list[tuple[int, str, int]]
 
 #: a write's tokens go back on their own after this long if no request carries them
 RESTORE_DELAY = 0.2
+#: writes acknowledged by every copy are made durable (a FLUSH of their servers) after
+#: this long if the client sends no FLUSH itself; only then are their tokens confirmed
+SYNC_DELAY = 0.2
+#: (server id, token) of every copy one write reached
+Group = tuple[tuple[str, int], ...]
 #: tokens per request (the wire limit of a list)
 MAX_TOKENS_PER_REQUEST = m.MAX_LIST
 #: pages copied up out of a migration source kept for the next flush to tombstone
@@ -520,6 +529,12 @@ class Volume:
         self._unflushed: dict[int, int] = {}
         self._moved: list[tuple[int, int, int]] = []  # (count, source layer, page)
         self._cache_presence(view)
+        # writes every copy acknowledged whose tokens wait until a FLUSH made them durable
+        # on all those copies (confirmed earlier, a mask would vouch for bytes that a
+        # power loss of one copy could still take)
+        self._unsynced: list[Group] = []
+        self._sync_timer: asyncio.TimerHandle | None = None
+        self._sync_task: asyncio.Task[None] | None = None
 
     # -- BlockBackend ---------------------------------------------------------------------
 
@@ -573,11 +588,30 @@ class Volume:
         then tombstone the pages copied up out of a migration source before it began."""
         self._check_open()
         deadline = self._deadline()
-        attempt = 0
         covered = self._writes_sent
-        # the tokens first: on the same connections they arrive before the FLUSH, which
-        # then makes the restored masks durable too (a clean page stays clean in a crash)
+        # the writes acknowledged so far: durable once this FLUSH succeeded everywhere
+        batch, self._unsynced = self._unsynced, []
+        # the tokens already confirmed first: on the same connections they arrive before
+        # the FLUSH, which then makes the restored masks durable too
         self.cluster.send_restores()
+        try:
+            batch = await self._flush_servers(covered, deadline, batch)
+        finally:
+            if batch:  # not covered (a server left meanwhile): the background sync's turn
+                self._unsynced[:0] = batch
+                self._sync_soon()
+        moved = [(lid, page) for n, lid, page in self._moved if n <= covered]
+        if moved:
+            self._moved = [entry for entry in self._moved if entry[0] > covered]
+            await self._tombstone_moved(self.view, moved)
+
+    async def _flush_servers(
+        self, covered: int, deadline: float, batch: list[Group]
+    ) -> list[Group]:
+        """FLUSH every server of the top layer and of the layers written up to write
+        ``covered``, until all succeed; confirm the writes of ``batch`` they cover, and
+        return the others."""
+        attempt = 0
         while True:
             view = self.view
             self._check_lock()
@@ -603,10 +637,7 @@ class Volume:
         for lid in written:
             if self._unflushed.get(lid, covered + 1) <= covered:
                 del self._unflushed[lid]
-        moved = [(lid, page) for n, lid, page in self._moved if n <= covered]
-        if moved:
-            self._moved = [entry for entry in self._moved if entry[0] > covered]
-            await self._tombstone_moved(view, moved)
+        return self._confirm_durable(batch, set(servers))
 
     def _sent(self, layer_id: int) -> None:
         """A write (or copy-up) to ``layer_id`` is going out: the next FLUSH covers it."""
@@ -629,6 +660,60 @@ class Volume:
         for k in range(0, len(requests), TOMBSTONE_BATCH):
             await asyncio.gather(*requests[k : k + TOMBSTONE_BATCH], return_exceptions=True)
 
+    # -- durability before confirmation -----------------------------------------------------
+
+    def _durable_later(self, group: Group) -> None:
+        """Confirm the tokens of one write once it is durable on every copy it reached."""
+        if group:
+            self._unsynced.append(group)
+            self._sync_soon()
+
+    def _sync_soon(self) -> None:
+        if self._sync_timer is None and not self._closed:
+            loop = asyncio.get_running_loop()
+            self._sync_timer = loop.call_later(SYNC_DELAY, self._start_sync)
+
+    def _start_sync(self) -> None:
+        self._sync_timer = None
+        if self._sync_task is not None and not self._sync_task.done():
+            self._sync_soon()  # one at a time: look again after this one
+            return
+        if self._unsynced and not self._closed:
+            self._sync_task = asyncio.get_running_loop().create_task(self._sync_unsynced())
+
+    async def _sync_unsynced(self) -> None:
+        """FLUSH the servers of the writes waiting for durability, then confirm the tokens
+        of every write whose copies all flushed.  A write on a server that failed keeps its
+        pages dirty, as a write that failed there would: a resynchronisation cleans them."""
+        batch, self._unsynced = self._unsynced, []
+        view = self.view
+        servers = sorted({sid for group in batch for sid, _ in group})
+        results = await asyncio.gather(
+            *(self._call(sid, m.FlushRequest(view.id, view.epoch)) for sid in servers),
+            return_exceptions=True,
+        )
+        flushed = {
+            sid for sid, r in zip(servers, results, strict=True) if not isinstance(r, BaseException)
+        }
+        for sid, r in zip(servers, results, strict=True):
+            if isinstance(r, BaseException):
+                log.info("background flush of %s failed: %s", sid, r)
+        dropped = self._confirm_durable(batch, flushed)
+        if dropped:
+            log.info("%d writes stay unconfirmed (a copy did not flush)", len(dropped))
+
+    def _confirm_durable(self, batch: list[Group], flushed: set[str]) -> list[Group]:
+        """Confirm the groups whose servers all flushed; the others."""
+        rest = []
+        for group in batch:
+            if all(sid in flushed for sid, _ in group):
+                for sid, token in group:
+                    self.cluster.confirm_later(sid, token)
+            else:
+                rest.append(group)
+        self.cluster.send_restores()
+        return rest
+
     async def close(self) -> None:
         """Flush, give back the tokens and the lock."""
         if self._closed:
@@ -636,8 +721,15 @@ class Volume:
         try:
             if self.writable and self._lost is None:
                 await self.flush()
+                # the tokens the first FLUSH confirmed went out on the connections ahead of
+                # this one, which makes the restored masks durable too: a crash right after
+                # a clean close resynchronises nothing
+                await self.flush()
         finally:
             self._closed = True
+            if self._sync_timer is not None:
+                self._sync_timer.cancel()
+                self._sync_timer = None
             self.cluster.send_restores()
             self.cluster._volumes.discard(self)
             if self.writable and self._lost is None:
@@ -1027,8 +1119,7 @@ class Volume:
             orphans = [(p.layer_id, sid, token) for sid, token in tokens]
             self._slow(p.out, self._write_again(p, orphans))
             return
-        for sid, token in tokens:
-            self.cluster.confirm_later(sid, token)
+        self._durable_later(tuple(tokens))
         if len(p.data) == p.view.page_size:
             self._clean.add(key)
         p.out.set_result(None)
@@ -1227,8 +1318,8 @@ class Volume:
             written = await _all(
                 self._call(
                     part[i],
-                    m.WriteRequest(
-                        layer.owner, view.epoch, layer.id, page, size, 0, FULL, FULL, False,
+                    m.WriteRequest(  # durable (fua) before any mask vouches for it
+                        layer.owner, view.epoch, layer.id, page, size, 0, FULL, FULL, True,
                         conditional=True, if_generation=statuses[i][2],
                     ),
                     data,
@@ -1280,9 +1371,8 @@ class Volume:
             finally:
                 self._write_done(key)
             if not errors:
-                for lid, sid, token in orphans:
-                    if lid == layer.id:  # another layer's copies never got this attempt
-                        self.cluster.confirm_later(sid, token)
+                # another layer's copies never got this attempt
+                self._durable_later(tuple((sid, t) for lid, sid, t in orphans if lid == layer.id))
                 return
             attempt += 1
             absent = [e for e in errors if isinstance(e, NotFound)]
@@ -1362,8 +1452,7 @@ class Volume:
             # the copies that took it stay dirty until an attempt succeeds everywhere
             orphans.extend((layer.id, sid, token) for sid, token in took)
             return errors
-        for sid, token in took:
-            cluster.confirm_later(sid, token)
+        self._durable_later(tuple(took))
         if ext.length == view.page_size:
             self._clean.add((layer.id, ext.page))
         return []

@@ -990,8 +990,8 @@ class Worker:
             await self._throttle(size)
             written, _ = await self._call_with_payload(
                 part[t],
-                m.WriteRequest(
-                    volume.id, epoch, layer.id, page, size, 0, FULL, FULL, False,
+                m.WriteRequest(  # durable (fua) before any mask vouches for it
+                    volume.id, epoch, layer.id, page, size, 0, FULL, FULL, True,
                     conditional=True, if_generation=gens[t],
                 ),
                 data,
