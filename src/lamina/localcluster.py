@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lamina import durable
 from lamina.errors import LaminaError, LocalError, Unavailable
 from lamina.wire import messages as m
 from lamina.wire.connection import Client
@@ -200,9 +201,7 @@ def ensure_token(path: Path) -> str:
     if path.exists():
         return path.read_text().strip()
     token = secrets.token_hex(24)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
+    durable.create_new(path, (token + "\n").encode())
     return token
 
 
@@ -353,7 +352,7 @@ def up(
             )
     else:
         layout = Layout.new(n_managers, n_servers)
-        layout_path.write_text(layout.to_json())
+        durable.replace(layout_path, layout.to_json().encode())
     started: list[str] = []
     running: list[str] = []
     raft_peers = [r for _, _, r, _ in layout.managers]
@@ -468,9 +467,7 @@ def _write_cluster_file(root: Path, urls: list[str]) -> None:
         'key = "cluster.key"\n'
         'admin_token = "admin.token"\n'
     )
-    tmp = root / "cluster.toml.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, root / "cluster.toml")
+    durable.replace(root / "cluster.toml", text.encode())
 
 
 def down(root: Path, timeout: float = 15.0) -> list[str]:

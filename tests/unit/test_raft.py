@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -18,9 +20,11 @@ from typing import Any, TypeVar
 
 import msgpack
 import pytest
+from pysyncobj.journal import LAST_RECORD_OFFSET_OFFSET
 
 from lamina.errors import LocalError, Unavailable
 from lamina.mgmt.raft import (
+    JOURNAL_FILE,
     SNAPSHOT_FILE,
     SNAPSHOT_MAGIC,
     NotLeader,
@@ -492,3 +496,166 @@ def test_restarted_member_is_caught_up_only_once_it_has_everything(group3: Group
         assert samples > 0
 
     run(body())
+
+
+class SyncedJournals:
+    """Wraps ``os.fdatasync`` and ``os.fsync`` to record, per Raft journal, how far its
+    records were durable at the last sync (the journal's own end-of-records offset, read
+    from the file at that moment), and the content of the meta file last made durable."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.offsets: dict[str, int] = {}
+        self.metas: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+        real_fdatasync, real_fsync = os.fdatasync, os.fsync
+
+        def record(fd: int) -> None:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            if path.endswith(JOURNAL_FILE):
+                (end,) = struct.unpack("<I", os.pread(fd, 4, LAST_RECORD_OFFSET_OFFSET))
+                with self._lock:
+                    self.offsets[path] = end
+            elif path.endswith(".meta.tmp"):
+                content = Path(path).read_bytes()  # opened write-only: read it by name
+                with self._lock:
+                    self.metas[path.removesuffix(".tmp")] = content
+
+        def fdatasync(fd: int) -> None:
+            real_fdatasync(fd)
+            record(fd)
+
+        def fsync(fd: int) -> None:
+            real_fsync(fd)
+            record(fd)
+
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+        monkeypatch.setattr(os, "fsync", fsync)
+
+    def holds(self, journal: Path, command: bytes) -> bool:
+        """Whether ``command`` is within the durable part of ``journal``."""
+        with self._lock:
+            end = self.offsets.get(str(journal), 0)
+        with open(journal, "rb") as f:
+            return command in f.read(end)
+
+    def lose_power(self, journal: Path) -> None:
+        """Put ``journal`` and its meta file back to what their last syncs made durable:
+        every record after the durable end is zeroed, the meta file restored."""
+        with self._lock:
+            end = self.offsets.get(str(journal), 0)
+            meta = self.metas.get(str(journal) + ".meta")
+        data = bytearray(journal.read_bytes())
+        if end:
+            data[end:] = bytes(len(data) - end)
+            data[LAST_RECORD_OFFSET_OFFSET : LAST_RECORD_OFFSET_OFFSET + 4] = struct.pack("<I", end)
+        if end:
+            journal.write_bytes(bytes(data))
+        else:  # never synced: not even its creation survives
+            journal.unlink()
+        meta_path = Path(str(journal) + ".meta")
+        if meta is None:
+            meta_path.unlink(missing_ok=True)
+        else:
+            meta_path.write_bytes(meta)
+
+
+def _checking_apply(
+    group: Group, i: int, synced: SyncedJournals, majority: int, problems: list[str]
+) -> None:
+    """Make member ``i``'s Recorder check, on every apply, that a majority of the
+    members hold the command durably in their journals, this member among them."""
+    rec = group.recorders[i]
+    plain = rec.apply
+
+    def apply(command: bytes) -> int:
+        journals = [group.root / f"m{k}" / JOURNAL_FILE for k in range(len(group.addrs))]
+        durable = [k for k, j in enumerate(journals) if j.exists() and synced.holds(j, command)]
+        if i not in durable or len(durable) < majority:
+            problems.append(f"m{i} applied {command!r} durable only on {durable}")
+        return plain(command)
+
+    rec.apply = apply  # type: ignore[method-assign]
+
+
+def start_checked(
+    group: Group, i: int, synced: SyncedJournals, majority: int, problems: list[str]
+) -> ReplicatedLog:
+    """Start member ``i`` with a Recorder whose apply checks durability first."""
+    assert group.members[i] is None
+    rec = group.recorders[i] = Recorder()
+    _checking_apply(group, i, synced, majority, problems)
+    member = ReplicatedLog(
+        self_addr=group.addrs[i],
+        peers=group.addrs,
+        journal_dir=group.root / f"m{i}",
+        password=KEY,
+        apply=rec.apply,
+        dump=rec.dump,
+        load=rec.load,
+    )
+    group.members[i] = member
+    return member
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_an_entry_is_durable_on_a_majority_before_it_is_applied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """Every member applies a command only once it is fdatasynced in its own journal and
+    in the journals of a majority (so no member acknowledged an entry not on its disk)."""
+    synced = SyncedJournals(monkeypatch)
+    group = Group(tmp_path, size)
+    problems: list[str] = []
+
+    async def body() -> None:
+        for i in range(size):
+            start_checked(group, i, synced, size // 2 + 1, problems)
+        leader = await group.leader()
+        for c in cmds("d", 10):
+            await group.member(leader).propose(c)
+        await asyncio.gather(
+            *(group.member(i).propose(c) for i in range(size) for c in cmds(f"p{i}", 5))
+        )
+        await group.converged(list(range(size)), 10 + 5 * size)
+
+    try:
+        run(body())
+    finally:
+        group.close_all()
+    assert problems == []
+
+
+def test_committed_commands_survive_losing_power_on_every_member(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every command whose proposal returned is still there after every member loses what
+    it had not synced (journal records after the last fdatasync, an unsynced meta file)."""
+    synced = SyncedJournals(monkeypatch)
+    group = Group(tmp_path, 3)
+
+    async def first() -> list[bytes]:
+        for i in range(3):
+            group.start(i)
+        leader = await group.leader()
+        done = []
+        for c in cmds("w", 20):
+            await group.member(leader).propose(c)
+            done.append(c)
+        return done
+
+    async def after(count: int) -> list[bytes]:
+        for i in range(3):
+            group.start(i)
+        await group.leader()
+        await group.member(0).propose(b"after")
+        return await group.converged([0, 1, 2], count + 1)
+
+    try:
+        done = run(first())
+        group.close_all()
+        for i in range(3):
+            synced.lose_power(tmp_path / f"m{i}" / JOURNAL_FILE)
+        applied = run(after(len(done)))
+    finally:
+        group.close_all()
+    assert applied == [*done, b"after"]

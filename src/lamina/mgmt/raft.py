@@ -33,6 +33,18 @@ not pickle.
 Files in ``journal_dir`` (all written by PySyncObj except through our snapshot hooks):
 ``raft.journal`` (the log), ``raft.journal.meta`` (term, vote, commit index) and
 ``raft.dump`` (the snapshot after log compaction; see docs/raft.md).
+
+Durability: PySyncObj never fsyncs.  This module installs its own journal class
+(:class:`_DurableJournal`, through ``pysyncobj.syncobj.createJournal``, the one place
+PySyncObj makes its journal) and transport (:class:`_SyncingTransport`).  The journal
+remembers that it was changed; before this member sends any Raft message (an
+acknowledgement of entries, a vote, the leader's append_entries) and at the end of every
+tick (before a single member counts its own entries as committed on the next one), a
+changed journal is fdatasynced.  So no member acknowledges, and no leader counts, an entry
+that is not on its disk, and a committed entry survives losing power on every member at
+once.  The meta file (term and vote) is written to a temporary file, fsynced, renamed and
+its directory fsynced before any vote leaves.  Log compaction rewrites the journal into a
+new file that replaces the old one only once it and the snapshot it follows are durable.
 """
 
 from __future__ import annotations
@@ -48,9 +60,14 @@ from pathlib import Path
 from typing import Any, Final
 
 import msgpack
+import pysyncobj.syncobj
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj.journal import FileJournal, Journal, MemoryJournal, MetaStorer
 from pysyncobj.node import TCPNode
+from pysyncobj.pickle import dumps as _pysyncobj_dumps
+from pysyncobj.transport import TCPTransport
 
+from lamina.durable import fsync_dir
 from lamina.errors import LocalError, Unavailable
 
 __all__ = [
@@ -200,6 +217,129 @@ def _fail_closed(fut: asyncio.Future[Any]) -> None:
         fut.set_exception(Unavailable("the raft member was closed; outcome unknown"))
 
 
+def _journal_fd(journal: FileJournal) -> int:
+    """The descriptor of a FileJournal's file (PySyncObj reopens it when it grows it)."""
+    return int(journal._FileJournal__journalFile._ResizableFile__f.fileno())
+
+
+class _DurableMeta(MetaStorer):  # type: ignore[misc]  # PySyncObj has no type hints
+    """PySyncObj's meta file (term, vote, commit index), replaced durably: temporary file
+    fsynced, renamed over the old one, directory fsynced."""
+
+    def storeMeta(self, meta: dict[str, Any]) -> None:  # noqa: N802  # PySyncObj's name
+        path = self.getPath()
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(_pysyncobj_dumps(meta))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(os.path.dirname(path) or ".")
+
+
+class _DurableJournal(FileJournal):  # type: ignore[misc]  # PySyncObj has no type hints
+    """PySyncObj's file journal that knows when it holds changes not yet on disk.
+
+    Every change marks it dirty; :meth:`sync` fdatasyncs the file (on Linux that also
+    writes back what PySyncObj wrote through its memory map).  All calls come from the
+    member's tick thread."""
+
+    def __init__(self, path: str) -> None:
+        self._lamina_path = path
+        self._lamina_dirty = True
+        self._lamina_new_name = not os.path.exists(path)
+        super().__init__(path)
+        self._FileJournal__metaStorer = _DurableMeta(path + ".meta")
+        self.sync()
+
+    def sync(self) -> None:
+        """Make every change so far durable (a no-op when there is none)."""
+        if not self._lamina_dirty:
+            return
+        os.fdatasync(_journal_fd(self))
+        if self._lamina_new_name:
+            fsync_dir(os.path.dirname(self._lamina_path) or ".")
+            self._lamina_new_name = False
+        self._lamina_dirty = False
+
+    def onOneSecondTimer(self) -> None:  # noqa: N802  # PySyncObj's name
+        # the commit index the meta file is about to store never runs ahead of the
+        # entries durable in the journal
+        self.sync()
+        super().onOneSecondTimer()
+
+    def add(self, command: bytes, idx: int, term: int) -> None:
+        self._lamina_dirty = True
+        super().add(command, idx, term)
+
+    def deleteEntriesFrom(self, entry_from: int) -> None:  # noqa: N802  # PySyncObj's name
+        self._lamina_dirty = True
+        super().deleteEntriesFrom(entry_from)
+
+    def clear(self) -> None:
+        # PySyncObj clears the journal after it installed a snapshot from the leader: the
+        # snapshot must be durable before the entries it replaces may go.
+        self._snapshot_durable()
+        self._lamina_dirty = True
+        super().clear()
+
+    def deleteEntriesTo(self, entry_to: int) -> None:  # noqa: N802  # PySyncObj's name
+        """Log compaction: keep the entries from ``entry_to`` on, in a new file that
+        replaces this one only once it, and the snapshot it follows, are durable (PySyncObj
+        rewrites the file in place, which a crash halfway through would leave short)."""
+        keep = list(self._FileJournal__journal[entry_to:])
+        self._snapshot_durable()
+        tmp = self._lamina_path + ".new"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        fresh = FileJournal(tmp)
+        for entry in keep:
+            fresh.add(*entry)
+        os.fdatasync(_journal_fd(fresh))
+        fresh._destroy()
+        meta: dict[str, Any] = getattr(self, "_FileJournal__meta")  # noqa: B009
+        saved: bool = getattr(self, "_FileJournal__metaSaved")  # noqa: B009
+        self._destroy()
+        os.replace(tmp, self._lamina_path)
+        fsync_dir(os.path.dirname(self._lamina_path) or ".")
+        FileJournal.__init__(self, self._lamina_path)
+        self._FileJournal__meta, self._FileJournal__metaSaved = meta, saved
+        self._FileJournal__metaStorer = _DurableMeta(self._lamina_path + ".meta")
+        self._lamina_dirty = False
+
+    def _snapshot_durable(self) -> None:
+        """fsync the snapshot file beside the journal, and the directory (its rename)."""
+        snapshot = os.path.join(os.path.dirname(self._lamina_path), SNAPSHOT_FILE)
+        try:
+            fd = os.open(snapshot, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(os.path.dirname(snapshot) or ".")
+
+
+def _create_journal(path: str | None = None) -> Journal:
+    """What PySyncObj calls to make a member's journal: ours when it is a file."""
+    return MemoryJournal() if path is None else _DurableJournal(path)
+
+
+# PySyncObj makes its journal through this module-level name only (SyncObj.__init__).
+pysyncobj.syncobj.createJournal = _create_journal
+
+
+class _SyncingTransport(TCPTransport):  # type: ignore[misc]  # PySyncObj has no type hints
+    """PySyncObj's TCP transport that makes the journal durable before any message
+    leaves: every acknowledgement, vote and append_entries then speaks of entries that
+    are on this member's disk."""
+
+    def send(self, node: Any, message: Any) -> bool:
+        self._syncObj._lamina_sync_journal()
+        return bool(super().send(node, message))
+
+
 class _Member(SyncObj):  # type: ignore[misc]  # PySyncObj has no type hints
     """The PySyncObj object: one replicated method that hands commands to ``apply``."""
 
@@ -213,8 +353,16 @@ class _Member(SyncObj):  # type: ignore[misc]  # PySyncObj has no type hints
         # Set before SyncObj.__init__: its tick thread may replay the journal at once.
         self._lamina_apply = apply
         self.caught_up = False
-        super().__init__(self_addr, others, conf)
+        super().__init__(self_addr, others, conf, transportClass=_SyncingTransport)
+        self.addOnTickCallback(self._lamina_sync_journal)
         self.addOnTickCallback(self._check_caught_up)
+
+    def _lamina_sync_journal(self) -> None:
+        """fdatasync the journal if it changed (before any send, and after every tick:
+        the entries a leader appended in this tick count for its commit index in the next)."""
+        journal = self._SyncObj__raftLog
+        if isinstance(journal, _DurableJournal):
+            journal.sync()
 
     def _check_caught_up(self) -> None:
         """On the tick thread, after every tick: latch ``caught_up`` once this member knows
@@ -281,7 +429,9 @@ class ReplicatedLog:
         self._pending: set[asyncio.Future[Any]] = set()
         self._lock = threading.Lock()
 
-        journal_dir.mkdir(parents=True, exist_ok=True)
+        if not journal_dir.is_dir():
+            journal_dir.mkdir(parents=True)
+            fsync_dir(journal_dir.parent)
         snapshot = journal_dir / SNAPSHOT_FILE
         if snapshot.exists():
             # PySyncObj logs and ignores a snapshot that fails to load, which would leave

@@ -21,6 +21,7 @@ from aiohttp import web
 from lamina import daemon
 from lamina.config import ConfigError, ManagerConfig, parse_addr
 from lamina.daemon import write_port_file
+from lamina.durable import fsync_dir
 from lamina.mgmt.http import make_app
 from lamina.mgmt.leader import LeaderDuties
 from lamina.mgmt.raft import ReplicatedLog
@@ -44,11 +45,19 @@ def load_token(path: Path) -> str:
     return token
 
 
+def make_data_dir(data: Path) -> None:
+    """Create the manager's data directory if missing, its name durably (the Raft journal
+    below it is durable only with it)."""
+    if not data.is_dir():
+        os.makedirs(data)
+        fsync_dir(data.parent)
+
+
 async def serve(cfg: ManagerConfig) -> None:
     key = load_key(cfg.key)
     token = load_token(cfg.token_path)
     data = Path(cfg.data)
-    os.makedirs(data, exist_ok=True)
+    make_data_dir(data)
     service = ManagerService(cfg.id)
     rlog = ReplicatedLog(
         cfg.raft,

@@ -19,6 +19,7 @@ import secrets
 from hashlib import sha256
 from pathlib import Path
 
+from lamina.durable import create_new
 from lamina.errors import AuthFailed, LocalError
 from lamina.wire.framing import PROTOCOL_VERSION
 
@@ -75,7 +76,5 @@ def load_key(path: str | os.PathLike[str]) -> bytes:
 def write_new_key(path: str | os.PathLike[str]) -> bytes:
     """Create a fresh 32-byte key file readable by its owner only; never overwrite one."""
     key = secrets.token_bytes(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as f:
-        f.write(key.hex() + "\n")
+    create_new(Path(path), (key.hex() + "\n").encode("ascii"))  # fsynced, and its name
     return key
