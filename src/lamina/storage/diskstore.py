@@ -23,16 +23,24 @@ The durable-write order (the crash model):
    on-disk mask already has those bits cleared needs no commit at all: restores are
    persisted lazily, so a hot page keeps its cleared mask on disk while it is written.
 2. The record carrying a write's new block checksums is appended *before* its data is
-   written; both happen in one synchronous step of the event loop, with no other append
-   in between.  So after kill -9 only the *last* data record of the log can describe data
-   that was not written; recovery checks exactly those blocks against both their old and
-   new checksums and keeps whichever the data matches.
-3. A mask *increase* (restore, mark-clean) is persisted only after the data files were
+   written; both happen in one synchronous step of the event loop.  A group commit of
+   another page's mask clear may make that record durable before its data.
+3. After each fdatasync of the data files a SYNCED record marks the log position up to
+   which every data record's data is durable.  Recovery (``_resolve_doubts``) checks the
+   pages of records after the last marker against every version they had since, per 4
+   KiB block, and keeps whichever the data matches: after a power loss a page reads old
+   or new bytes, never CORRUPT.
+4. A mask *increase* (restore, mark-clean) is persisted only after the data files were
    fdatasynced, so no copy can look clean on disk while its data may be older.
-4. FLUSH (and a FUA write) fdatasyncs the data files, then the log.
-5. A checkpoint switches to a new log, then (on the same thread, in order) fsyncs the old
+5. A tombstone's hole is punched, and a dropped layer's file unlinked, only once the
+   record is durable.
+6. FLUSH (and a FUA write) fdatasyncs the data files, appends SYNCED, then the log.
+7. A checkpoint switches to a new log, then (on the same thread, in order) fsyncs the old
    log, fdatasyncs the data files, writes ``meta.snap.tmp``, fsyncs it, renames it over
    ``meta.snap``, fsyncs the directory and deletes the old logs.
+
+Every file call goes through ``self.files`` (:mod:`lamina.storage.files`), so tests can
+put a disk that loses power under the store (:mod:`lamina.storage.powerloss`).
 
 Space: a page's whole extent is allocated (posix_fallocate) when it first gets data, so an
 overwrite never needs new blocks; the log is preallocated in extents, and when no new
@@ -49,7 +57,7 @@ import os
 import struct
 import time
 from array import array
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,7 +98,7 @@ REC_HEAD = struct.Struct(">II")
 MAX_RECORD = 1 << 20
 GEN_SHIFT = 40
 
-R_LAYER, R_PAGE, R_CRC, R_MASK, R_DROP, R_DROP_PAGE = 1, 2, 3, 4, 5, 6
+R_LAYER, R_PAGE, R_CRC, R_MASK, R_DROP, R_DROP_PAGE, R_SYNCED = 1, 2, 3, 4, 5, 6, 7
 
 LOG_EXTENT = 8 << 20
 LOG_RESERVE = 1 << 20
@@ -114,6 +122,22 @@ class _Page:
     disk_mask: int = FULL  # mask of the last record appended for this page
     disk_lsn: int = 0  # log position after that record
     data_seq: int = 0  # write sequence number of the last data change
+
+
+def _copy_page(p: _Page | None) -> _Page | None:
+    if p is None:
+        return None
+    return _Page(p.state, p.mask, p.generation, None if p.crcs is None else array("I", p.crcs))
+
+
+@dataclass(slots=True)
+class _Doubt:
+    """Recovery only: a page with data records after the last durable sync marker.
+
+    ``before`` holds the page as it was before each of those records (None: absent), oldest
+    first; ``before[0]`` is the page as of the last sync marker, which is durable."""
+
+    before: list[tuple[tuple[int, int], _Page | None]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -173,11 +197,19 @@ class DiskPageStore(PageStore):
         self._data_exec = ThreadPoolExecutor(1, thread_name_prefix="lamina-datasync")
         self._dirty_fds: set[int] = set()
         self._new_layer_files = False  # layers/ holds a name not yet fsynced
+        self._marked_seq = 0  # write sequence number covered by the last SYNCED record
+        self._dropping: dict[int, int] = {}  # layer -> lsn of its DROP, file not yet unlinked
+        self._after: list[tuple[int, Callable[[], None]]] = []  # see _after_durable
+        self._unlinked: set[int] = set()  # layer files unlinked, layers/ maybe not fsynced
         self._lazy: set[tuple[int, int]] = set()
         self._low_space = False
         self._failed: str | None = None
         self._checkpointing = False
-        self._last_data: tuple[Any, ...] | None = None  # for recovery only
+        self._doubts: dict[tuple[int, int], _Doubt] = {}  # recovery only, see _resolve_doubts
+        self._pos = (0, 0)  # recovery only: (log seq, offset) of the record being replayed
+        #: after open(): the pages written since the last durable sync marker, whose data
+        #: a power loss may have taken back (to old bytes, or to an older state)
+        self.unsynced_pages: set[tuple[int, int]] = set()
         self.commits = 0  # group commits (log fdatasyncs) done, for tests and statistics
         self._pages = 0  # page entries, any state
         self._used = 0  # bytes of pages holding data
@@ -200,10 +232,11 @@ class DiskPageStore(PageStore):
         )
         for seq in seqs:
             if seq >= next_seq:
-                self._replay(self.root / f"log.{seq}")
+                self._replay(seq)
         for layer_id, layer in self._layers.items():
             layer.fd = self.files.open(self._layer_path(layer_id), os.O_RDWR | os.O_CREAT)
-        self._verify_last_data()
+        self._remove_orphans()
+        self._resolve_doubts()
         self._pages = sum(len(layer.pages) for layer in self._layers.values())
         self._used = sum(
             layer.page_size
@@ -298,10 +331,12 @@ class DiskPageStore(PageStore):
                 )
         return int(snap["next_log"])
 
-    def _replay(self, path: Path) -> None:
+    def _replay(self, seq: int) -> None:
+        path = self.root / f"log.{seq}"
         raw = self.files.read_file(path)
         off = 0
         while off + REC_HEAD.size <= len(raw):
+            self._pos = (seq, off)
             length, crc = REC_HEAD.unpack_from(raw, off)
             body = raw[off + REC_HEAD.size : off + REC_HEAD.size + length]
             if length == 0 or length > MAX_RECORD or len(body) != length:
@@ -319,83 +354,151 @@ class DiskPageStore(PageStore):
 
     def _apply_record(self, rec: list[Any]) -> None:
         kind = rec[0]
-        # Any record after a data record proves that record's data write happened.
-        self._last_data = None
         if kind == R_LAYER:
             _, layer_id, volume_id, page_size = rec
             self._layers.setdefault(layer_id, _Layer(volume_id, page_size))
         elif kind == R_DROP:
             self._layers.pop(rec[1], None)
-            self._last_data = ("drop", rec[1])
+            for key in [k for k in self._doubts if k[0] == rec[1]]:
+                del self._doubts[key]
         elif kind == R_PAGE:
             _, layer_id, page, state, mask, gen, crcs = rec
             layer = self._layers[layer_id]
             before = layer.pages.get(page)
             p = _Page(PageState(state), mask, gen, None if crcs is None else _crc_array(crcs), mask)
-            layer.pages[page] = p
             if crcs is not None or state == PageState.TOMBSTONE:
-                self._last_data = ("page", layer_id, page, before)
+                self._doubt(layer_id, page, before)
+            layer.pages[page] = p
         elif kind == R_CRC:
             _, layer_id, page, first, crcs, gen = rec
             p = self._layers[layer_id].pages[page]
             assert p.crcs is not None
+            self._doubt(layer_id, page, p)
             new = _crc_array(crcs)
-            old = p.crcs[first : first + len(new)]
             p.crcs[first : first + len(new)] = new
             p.generation = gen
-            self._last_data = ("crc", layer_id, page, first, old)
         elif kind == R_DROP_PAGE:
             self._layers[rec[1]].pages.pop(rec[2], None)
         elif kind == R_MASK:
             _, layer_id, page, mask = rec
             p = self._layers[layer_id].pages[page]
             p.mask = p.disk_mask = mask
+        elif kind == R_SYNCED:
+            self._synced_upto((rec[1], rec[2]))
 
-    def _verify_last_data(self) -> None:
-        """After kill -9 only the last data record may describe data never written."""
-        last = self._last_data
-        self._last_data = None
-        if last is None:
-            return
-        if last[0] == "drop":
-            self.files.unlink(self._layer_path(last[1]))
-            return
-        layer_id, page = last[1], last[2]
-        layer = self._layers.get(layer_id)
-        if layer is None or page not in layer.pages:
-            return
-        p = layer.pages[page]
-        base = page * layer.page_size
-        if last[0] == "page":
-            before: _Page | None = last[3]
+    # -- recovery of what was not synced -------------------------------------------------------
+    #
+    # A data record (PAGE with data or a tombstone, CRC) is appended before its data is
+    # written, and the log may become durable (a group commit for another page's mask
+    # clear) long before the data does.  So after a power loss any data record may describe
+    # bytes the disk never got; after kill -9 only the last one may.  A SYNCED record
+    # [7, seq, offset] says: the data of every record before (log seq, offset) was
+    # fdatasynced.  Recovery keeps, for every page with data records after the last SYNCED
+    # record, the page as it was before each of them (_Doubt), reads the page and keeps per
+    # 4 KiB block whichever of its versions the data matches (_resolve_doubts).
+
+    def _doubt(self, layer_id: int, page: int, before: _Page | None) -> None:
+        doubt = self._doubts.setdefault((layer_id, page), _Doubt())
+        doubt.before.append((self._pos, _copy_page(before)))
+
+    def _synced_upto(self, pos: tuple[int, int]) -> None:
+        """Forget the doubts of every record before ``pos``: their data is durable."""
+        for key in list(self._doubts):
+            doubt = self._doubts[key]
+            while doubt.before and doubt.before[0][0] < pos:
+                doubt.before.pop(0)
+            if not doubt.before:
+                del self._doubts[key]
+
+    def _remove_orphans(self) -> None:
+        """Layer files of layers the metadata does not know (dropped, or never recorded)."""
+        for path in (self.root / "layers").glob("*.data"):
+            stem = path.name.split(".", 1)[0]
+            if not stem.isdigit() or int(stem) not in self._layers:
+                log.info("recovery: removing %s, a layer file of no known layer", path.name)
+                self.files.unlink(path)
+
+    def _resolve_doubts(self) -> None:
+        """Make each page written since the last durable sync agree with its data.
+
+        Per 4 KiB block, the newest checksum, or any older one of the versions the page had
+        since the sync marker (or zeros, where it was a zero page), whichever the data
+        matches.  A page created since (or a zero page written since) whose data landed
+        nowhere goes back to what it was; one created since whose data landed only in part
+        also goes back (absent means "look in the layer below", which zeros are not).
+        Data that matches no version at all is damage: left for the read path to quarantine.
+        """
+        doubts, self._doubts = self._doubts, {}
+        self.unsynced_pages = set(doubts)
+        for (layer_id, page), doubt in sorted(doubts.items()):
+            layer = self._layers.get(layer_id)
+            p = None if layer is None else layer.pages.get(page)
+            if layer is None or p is None:
+                continue
+            base = page * layer.page_size
             if p.state == PageState.TOMBSTONE:
                 self.files.punch(layer.fd, base, layer.page_size)
-                return
-            if p.crcs is None:
-                return
-            data = self.files.pread(layer.fd, layer.page_size, base).ljust(layer.page_size, b"\0")
-            now = block_crcs(data)
-            bad = [i for i, got in enumerate(now) if got != p.crcs[i]]
-            # Blocks that still read as the zeros of a fresh extent: the write never landed.
-            # Anything else that does not match is damage, for the read path to report.
-            if bad and all(now[i] == ZERO_BLOCK_CRC for i in bad):
-                log.warning(
-                    "recovery: page %d of layer %d was never written; undone", page, layer_id
-                )
-                if before is None:
-                    del layer.pages[page]
+                continue
+            if p.state != PageState.PRESENT or p.crcs is None:
+                continue
+            origin = doubt.before[0][1]
+            created = origin is None or origin.state == PageState.ABSENT
+            versions: list[set[int]] = [set() for _ in range(len(p.crcs))]
+            for _, old in doubt.before:
+                if old is not None and old.state == PageState.ZERO:
+                    for v in versions:
+                        v.add(ZERO_BLOCK_CRC)
+                elif old is not None and old.crcs is not None:
+                    for b, value in enumerate(old.crcs):
+                        versions[b].add(value)
+            data = self.files.pread(layer.fd, layer.page_size, base)
+            now = block_crcs(data.ljust(layer.page_size, b"\0"))
+            resolved = array("I", p.crcs)
+            unlanded = damaged = 0
+            for b, got in enumerate(now):
+                if got == p.crcs[b]:
+                    continue
+                resolved[b] = got
+                if got in versions[b]:
+                    continue
+                if created and got == ZERO_BLOCK_CRC:
+                    unlanded += 1  # still the zeros of the fresh extent
                 else:
-                    layer.pages[page] = before
-            return
-        first: int = last[3]
-        old: array[int] = last[4]
-        assert p.crcs is not None
-        data = self.files.pread(layer.fd, len(old) * BLOCK, base + first * BLOCK)
-        data = data.ljust(len(old) * BLOCK, b"\0")
-        now = block_crcs(data)
-        for i, got in enumerate(now):
-            if got != p.crcs[first + i] and got == old[i]:
-                p.crcs[first + i] = old[i]
+                    damaged += 1
+            if damaged:
+                log.warning(
+                    "recovery: page %d of layer %d: %d blocks match none of their versions",
+                    page,
+                    layer_id,
+                    damaged,
+                )
+                continue
+            if created and unlanded:
+                log.warning(
+                    "recovery: page %d of layer %d never fully written; undone", page, layer_id
+                )
+                del layer.pages[page]
+                continue
+            if (
+                origin is not None
+                and origin.state == PageState.ZERO
+                and all(c == ZERO_BLOCK_CRC for c in resolved)
+            ):
+                log.warning(
+                    "recovery: page %d of layer %d never written; a zero page again", page, layer_id
+                )
+                layer.pages[page] = _Page(
+                    PageState.ZERO, p.mask, origin.generation, None, p.disk_mask
+                )
+                continue
+            if resolved != p.crcs:
+                log.warning(
+                    "recovery: page %d of layer %d keeps older bytes in %d blocks (never synced)",
+                    page,
+                    layer_id,
+                    sum(1 for x, y in zip(resolved, p.crcs, strict=True) if x != y),
+                )
+                p.crcs = resolved
 
     # -- the log ----------------------------------------------------------------------------
 
@@ -481,6 +584,7 @@ class DiskPageStore(PageStore):
         else:
             self._synced_lsn = max(self._synced_lsn, target)
             self.commits += 1
+            self._run_after()
         for lsn, fut in waiters:
             if fut.done():
                 continue
@@ -598,11 +702,45 @@ class DiskPageStore(PageStore):
             return layer
         check_layer(self, volume_id, layer_id, page_size)
         if layer is None:
+            if layer_id in self._dropping:  # a layer id used again: its old file goes first
+                assert self._log is not None
+                self.files.fdatasync(self._log.fd)
+                self._synced_lsn = self._lsn
+                self._run_after()
+            if layer_id in self._unlinked:  # and for good: never the old file under the id
+                self.files.fsync_dir(self.root / "layers")
+                self._unlinked.clear()
             self._append([R_LAYER, layer_id, volume_id, page_size])
             fd = self.files.open(self._layer_path(layer_id), os.O_RDWR | os.O_CREAT)
             self._new_layer_files = True
             layer = self._layers[layer_id] = _Layer(volume_id, page_size, fd)
         return layer
+
+    def _after_durable(self, lsn: int, action: Callable[[], None]) -> None:
+        """Run ``action`` once a commit has made the log durable up to ``lsn``: the next
+        group commit, FLUSH or background pass (never if the commit fails: then the store
+        has failed, and recovery redoes what is needed)."""
+        if lsn <= self._synced_lsn:
+            action()
+        else:
+            self._after.append((lsn, action))
+
+    def _run_after(self) -> None:
+        due = [a for lsn, a in self._after if lsn <= self._synced_lsn]
+        self._after = [(lsn, a) for lsn, a in self._after if lsn > self._synced_lsn]
+        for action in due:
+            action()
+
+    def _punch_tombstone(self, layer: _Layer, layer_id: int, page: int) -> None:
+        p = layer.pages.get(page)
+        if self._layers.get(layer_id) is layer and p is not None and p.state == PageState.TOMBSTONE:
+            self.files.punch(layer.fd, page * layer.page_size, layer.page_size)
+
+    def _unlink_dropped(self, layer_id: int, lsn: int) -> None:
+        if self._dropping.get(layer_id) == lsn:
+            del self._dropping[layer_id]
+            self.files.unlink(self._layer_path(layer_id))
+            self._unlinked.add(layer_id)
 
     def _page(self, layer_id: int, page: int) -> _Page | None:
         layer = self._layers.get(layer_id)
@@ -818,6 +956,8 @@ class DiskPageStore(PageStore):
         """fdatasync every layer file written so far; the write sequence number covered.
         A failed fdatasync may have dropped dirty pages: the store stops accepting writes."""
         seq = self._write_seq
+        assert self._log is not None
+        upto = (self._log.seq, self._log.offset)  # every data record before it is covered
         fds = list(self._dirty_fds)
         self._dirty_fds.clear()
         names, self._new_layer_files = self._new_layer_files, False
@@ -829,6 +969,13 @@ class DiskPageStore(PageStore):
             self._failed = f"fdatasync of the data failed: {exc}"
             log.error(self._failed)
             raise StorageIOError(self._failed) from None
+        if seq > self._marked_seq:
+            # Tell recovery that those records' data is durable (see _resolve_doubts).
+            try:
+                self._append([R_SYNCED, *upto])
+                self._marked_seq = seq
+            except LaminaError as exc:
+                log.warning("sync marker not recorded: %s", exc)
         return seq
 
     def _persist_lazy(self, seq: int) -> int:
@@ -855,9 +1002,12 @@ class DiskPageStore(PageStore):
     async def persist_restores(self) -> int:
         """Persist mask increases once the data they vouch for is durable; how many.
         FLUSH does the same for free, since it syncs the data anyway."""
-        if not self._lazy:
+        if not self._lazy and self._write_seq == self._marked_seq and not self._after:
             return 0
-        return self._persist_lazy(await self._sync_data())
+        done = self._persist_lazy(await self._sync_data())
+        if self._lsn > self._synced_lsn:
+            await self._durable(self._lsn)
+        return done
 
     def tombstone(self, volume_id: int, layer_id: int, page_size: int, page: int) -> int:
         layer = self._get_layer(volume_id, layer_id, page_size)
@@ -867,7 +1017,9 @@ class DiskPageStore(PageStore):
         if old is None:
             self._pages += 1
         elif old.crcs is not None:
-            self.files.punch(layer.fd, page * page_size, page_size)
+            # the hole only once the tombstone is durable: a power loss must never leave
+            # the page's old record over a hole
+            self._after_durable(lsn, lambda: self._punch_tombstone(layer, layer_id, page))
             self._used -= page_size
         layer.pages[page] = _Page(PageState.TOMBSTONE, FULL, gen, None, FULL, lsn)
         self._lazy.discard((layer_id, page))
@@ -877,13 +1029,15 @@ class DiskPageStore(PageStore):
         layer = self._layers.get(layer_id)
         if layer is None:
             return 0
-        self._append([R_DROP, layer_id])
+        lsn = self._append([R_DROP, layer_id])
         del self._layers[layer_id]
         self._pages -= len(layer.pages)
         self._used -= layer.page_size * sum(1 for p in layer.pages.values() if p.crcs is not None)
-        # Unlink now (a layer id used again gets a new file), close on the I/O thread
-        # after any sync already queued for this descriptor.
-        self.files.unlink(self._layer_path(layer_id))
+        # Unlink once the DROP is durable (a power loss must never leave the layer's records
+        # without its file; recovery removes the file of a dropped layer), close on the I/O
+        # thread after any sync already queued for this descriptor.
+        self._dropping[layer_id] = lsn
+        self._after_durable(lsn, lambda: self._unlink_dropped(layer_id, lsn))
         self._dirty_fds.discard(layer.fd)
         self._data_exec.submit(self.files.close, layer.fd)
         return len(layer.pages)
