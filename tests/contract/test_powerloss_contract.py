@@ -110,9 +110,7 @@ class Model:
 
 
 ops = st.one_of(
-    st.tuples(
-        st.just("create"), st.sampled_from(LAYERS), st.integers(0, PAGES - 1), st.booleans()
-    ),
+    st.tuples(st.just("create"), st.sampled_from(LAYERS), st.integers(0, PAGES - 1), st.booleans()),
     st.tuples(
         st.just("write"),
         st.sampled_from(LAYERS),
@@ -155,7 +153,8 @@ async def apply(store: DiskPageStore, model: Model, op: tuple[object, ...], seed
             model.set(key, ABSENT)
         return
     layer, page = op[1], op[2]
-    assert isinstance(layer, int) and isinstance(page, int)
+    assert isinstance(layer, int)
+    assert isinstance(page, int)
     key = (layer, page)
     state, data = model.view(key)
     if kind == "create":
@@ -165,7 +164,9 @@ async def apply(store: DiskPageStore, model: Model, op: tuple[object, ...], seed
             model.set(key, (PageState.ZERO, None) if new is None else (PageState.PRESENT, new))
     elif kind == "write":
         if state in (PageState.ZERO, PageState.PRESENT):
-            offset, wanted = op[3]  # type: ignore[misc]
+            span = op[3]
+            assert isinstance(span, tuple)
+            offset, wanted = int(span[0]), int(span[1])
             length = min(wanted, PAGE - offset)
             chunk = page_bytes(seed, length)
             image = bytearray(data if data is not None else bytes(PAGE))
