@@ -2,7 +2,8 @@
 
 They follow ``lamina.client.driver`` (``_write_page``, ``_recover``, reads that
 resynchronise a copy whose mask does not vouch for the others) and
-``lamina.mgmt.worker`` (``_resync_page``, ``_repair``, ``_needs_copy``) in the small.
+``lamina.mgmt.worker`` (``_resync_page``, ``_repair``) in the small; every repair
+decision is the real one, :func:`lamina.repair.plan`.
 """
 
 from __future__ import annotations
@@ -10,13 +11,11 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
+from lamina import repair
 from lamina.errors import LaminaError, StaleEpoch
-from lamina.mgmt.worker import Status, Worker
+from lamina.mgmt.worker import Status
 from lamina.storage.syncmask import (
     FULL,
-    authoritative,
-    bits,
-    clean_mask,
     clear_mask,
     needs_resync,
     restore_mask,
@@ -161,20 +160,23 @@ def resync(w: World, client: str, page: int, epoch: int, states: dict[str, str])
         assert isinstance(a, tuple)
         assert isinstance(a[0], m.StatusResponse)
         statuses[i] = a[0].entries[0][1:]
-    need = bits(live)
-    kinds = {st for st, *_ in statuses.values()}
-    if all(mask & need == need for _, mask, *_ in statuses.values()) and len(kinds) == 1:
+    # the real repair core decides; the worker waits for a client write in flight on a
+    # target (the authoritative copy may not hold it yet), the writing client does not
+    plan = repair.plan(
+        statuses, live, up, top=True,
+        wait_for_writes=client == "w" and w.broken != "overwrite_writing",
+    )  # fmt: skip
+    if plan.verdict is repair.Verdict.AGREE:
         return True
-    auth = authoritative({i: statuses[i][:2] for i in up})
-    if auth is None:
+    if plan.verdict is repair.Verdict.NO_SOURCE:
         return False
-    targets = [t for t in live if t != auth and Worker._needs_copy(statuses, live, auth, t)]
-    writing = [part[t] for t in targets if statuses[t][3] & m.WRITING]
-    if client == "w" and w.broken != "overwrite_writing" and writing:
-        # what Worker._resync_page does: a copy with a client write on its way is not
-        # overwritten (the authoritative copy may not hold that write yet)
+    if plan.verdict is repair.Verdict.WAIT:
+        writing = [part[t] for t in plan.targets if statuses[t][3] & m.WRITING]
         w.trace(f"w: page {page}: a write is in flight on {writing}: later")
         return False
+    auth = plan.source
+    assert auth is not None
+    targets = list(plan.targets)
     w.repairs += 1
     w.trace(f"{client}: resync page {page} from {part[auth]} {_show(part, statuses)}")
     if statuses[auth][0] == PageState.PRESENT:
@@ -201,9 +203,8 @@ def resync(w: World, client: str, page: int, epoch: int, states: dict[str, str])
         assert isinstance(a, tuple)
         assert isinstance(a[0], m.WriteResponse)
         gens[t] = a[0].generation
-    mask = clean_mask([statuses[i][1] for i in live], live)
-    for i in [t for t in live if t != auth] + [auth]:
-        mc = m.MarkCleanRequest(VOLUME, epoch, LAYER, page, gens[i], mask)
+    for i in plan.mark_order:
+        mc = m.MarkCleanRequest(VOLUME, epoch, LAYER, page, gens[i], plan.mask)
         (a,) = yield Call(((part[i], mc, b""),), RPC_TIMEOUT)
         if not _ok(w, client, part[i], a, "mark clean"):
             return False

@@ -61,6 +61,7 @@ import urllib.parse
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from lamina import repair
 from lamina.client.layout import (
     FULL,
     Extent,
@@ -68,7 +69,6 @@ from lamina.client.layout import (
     VolumeView,
     authoritative,
     bits,
-    clean_mask,
     clear_mask,
     needs_resync,
     presence_fixed,
@@ -93,6 +93,7 @@ from lamina.errors import (
     StorageIOError,
     Unavailable,
 )
+from lamina.repair import Status
 from lamina.storage.syncmask import WRITE_ATTEMPT_LIMIT
 from lamina.wire import messages as m
 from lamina.wire.connection import Client
@@ -1246,12 +1247,12 @@ class Volume:
         self, view: VolumeView, layer: LayerView, page: int, readable: list[int]
     ) -> int | None:
         statuses = await self._statuses(view, layer, page, readable)
-        return authoritative({i: (s, mask) for i, (s, mask, _) in statuses.items()})
+        return authoritative({i: (st[0], st[1]) for i, st in statuses.items()})
 
     async def _statuses(
         self, view: VolumeView, layer: LayerView, page: int, copies: list[int]
-    ) -> dict[int, tuple[int, int, int]]:
-        """{copy: (state, mask, generation)} by STATUS; raises the first failure."""
+    ) -> dict[int, Status]:
+        """{copy: (state, mask, generation, flags)} by STATUS; raises the first failure."""
         part = layer.partition(page)
         answers = await _all(
             self._call(part[i], m.StatusRequest(layer.owner, view.epoch, layer.id, (page,)))
@@ -1259,8 +1260,8 @@ class Volume:
         )
         out = {}
         for i, (resp, _) in zip(copies, answers, strict=True):
-            _, state, mask, gen, _ = resp.entries[0]
-            out[i] = (state, mask, gen)
+            _, state, mask, gen, flags = resp.entries[0]
+            out[i] = (state, mask, gen, flags)
         return out
 
     # -- resynchronisation ---------------------------------------------------------------------
@@ -1297,20 +1298,25 @@ class Volume:
         part = layer.partition(page)
         readable = view.readable(layer, page)
         statuses = await self._statuses(view, layer, page, readable)
-        auth = authoritative({i: (s, mask) for i, (s, mask, _) in statuses.items()}, exclude)
-        if auth is None:
-            return True  # no copy holds it: nothing to make equal
-        state, _, gen = statuses[auth]
+        # this client is the only writer and none of its writes is on its way: a copy's
+        # WRITING flag is a write of its own that reached every copy
+        plan = repair.plan(
+            statuses, readable, readable, top=True, bad=exclude, wait_for_writes=False
+        )
+        if plan.verdict in (repair.Verdict.AGREE, repair.Verdict.NO_SOURCE):
+            return True  # equal already, or no copy holds it: nothing to make equal
+        auth = plan.source
+        assert auth is not None
+        gens = dict(plan.generations)
         size = view.page_size
-        if state == PageState.PRESENT:
+        if statuses[auth][0] == PageState.PRESENT:
             resp, data = await self._call(
                 part[auth], m.ReadRequest(layer.owner, view.epoch, layer.id, page, size, 0, size)
             )
-            if resp.state != PageState.PRESENT or resp.generation != gen:
+            if resp.state != PageState.PRESENT or resp.generation != gens[auth]:
                 return False
         else:
             data = bytes(size)
-        others = [i for i in readable if i != auth]
         self._sent(layer.id)
         # each copy is overwritten only if it did not change since its STATUS: a write that
         # reached it meanwhile is never replaced by older data (CONFLICT: start over)
@@ -1320,25 +1326,29 @@ class Volume:
                     part[i],
                     m.WriteRequest(  # durable (fua) before any mask vouches for it
                         layer.owner, view.epoch, layer.id, page, size, 0, FULL, FULL, True,
-                        conditional=True, if_generation=statuses[i][2],
+                        conditional=True, if_generation=gens[i],
                     ),
                     data,
                 )
-                for i in others
+                for i in plan.targets
             )  # fmt: skip
         except Conflict:
             return False
-        mask = clean_mask([statuses[i][1] for i in readable], readable)
-        gens = {auth: gen} | {
-            i: resp.generation for i, (resp, _) in zip(others, written, strict=True)
-        }
+        gens.update(
+            (i, resp.generation) for i, (resp, _) in zip(plan.targets, written, strict=True)
+        )
         try:
-            await _all(
-                self._call(
-                    part[i], m.MarkCleanRequest(layer.owner, view.epoch, layer.id, page, g, mask)
+            order = plan.mark_order
+            for group in (order[:-1], order[-1:]):  # the source last
+                await _all(
+                    self._call(
+                        part[i],
+                        m.MarkCleanRequest(
+                            layer.owner, view.epoch, layer.id, page, gens[i], plan.mask
+                        ),
+                    )
+                    for i in group
                 )
-                for i, g in gens.items()
-            )
         except Conflict:
             return False
         log.info("resynchronised page %d of layer %d from copy %d", page, layer.id, auth)

@@ -49,11 +49,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
+from lamina import repair
 from lamina.config import parse_addr
 from lamina.errors import Conflict, Corrupt, LaminaError, StaleEpoch, Unavailable
 from lamina.mgmt import clustermap as cm
 from lamina.mgmt.service import ManagerService
-from lamina.storage.syncmask import FULL, authoritative, bits, clean_mask, needs_resync
+from lamina.storage.syncmask import FULL, bits
 from lamina.wire import messages as m
 from lamina.wire.connection import Client
 from lamina.wire.messages import PageState
@@ -63,7 +64,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 LIVE = (cm.ServerState.UP, cm.ServerState.RECOVERING)
 #: one copy's answer to STATUS (or CHECKSUM): state, mask, generation, flags
-Status = tuple[int, int, int, int]
+Status = repair.Status
 #: seconds a resync waits, within a round, for a copy to repair to have no client write
 #: in flight (looking every WRITING_STEP seconds), before leaving it to the next round
 WRITING_WAIT = 0.6
@@ -400,23 +401,15 @@ class Worker:
         second), then left for the next round."""
         part = layer.placement[page % len(layer.placement)]
         live = [i for i, sid in enumerate(part) if state.get(sid) in LIVE]
-        up = _trusted(part, live, state, layer, page % len(layer.placement))
-        if not up and len(live) == len(part) and not layer.filling:
-            # every copy is back but none is up yet (all restarted): their masks alone
-            # say which holds what, so any of them may be the authority
-            up = live
+        trusted = _trusted(part, live, state, layer, page % len(layer.placement))
+        up = repair.sources(live, trusted, len(part), bool(layer.filling))
+        top = _is_top(volume, layer)
         size = volume.page_size
         give_up = time.monotonic() + WRITING_WAIT
         while True:
             try:
                 statuses = await self._statuses(volume, layer, page, epoch, part, live)
-                need = bits(live)
-                states = {st for st, *_ in statuses.values()}
-                if all(mask & need == need for _, mask, *_ in statuses.values()) and (
-                    states <= {PageState.PRESENT}
-                    or states <= {PageState.ZERO}
-                    or states <= {PageState.ABSENT}
-                ):
+                if repair.agree(statuses, live):
                     return True  # the live copies agree; any dirt is about copies not live
                 key = (layer.id, page)
                 gens_now = tuple(statuses[i][2] for i in live)
@@ -432,13 +425,13 @@ class Worker:
                     self.progress.deferred += 1
                     return False
                 self._seen_dirty.pop(key, None)
-                auth = authoritative({i: statuses[i][:2] for i in up})
-                if auth is None:
+                plan = repair.plan(statuses, live, up, top=top)
+                if plan.verdict is repair.Verdict.NO_SOURCE:
                     return not any(st != PageState.ABSENT for st, *_ in statuses.values())
-                targets = [
-                    t for t in live if t != auth and self._needs_copy(statuses, live, auth, t)
-                ]
-                if _writing(volume, layer, statuses, targets):
+                auth = plan.source
+                assert auth is not None
+                targets = list(plan.targets)
+                if plan.verdict is repair.Verdict.WAIT:
                     if time.monotonic() < give_up:
                         await asyncio.sleep(WRITING_STEP)
                         continue
@@ -594,9 +587,11 @@ class Worker:
             if any(st == PageState.TOMBSTONE for st, *_ in statuses.values()):
                 return True  # moved already: only copies that missed the tombstone are left
             trusted = _trusted(part, live, state, source, pidx)
-            if any(needs_resync(statuses[i][1], trusted) for i in trusted):
+            if not repair.agree(statuses, trusted):
                 return False  # the resync makes it clean first
-            auth = authoritative({i: statuses[i][:2] for i in trusted})
+            auth = repair.plan(statuses, trusted, trusted, top=False).source
+            if auth is None:
+                auth = next((i for i in trusted if statuses[i][0] != PageState.ABSENT), None)
             if auth is None:
                 return False
             size = volume.page_size
@@ -899,11 +894,8 @@ class Worker:
     ) -> None:
         part = layer.placement[page % len(layer.placement)]
         live = [i for i, sid in enumerate(part) if state.get(sid) in LIVE]
-        up = _trusted(part, live, state, layer, page % len(layer.placement))
-        if not up and len(live) == len(part) and not layer.filling:
-            # every copy is back but none is up yet (all restarted): their masks alone
-            # say which holds what, so any of them may be the authority
-            up = live
+        trusted = _trusted(part, live, state, layer, page % len(layer.placement))
+        up = repair.sources(live, trusted, len(part), bool(layer.filling))
         size = volume.page_size
         try:
             statuses: dict[int, Status] = {}
@@ -935,17 +927,15 @@ class Worker:
                 report.errors += 1  # a client write on its way: the copies may differ now
                 return
             report.mismatches += 1
-            good = {i: statuses[i][:2] for i in up if i not in corrupt}
-            auth = authoritative(good)
-            if auth is None:
+            plan = repair.plan(
+                statuses, live, up, top=_is_top(volume, layer), bad=corrupt, digests=digests
+            )
+            if plan.verdict is not repair.Verdict.REPAIR:  # no good source, or a write on its way
                 report.errors += 1
                 return
-            targets = [
-                t for t in live if t != auth and (t in corrupt or digests[t] != digests[auth])
-            ]
-            if _writing(volume, layer, statuses, targets):
-                report.errors += 1
-                return
+            auth = plan.source
+            assert auth is not None
+            targets = list(plan.targets)
             data: bytes | bytearray = bytes(size)  # bytes only where the checksums differ
             if statuses[auth][0] == PageState.PRESENT:
                 read, data = await self._call_with_payload(
@@ -998,20 +988,12 @@ class Worker:
             )  # fmt: skip
             assert isinstance(written, m.WriteResponse)
             gens[t] = written.generation
-        mask = clean_mask([statuses[i][1] for i in live], live)
+        mask = repair.clean_mask([statuses[i][1] for i in live], live)
         for i in [t for t in live if t != auth] + [auth]:
             await self._call(
                 part[i], m.MarkCleanRequest(volume.id, epoch, layer.id, page, gens[i], mask)
             )
         return size * len(targets)
-
-    @staticmethod
-    def _needs_copy(statuses: dict[int, Status], live: list[int], auth: int, t: int) -> bool:
-        """Whether copy ``t`` may differ from the authoritative copy."""
-        state, mask, *_ = statuses[t]
-        if state != statuses[auth][0] or not mask & (1 << auth):
-            return True
-        return any(not statuses[k][1] & (1 << t) for k in live)
 
     def _failed(self, exc: BaseException) -> None:
         """Count a failed request, unless it only met a newer fence (the map moved on:
@@ -1105,9 +1087,14 @@ def _writing(
     order makes this exact: the flag is read before the authoritative copy is, and the
     repair writes only at the generation that STATUS saw.  A lower layer takes no
     client write: its copies know a fence newer than any write still on its way."""
-    if not volume.layers or volume.layers[-1] != layer.id:
+    if not _is_top(volume, layer):
         return False
     return any(statuses[i][3] & m.WRITING for i in copies)
+
+
+def _is_top(volume: cm.Volume, layer: cm.Layer) -> bool:
+    """Whether ``layer`` is the volume's top layer (the only one taking client writes)."""
+    return bool(volume.layers) and volume.layers[-1] == layer.id
 
 
 def _trusted(

@@ -1,0 +1,152 @@
+"""The repair core: what to do with the copies of one page, as pure code.
+
+Theory of operation
+-------------------
+Every resynchronisation, whoever runs it (the driver before it reads a copy whose mask
+does not vouch for the others, the manager's worker after an outage, the scrub after a
+checksum mismatch, the simulation in ``tests/sim``), takes the same decisions from the
+same evidence: the STATUS of each copy, ``(state, mask, generation, flags)``, and which
+copies may be copied from.  :func:`plan` turns that evidence into a :class:`Plan`; the
+caller only carries it out (READ the source at its generation, WRITE each target
+conditionally at its generation with ``fua``, MARK_CLEAN every live copy with
+``Plan.mask``, the source last) and decides policy (deferral, throttling, retries).
+Nothing here does I/O or reads a clock.
+
+The rules, and why:
+
+- *Agree*: nothing to do when every live copy vouches for every live copy and all hold
+  the same kind of page (all data, all zeros or all absent): dirt in their masks is then
+  only about copies that are not live.
+- *Source*: among the copies that may be copied from (``up`` and not being filled; all
+  live copies when every copy restarted and none is up yet), minus the ``bad`` ones (a
+  checksum failed there), the first in partition order that holds the page and that no
+  other copy has disowned; failing that, the first that holds it
+  (:func:`lamina.storage.syncmask.authoritative`).  A mask bit vouches for durable bytes
+  only (docs/protocol.md, "When a mask bit comes back"), so a copy that lost power never
+  wins over one that kept a write it lost.
+- *Targets*: the live copies other than the source that may differ from it: a bad copy,
+  one whose checksum differs (scrub), or, by the masks, one in another state, one that
+  disowns the source, or one some live copy disowns.
+- *Writes in flight*: a target of a volume's top layer whose STATUS says ``WRITING`` has
+  a client write on its way that the source may not hold yet: the plan says ``WAIT``
+  (the driver, which is the only writer and waited for its own writes, asks not to).
+- *Clean mask*: every live copy vouched for; for copies that are not live, whatever
+  evidence any live copy held against them is kept (:func:`syncmask.clean_mask`).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Collection, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from lamina.storage.syncmask import authoritative, bits, clean_mask
+
+__all__ = ["Plan", "Status", "Verdict", "agree", "clean_mask", "needs_copy", "plan", "sources"]
+from lamina.wire import messages as m
+from lamina.wire.messages import PageState
+
+#: STATUS of one copy: (state, mask, generation, flags)
+Status = tuple[int, int, int, int]
+
+_KINDS = ({PageState.PRESENT}, {PageState.ZERO}, {PageState.ABSENT})
+
+
+class Verdict(enum.Enum):
+    AGREE = "agree"  # the live copies agree: nothing to do
+    NO_SOURCE = "no source"  # no copy that may be copied from holds the page
+    WAIT = "wait"  # a target has a client write in flight: look again later
+    REPAIR = "repair"  # copy the source to the targets, then mark every live copy clean
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    verdict: Verdict
+    source: int | None = None
+    targets: tuple[int, ...] = ()
+    #: the mask MARK_CLEAN gives every live copy
+    mask: int = 0
+    #: the generation each live copy must still be at when it is written or marked
+    generations: Mapping[int, int] = field(default_factory=dict)
+
+    @property
+    def mark_order(self) -> list[int]:
+        """The copies to MARK_CLEAN, the source last (so a repair cut short leaves the
+        source still disowning the copies it may not have reached)."""
+        return [i for i in self.generations if i != self.source] + (
+            [] if self.source is None else [self.source]
+        )
+
+
+def agree(statuses: Mapping[int, Status], live: Sequence[int]) -> bool:
+    """Whether the live copies vouch for each other and hold the same kind of page."""
+    need = bits(live)
+    if any(statuses[i][1] & need != need for i in live):
+        return False
+    states = {statuses[i][0] for i in live}
+    return any(states <= kind for kind in _KINDS)
+
+
+def sources(live: Sequence[int], trusted: Sequence[int], copies: int, filling: bool) -> list[int]:
+    """The copies a repair may copy from: the ``trusted`` ones (up, not being filled); or,
+    when every one of the partition's ``copies`` is live but none is trusted (all
+    restarted) and none is being filled, any live copy: their masks alone say which holds
+    what."""
+    if not trusted and len(live) == copies and not filling:
+        return list(live)
+    return list(trusted)
+
+
+def needs_copy(statuses: Mapping[int, Status], live: Sequence[int], source: int, t: int) -> bool:
+    """Whether copy ``t`` may differ from copy ``source``, by their masks and states."""
+    state, mask, *_ = statuses[t]
+    if state != statuses[source][0] or not mask & (1 << source):
+        return True
+    return any(not statuses[k][1] & (1 << t) for k in live)
+
+
+def plan(
+    statuses: Mapping[int, Status],
+    live: Sequence[int],
+    trusted: Sequence[int],
+    *,
+    top: bool,
+    bad: Collection[int] = (),
+    digests: Mapping[int, Hashable] | None = None,
+    wait_for_writes: bool = True,
+) -> Plan:
+    """The plan for one page.
+
+    ``statuses``: the STATUS of (at least) every live copy.  ``live``: the copies on
+    live servers, in partition order.  ``trusted``: those a repair may copy from (see
+    :func:`sources`).  ``top``: the page is in the volume's top layer (the only one that
+    takes client writes).  ``bad``: copies whose bytes failed a checksum: never a source,
+    always a target.  ``digests``: the scrub's checksums per copy; when given, a copy is a
+    target exactly when its digest differs from the source's (or it is bad).
+    ``wait_for_writes``: say WAIT for a target with a client write in flight.
+    """
+    bad = frozenset(bad)
+    if not bad and (
+        len({digests.get(i) for i in live}) <= 1 if digests is not None else agree(statuses, live)
+    ):
+        return Plan(Verdict.AGREE)
+    source = authoritative({i: statuses[i][:2] for i in trusted if i not in bad})
+    if source is None:
+        return Plan(Verdict.NO_SOURCE)
+    if digests is not None:
+        targets = tuple(
+            t for t in live if t != source and (t in bad or digests.get(t) != digests[source])
+        )
+    else:
+        targets = tuple(
+            t for t in live if t != source and (t in bad or needs_copy(statuses, live, source, t))
+        )
+    if wait_for_writes and top and any(statuses[t][3] & m.WRITING for t in targets):
+        return Plan(Verdict.WAIT, source, targets)
+    return Plan(
+        Verdict.REPAIR,
+        source,
+        targets,
+        clean_mask([statuses[i][1] for i in live], live),
+        {i: statuses[i][2] for i in live},
+    )

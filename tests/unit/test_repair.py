@@ -1,0 +1,141 @@
+"""The repair core (lamina.repair): the decisions every resynchronisation takes."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lamina import repair
+from lamina.repair import Status, Verdict
+from lamina.storage.syncmask import FULL
+from lamina.wire import messages as m
+from lamina.wire.messages import PageState
+
+P, Z, A = PageState.PRESENT, PageState.ZERO, PageState.ABSENT
+
+
+def disown(*copies: int) -> int:
+    mask = FULL
+    for c in copies:
+        mask &= ~(1 << c)
+    return mask
+
+
+def test_copies_that_vouch_for_each_other_agree() -> None:
+    statuses: dict[int, Status] = {0: (P, FULL, 4, 0), 1: (P, FULL, 9, 0)}
+    assert repair.plan(statuses, [0, 1], [0, 1], top=True).verdict is Verdict.AGREE
+    # dirt about a copy that is not live is no reason to repair the live ones
+    statuses[0] = (P, disown(2), 4, 0)
+    assert repair.plan(statuses, [0, 1], [0, 1], top=True).verdict is Verdict.AGREE
+
+
+def test_the_copy_that_kept_a_write_is_the_source_not_the_one_that_may_have_lost_it() -> None:
+    """Copy 1 holds a write copy 0 may have lost (a power loss before it was durable):
+    copy 1 disowns copy 0.  Copy 0's own mask still vouches for copy 1 (its clear came
+    from an older episode that ended).  The source is copy 1, copy 0 the target."""
+    statuses: dict[int, Status] = {0: (P, FULL, 4, 0), 1: (P, disown(0), 9, 0)}
+    plan = repair.plan(statuses, [0, 1], [0, 1], top=True)
+    assert plan.verdict is Verdict.REPAIR
+    assert plan.source == 1
+    assert plan.targets == (0,)
+    assert plan.mask == FULL
+    assert plan.mark_order == [0, 1]
+    assert plan.generations == {0: 4, 1: 9}
+
+
+def test_a_bad_copy_is_never_the_source_and_always_a_target() -> None:
+    statuses: dict[int, Status] = {0: (P, FULL, 4, 0), 1: (P, FULL, 9, 0)}
+    plan = repair.plan(statuses, [0, 1], [0, 1], top=True, bad={0})
+    assert plan.source == 1
+    assert plan.targets == (0,)
+    assert repair.plan(statuses, [0, 1], [0, 1], top=True, bad={0, 1}).verdict is (
+        Verdict.NO_SOURCE
+    )
+
+
+def test_a_target_with_a_client_write_in_flight_waits_unless_asked_not_to() -> None:
+    statuses: dict[int, Status] = {0: (P, disown(1), 4, 0), 1: (P, FULL, 9, m.WRITING)}
+    assert repair.plan(statuses, [0, 1], [0, 1], top=True).verdict is Verdict.WAIT
+    # a lower layer takes no client writes; the writer itself does not wait for its own
+    assert repair.plan(statuses, [0, 1], [0, 1], top=False).verdict is Verdict.REPAIR
+    plan = repair.plan(statuses, [0, 1], [0, 1], top=True, wait_for_writes=False)
+    assert plan.verdict is Verdict.REPAIR
+    assert plan.targets == (1,)
+
+
+def test_scrub_digests_decide_the_targets() -> None:
+    statuses: dict[int, Status] = {i: (P, FULL, i, 0) for i in range(3)}
+    digests = {0: (True, 7), 1: (True, 8), 2: (True, 7)}
+    plan = repair.plan(statuses, [0, 1, 2], [0, 1, 2], top=True, digests=digests)
+    assert plan.source == 0
+    assert plan.targets == (1,)
+    same = dict.fromkeys(range(3), (True, 7))
+    assert repair.plan(statuses, [0, 1, 2], [0, 1, 2], top=True, digests=same).verdict is (
+        Verdict.AGREE
+    )
+
+
+def test_sources_are_the_trusted_copies_or_all_when_every_copy_restarted() -> None:
+    assert repair.sources([0, 1], [1], 2, False) == [1]
+    assert repair.sources([0, 1], [], 2, False) == [0, 1]
+    assert repair.sources([0, 1], [], 3, False) == []  # one copy is still down
+    assert repair.sources([0, 1], [], 2, True) == []  # a copy being filled holds nothing yet
+
+
+status = st.tuples(
+    st.sampled_from([P, Z, A]),
+    st.integers(0, 7).map(lambda low: (FULL & ~7) | low),
+    st.integers(0, 50),
+    st.sampled_from([0, m.WRITING]),
+)
+
+
+@given(
+    st.lists(status, min_size=2, max_size=3),
+    st.data(),
+)
+def test_every_plan_keeps_the_rules(statuses_list: list[Status], data: st.DataObject) -> None:
+    n = len(statuses_list)
+    statuses = dict(enumerate(statuses_list))
+    live = sorted(data.draw(st.sets(st.integers(0, n - 1), min_size=1)))
+    trusted = [i for i in live if data.draw(st.booleans())]
+    bad = data.draw(st.sets(st.sampled_from(live)))
+    top = data.draw(st.booleans())
+    plan = repair.plan(statuses, live, trusted, top=top, bad=bad)
+    if plan.verdict is Verdict.AGREE:
+        assert not bad
+        assert repair.agree(statuses, live)
+        return
+    if plan.verdict is Verdict.NO_SOURCE:
+        assert not [i for i in trusted if i not in bad and statuses[i][0] in (P, Z)]
+        return
+    src = plan.source
+    assert src is not None
+    assert src in trusted
+    assert src not in bad
+    assert statuses[src][0] in (P, Z)
+    assert src not in plan.targets
+    assert set(plan.targets) <= set(live)
+    assert set(bad) <= set(plan.targets)
+    # a source no other copy disowns is chosen whenever one exists
+    undisowned = [
+        i
+        for i in trusted
+        if i not in bad
+        and statuses[i][0] in (P, Z)
+        and all(statuses[k][1] & (1 << i) for k in trusted if k != i)
+    ]
+    if undisowned:
+        assert src == undisowned[0]
+    # every live copy that may differ from the source is a target
+    for t in live:
+        if t != src and (statuses[t][0] != statuses[src][0] or not statuses[t][1] & (1 << src)):
+            assert t in plan.targets
+    if plan.verdict is Verdict.WAIT:
+        assert top
+        assert any(statuses[t][3] & m.WRITING for t in plan.targets)
+        return
+    for i in live:
+        assert plan.mask & (1 << i)
+    assert plan.mark_order[-1] == src
+    assert sorted(plan.mark_order) == live
