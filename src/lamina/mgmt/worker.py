@@ -284,7 +284,8 @@ class Worker:
         """Copy to ``target`` every page of partition ``pidx`` that a trusted copy holds
         and ``target`` does not (a conditional WRITE at generation 0: a page a client
         created there meanwhile is left alone).  Pages copied earlier are not copied
-        again, so a new leader resumes where the old one was.  Whether every page is there."""
+        again, so a new leader resumes where the old one was.  Whether every page is there
+        and durable (the target FLUSHed)."""
         part = layer.placement[pidx]
         if state.get(target) is not cm.ServerState.UP:
             return False
@@ -307,7 +308,17 @@ class Worker:
                 return await self._fill_page(volume, layer, page, epoch, source, target)
 
         results = await asyncio.gather(*(one(p) for p in pages))
-        return all(results)
+        if not all(results):
+            return False
+        # FillDone makes the copy readable and the others vouch for it from then on: its
+        # pages must be on its disk first, not only in its page cache
+        try:
+            await self._call(target, m.FlushRequest(volume.id, epoch))
+        except (LaminaError, OSError, TimeoutError) as exc:
+            log.info("filling %s: flush: %s", target, exc)
+            self._failed(exc)
+            return False
+        return True
 
     async def _fill_page(
         self, volume: cm.Volume, layer: cm.Layer, page: int, epoch: int, source: str, target: str
