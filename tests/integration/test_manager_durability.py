@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import threading
 import time
@@ -14,8 +15,18 @@ from typing import Any
 
 import pytest
 
+from lamina.localcluster import http_json
 from tests.integration.test_managers import Managers, api, group, leader_of, wait_for
+from tests.integration.test_resync import (
+    read_whole,
+    restart_alone,
+    scrub,
+    status,
+    wait_state,
+    write_whole,
+)
 from tests.integration.test_up import lamina, pids, up
+from tests.integration.volumes import LocalCluster, MiB, local_cluster
 
 pytestmark = pytest.mark.integration
 __all__ = ["group"]  # the fixture of test_managers, shared
@@ -114,3 +125,51 @@ def test_up_after_kill_9_of_the_first_manager(tmp_path: Path) -> None:
     finally:
         if (root / "run").is_dir():
             lamina("down", "--dir", str(root))
+
+
+def _states_seen(lc: LocalCluster, sid: str) -> set[str]:
+    """The states every manager that answers gives ``sid`` right now."""
+    layout = json.loads((lc.root / "run" / "layout.json").read_text())
+    seen = set()
+    for _, port, _, _ in layout["managers"]:
+        try:
+            code, servers = http_json(f"http://127.0.0.1:{port}", "GET", "/api/v1/servers")
+        except OSError:
+            continue
+        if code == 200:
+            seen |= {s["state"] for s in servers if s["id"] == sid}
+    return seen
+
+
+def test_a_storage_server_restarted_across_a_leader_change_goes_recovering(
+    tmp_path: Path,
+) -> None:
+    """kill -9 of the manager leader and, at the same time, kill -9 and restart of storage
+    server s1: the new leader, which never granted s1 a lease before, still sees that s1
+    restarted (its incarnation is in the map), so s1 goes recovering and is resynced
+    before it is up again; the data written before reads back and a scrub finds the
+    copies equal."""
+    with local_cluster(tmp_path / "cluster", 3, 2) as lc:
+        lc.create_volume("v", 8 * MiB, replicas=2, stripe=2)
+        data = random.Random(7).randbytes(8 * MiB)
+        write_whole(lc, "v", data)
+        wait_state(lc, "s1", "up")
+        old = status(lc)["leader"]["id"]
+        os.kill(int((lc.root / "run" / f"{old}.pid").read_text()), signal.SIGKILL)
+        os.kill(lc.storage_pid("s1"), signal.SIGKILL)
+        s1 = restart_alone(lc, "s1")
+        try:
+            seen: set[str] = set()
+            deadline = time.monotonic() + 30
+            while "recovering" not in seen and time.monotonic() < deadline:
+                seen |= _states_seen(lc, "s1")
+                time.sleep(0.02)
+            assert "recovering" in seen, f"s1 restarted but was only ever {sorted(seen)}"
+            leader = wait_for(lambda: (status(lc)["leader"] or {}).get("id"), "a new leader")
+            assert leader != old
+            wait_state(lc, "s1", "up", timeout=60)
+            assert read_whole(lc, "v", len(data)) == data
+            report = scrub(lc, "v")
+            assert (report["mismatches"], report["corrupt"], report["errors"]) == (0, 0, 0)
+        finally:
+            s1.stop()

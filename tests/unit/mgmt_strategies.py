@@ -44,6 +44,7 @@ from lamina.mgmt.clustermap import (
     ResizeVolume,
     RollbackVolume,
     Server,
+    ServerStarted,
     ServerState,
     SetServerState,
     apply,
@@ -102,6 +103,7 @@ def commands(zoned: bool) -> st.SearchStrategy[Command]:
         create,
         create,
         st.builds(RemoveServer, server_ids),
+        st.builds(ServerStarted, server_ids, st.integers(1, 3)),
         st.builds(ResizeVolume, volume_names, sizes),
         st.builds(DeleteVolume, volume_names),
         st.builds(Publish, st.integers(0, 40)),
@@ -165,6 +167,8 @@ def command_for(cmap: ClusterMap, zoned: bool, choice: Choice) -> Command:
         zone = ("", *ZONES)[d // 4 % 4] if zoned else ""
         addr = f"{HOSTS[b % len(HOSTS)]}:{7000 + c % 4}"
         return AddServer(SERVER_IDS[a % len(SERVER_IDS)], addr, 1 + d % 4, zone)
+    if kind == 2 and c % 3 == 0:  # a lease request with this incarnation
+        return ServerStarted(sid, 1 + d % 3)
     if kind == 2 or (kind == 3 and not known):
         return SetServerState(sid, list(ServerState)[b % 4])
     if kind == 3:

@@ -131,6 +131,38 @@ def test_a_server_is_marked_down_only_after_grace_and_lease() -> None:
     asyncio.run(main())
 
 
+def test_a_restart_is_seen_by_a_leader_that_never_granted_the_earlier_lease() -> None:
+    """The incarnation a server reports is committed to the map, so a new leader (whose
+    lease table is empty) tells that the server restarted: it becomes recovering."""
+
+    async def settle() -> None:
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+    async def main() -> None:
+        clock = Clock()
+        svc, first = make(clock)
+        first.run_once()
+        lease(first, incarnation=1)
+        await settle()
+        assert svc.map.servers["s1"].incarnation == 1
+        assert state(svc) == cm.ServerState.UP  # a first report is no restart
+        lease(first, incarnation=1)
+        await settle()
+        epoch = svc.map.epoch
+        assert svc.map.servers["s1"].incarnation == 1  # nothing new to commit
+        first.table.step_down()  # failover: another manager leads, knowing nothing
+        second = LeaderDuties(svc, lambda: True, clock, lease_duration=3.0, grace=2.5)
+        second.run_once()
+        lease(second, incarnation=2)
+        await settle()
+        assert state(svc) == cm.ServerState.RECOVERING
+        assert svc.map.servers["s1"].incarnation == 2
+        assert svc.map.epoch == epoch + 1
+
+    asyncio.run(main())
+
+
 def test_a_server_retired_from_a_layer_is_fenced_and_awaited_like_its_holders() -> None:
     """The server a re-replication moved a copy away from gets the volume's fence with
     its lease and is one of the servers a publication of that volume waits for."""

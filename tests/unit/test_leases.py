@@ -16,7 +16,7 @@ def test_a_lease_is_over_only_after_its_duration_and_margin(start: float, later:
     """A server granted at t is expired exactly from t + d(1 + drift) + slack on."""
     table = LeaseTable(D)
     table.become_leader(start)
-    table.grant("s1", start, epoch=1, incarnation=1)
+    table.grant("s1", start, epoch=1)
     assume(abs(later - OVER) > 1e-6)  # float sums may round either way at the very edge
     assert table.expired("s1", start + later) == (later > OVER)
 
@@ -37,7 +37,7 @@ def test_not_leading_judges_nothing_and_stepping_down_forgets_grants() -> None:
     table = LeaseTable(D)
     assert not table.expired("s1", 1e9)
     table.become_leader(0.0)
-    table.grant("s1", 0.0, 5, 1)
+    table.grant("s1", 0.0, 5)
     table.step_down()
     assert not table.expired("s1", 1e9)
     table.become_leader(100.0)
@@ -49,23 +49,14 @@ def test_publication_waits_for_acknowledgement_or_expiry() -> None:
     """An epoch may be published once every affected server reported it or lost its lease."""
     table = LeaseTable(D)
     table.become_leader(0.0)
-    table.grant("s1", 0.0, epoch=4, incarnation=1)
-    table.grant("s2", 0.0, epoch=3, incarnation=1)
+    table.grant("s1", 0.0, epoch=4)
+    table.grant("s2", 0.0, epoch=3)
     assert not table.may_publish(4, ["s1", "s2"], 1.0)
-    table.grant("s2", 1.0, epoch=4, incarnation=1)
+    table.grant("s2", 1.0, epoch=4)
     assert table.may_publish(4, ["s1", "s2"], 1.0)
     assert not table.may_publish(5, ["s1", "s2"], 2.0)
     assert table.may_publish(5, ["s1", "s2"], 1.0 + OVER)  # both leases over by then
     assert table.may_publish(5, [], 0.0)
-
-
-def test_a_changed_incarnation_reports_a_restart() -> None:
-    """The first grant is no restart; a later grant with another incarnation is."""
-    table = LeaseTable(D)
-    table.become_leader(0.0)
-    assert not table.grant("s1", 0.0, 1, incarnation=7)
-    assert not table.grant("s1", 1.0, 1, incarnation=7)
-    assert table.grant("s1", 2.0, 1, incarnation=8)
 
 
 def test_a_new_leader_also_waits_out_its_predecessors_fallback() -> None:
@@ -73,10 +64,10 @@ def test_a_new_leader_also_waits_out_its_predecessors_fallback() -> None:
     grace + d after the election, even a server this leader granted meanwhile."""
     table = LeaseTable(D, grace=2.5)
     table.become_leader(0.0)
-    table.grant("s1", 0.1, epoch=1, incarnation=1)
+    table.grant("s1", 0.1, epoch=1)
     for sid in ("s1", "s2"):
         assert not table.expired(sid, 2.5 + OVER - 0.01)
         assert table.expired(sid, 2.5 + OVER + 0.01)
-    table.grant("s1", 5.0, epoch=1, incarnation=1)  # a grant after the grace counts as usual
+    table.grant("s1", 5.0, epoch=1)  # a grant after the grace counts as usual
     assert not table.expired("s1", 5.0 + OVER - 0.01)
     assert table.expired("s1", 5.0 + OVER + 0.01)

@@ -16,11 +16,12 @@ again and raises :class:`InvalidCommand` rather than build a broken map.
 Epochs and fences (DESIGN section 6): every applied command except :class:`Publish`
 raises ``epoch`` by one.  A command that affects a volume (:func:`affected_volumes`)
 sets that volume's ``fence_epoch`` to the new epoch: CreateVolume, ResizeVolume,
-AcquireLock and ReleaseLock their volume, SetServerState and RemoveServer every volume
-with a layer on that server (a server is removed only once it holds nothing, so in
-practice none).  DeleteVolume drops the volume and its layers.  The leader sends
-SET_EPOCH to :func:`affected_servers` and, once each acknowledged (or its lease
-expired), proposes ``Publish(e)``, which raises ``published_epoch`` to ``e``; it needs
+AcquireLock and ReleaseLock their volume, SetServerState, RemoveServer and a
+ServerStarted that changes the server's state every volume with a layer on that server
+(a server is removed only once it holds nothing, so in practice none).  DeleteVolume
+drops the volume and its layers.  The leader sends SET_EPOCH to
+:func:`affected_servers` and, once each acknowledged (or its lease expired), proposes
+``Publish(e)``, which raises ``published_epoch`` to ``e``; it needs
 ``published_epoch < e <= epoch``.
 
 Volume ids and layer ids come from counters in the map that only grow, so no id is ever
@@ -183,6 +184,9 @@ class Server:
     zone: str
     #: being emptied (``DrainServer``): no new copy goes there; migrations move its own
     draining: bool = False
+    #: the incarnation the server last reported in a lease request (``ServerStarted``;
+    #: 0: none yet): in the map, so any leader tells a restart
+    incarnation: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -461,6 +465,23 @@ class SetServerState:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerStarted:
+    """A lease request showed storage server ``id`` running as ``incarnation`` (its
+    store bumps it at every start), another than the map records.  Recorded; if the map
+    had recorded one before, the server restarted: its pending write episodes and
+    in-flight flags are gone, so an ``up`` server becomes ``recovering`` (only the
+    resync makes it ``up`` again).  A ``down`` server becomes ``recovering`` too."""
+
+    TAG: ClassVar[str] = "server_started"
+    id: str
+    incarnation: int
+
+    def __post_init__(self) -> None:
+        check_id("server id", self.id)
+        check_int("incarnation", self.incarnation, 1)
+
+
+@dataclass(frozen=True, slots=True)
 class CreateVolume:
     TAG: ClassVar[str] = "create_volume"
     name: str
@@ -721,6 +742,7 @@ Command: TypeAlias = (
     | RemoveServer
     | DrainServer
     | SetServerState
+    | ServerStarted
     | CreateVolume
     | ResizeVolume
     | DeleteVolume
@@ -745,6 +767,7 @@ COMMAND_TYPES: tuple[type[Command], ...] = (
     RemoveServer,
     DrainServer,
     SetServerState,
+    ServerStarted,
     CreateVolume,
     ResizeVolume,
     DeleteVolume,
@@ -811,6 +834,8 @@ def validate(cmap: ClusterMap, cmd: Command) -> str | None:
             return _holdings(cmap, cmd.id)
         case SetServerState():
             return _check_set_state(cmap, cmd)
+        case ServerStarted():
+            return _check_started(cmap, cmd)
         case DrainServer():
             return _check_drain(cmap, cmd)
         case CreateVolume():
@@ -1015,6 +1040,25 @@ def _check_set_state(cmap: ClusterMap, cmd: SetServerState) -> str | None:
     return None
 
 
+def _check_started(cmap: ClusterMap, cmd: ServerStarted) -> str | None:
+    server = cmap.servers.get(cmd.id)
+    if server is None:
+        return f"unknown server {cmd.id}"
+    if server.state is ServerState.OUT:
+        return f"server {cmd.id} is out of the cluster"
+    if server.incarnation == cmd.incarnation:
+        return f"server {cmd.id} is already recorded as incarnation {cmd.incarnation}"
+    return None
+
+
+def started_state(server: Server, incarnation: int) -> ServerState:
+    """The state ``ServerStarted(server.id, incarnation)`` leaves the server in."""
+    restarted = server.incarnation not in (0, incarnation)  # 0: never reported before
+    if server.state is ServerState.DOWN or (restarted and server.state is ServerState.UP):
+        return ServerState.RECOVERING
+    return server.state
+
+
 def _check_create(cmap: ClusterMap, cmd: CreateVolume) -> str | None:
     if cmd.name in cmap.volumes:
         return f"volume {cmd.name} already exists"
@@ -1067,6 +1111,13 @@ def apply(cmap: ClusterMap, cmd: Command) -> ClusterMap:
             return replace(cmap, epoch=epoch, servers=_frozen({**cmap.servers, cmd.id: server}))
         case SetServerState():
             server = replace(cmap.servers[cmd.id], state=cmd.state)
+            volumes = _fenced(cmap, _affected(cmap, cmd), epoch)
+            servers = _frozen({**cmap.servers, cmd.id: server})
+            return replace(cmap, epoch=epoch, servers=servers, volumes=volumes)
+        case ServerStarted():
+            before = cmap.servers[cmd.id]
+            state = started_state(before, cmd.incarnation)
+            server = replace(before, state=state, incarnation=cmd.incarnation)
             volumes = _fenced(cmap, _affected(cmap, cmd), epoch)
             servers = _frozen({**cmap.servers, cmd.id: server})
             return replace(cmap, epoch=epoch, servers=servers, volumes=volumes)
@@ -1644,6 +1695,11 @@ def _affected(cmap: ClusterMap, cmd: Command) -> frozenset[int]:
             return frozenset()
         case RemoveServer() | SetServerState() | Rereplicate():
             return frozenset(layer.volume_id for layer in cmap.layers_on(cmd.id))
+        case ServerStarted():
+            server = cmap.servers[cmd.id]
+            if started_state(server, cmd.incarnation) is server.state:
+                return frozenset()  # only recorded
+            return frozenset(layer.volume_id for layer in cmap.layers_on(cmd.id))
         case FillDone():
             return frozenset({cmap.layers[cmd.layer].volume_id})
         case CreateVolume():
@@ -1759,6 +1815,7 @@ def map_to_dict(cmap: ClusterMap) -> dict[str, Any]:
                 "capacity": s.capacity,
                 "zone": s.zone,
                 "draining": s.draining,
+                "incarnation": s.incarnation,
             }
             for sid, s in sorted(cmap.servers.items())
         },
@@ -1813,8 +1870,8 @@ _MAP_KEYS = (
     "volumes",
     "layers",
 )
-_SERVER_KEYS = ("addr", "state", "capacity", "zone", "draining")
-_SERVER_OPTIONAL = ("draining",)
+_SERVER_KEYS = ("addr", "state", "capacity", "zone", "draining", "incarnation")
+_SERVER_OPTIONAL = ("draining", "incarnation")
 _VOLUME_KEYS = (
     "id", "size", "page_size", "replicas", "stripe", "layers", "fence_epoch", "lock",
     "snapshots", "origin", "flattening", "migration",
@@ -1883,7 +1940,15 @@ def map_from_dict(data: Mapping[str, Any]) -> ClusterMap:
         check_id("server id", sid)
         r = _record(raw, f"server {sid}", _SERVER_KEYS, _SERVER_OPTIONAL)
         state = _enum(r["state"], f"state of server {sid}", ServerState)
-        servers[sid] = Server(sid, r["addr"], state, r["capacity"], r["zone"], bool(r["draining"]))
+        servers[sid] = Server(
+            sid,
+            r["addr"],
+            state,
+            r["capacity"],
+            r["zone"],
+            bool(r["draining"]),
+            0 if r["incarnation"] is None else _int(r["incarnation"], f"incarnation of {sid}"),
+        )
     volumes: dict[str, Volume] = {}
     raw_volumes = d["volumes"]
     if not isinstance(raw_volumes, Mapping):

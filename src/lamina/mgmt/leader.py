@@ -11,7 +11,10 @@ them before it serves (DESIGN section 6).
 Once a second or so the leader's duty loop (:meth:`LeaderDuties.run_once`):
 - marks ``down`` every ``up``/``recovering`` server whose lease is certainly over;
 - moves a server that asked for a lease while ``down``, or that restarted, to
-  ``recovering`` (only the resync makes it ``up`` again);
+  ``recovering`` (only the resync makes it ``up`` again).  A restart shows as an
+  incarnation in the LEASE request other than the one the map records
+  (``ServerStarted`` commits the new one through Raft), so a leader elected after the
+  restart, or during it, sees it as well as the one that granted the earlier lease;
 - publishes the current epoch once every server holding a layer of a volume fenced since
   the last publication has acknowledged it (by asking for a lease with that epoch) or has
   certainly lost its lease: the publication rule, with leases as the channel;
@@ -140,8 +143,12 @@ class LeaderDuties:
         server = cmap.servers.get(msg.server_id)
         if server is None or server.state == cm.ServerState.OUT:
             raise NotFound(f"storage server {msg.server_id} is not a member of the cluster")
-        restarted = self.table.grant(msg.server_id, self.clock(), msg.epoch, msg.incarnation)
-        if server.state == cm.ServerState.DOWN or (restarted and server.state == cm.ServerState.UP):
+        self.table.grant(msg.server_id, self.clock(), msg.epoch)
+        if msg.incarnation != server.incarnation:
+            # recorded in the map, so any later leader tells a restart too; a restarted
+            # server (or one that was down) becomes recovering with it
+            self._propose(cm.ServerStarted(msg.server_id, msg.incarnation))
+        elif server.state == cm.ServerState.DOWN:
             self._propose(cm.SetServerState(msg.server_id, cm.ServerState.RECOVERING))
         duration_ms = int(self.table.duration * 1000)
         return m.LeaseResponse(duration_ms, cmap.epoch, fences_of(cmap, msg.server_id)), b""

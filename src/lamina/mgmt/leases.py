@@ -14,9 +14,10 @@ margin) after it became leader, ``grace`` covering the predecessor's fallback.
 
 Only after a server's lease is over may the leader mark it ``down`` (DESIGN section 6):
 by then the server refuses I/O on its own, so nobody proceeds without it while it still
-serves.  A LEASE request also reports the epoch the server knows and its incarnation; the
-first is the acknowledgement the epoch publication rule waits for, the second tells that
-the server restarted.  Times are passed in (no clock is read here).
+serves.  A LEASE request also reports the epoch the server knows: the acknowledgement the
+epoch publication rule waits for.  (Its incarnation, which tells a restart, is compared
+with the one the cluster map records, not kept here: a new leader knows nothing of what
+the old one saw.)  Times are passed in (no clock is read here).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ class LeaseTable:
     leader_since: float | None = None
     granted: dict[str, float] = field(default_factory=dict)  # id -> time of the last grant
     acked: dict[str, int] = field(default_factory=dict)  # id -> epoch it reported
-    incarnations: dict[str, int] = field(default_factory=dict)
 
     def _over(self, since: float, now: float) -> bool:
         return now >= since + self.duration * (1 + DRIFT) + SLACK
@@ -55,13 +55,10 @@ class LeaseTable:
     def leading(self) -> bool:
         return self.leader_since is not None
 
-    def grant(self, server_id: str, now: float, epoch: int, incarnation: int) -> bool:
-        """Record a grant; True if the server restarted since its last request."""
+    def grant(self, server_id: str, now: float, epoch: int) -> None:
+        """Record a grant to a server that reported knowing ``epoch``."""
         self.granted[server_id] = now
         self.acked[server_id] = max(self.acked.get(server_id, 0), epoch)
-        before = self.incarnations.get(server_id)
-        self.incarnations[server_id] = incarnation
-        return before is not None and before != incarnation
 
     def expired(self, server_id: str, now: float) -> bool:
         """Whether the server certainly holds no lease (from this leader or an earlier)."""
