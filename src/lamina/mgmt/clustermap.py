@@ -1956,7 +1956,10 @@ def map_from_dict(data: Mapping[str, Any]) -> ClusterMap:
     for name, raw in raw_volumes.items():
         check_id("volume name", name)
         r = _record(raw, f"volume {name}", _VOLUME_KEYS, _VOLUME_OPTIONAL)
-        stack = tuple(_list(r["layers"], f"layers of volume {name}", 1 << 16))
+        stack = tuple(
+            _int(lid, f"layer of volume {name}", 1)
+            for lid in _list(r["layers"], f"layers of volume {name}", 1 << 16)
+        )
         lock = None
         if r["lock"] is not None:
             k = _record(r["lock"], f"lock of volume {name}", _LOCK_KEYS)
