@@ -98,6 +98,7 @@ def write(w: World, page: int, slot: int, nslots: int, version: int) -> Proc:
             )
             for i in copies
         )  # fmt: skip
+        losses = dict(w.losses)
         answers: list[Answer] = yield Call(calls, RPC_TIMEOUT)
         errors = [
             (part[i], a)
@@ -105,17 +106,23 @@ def write(w: World, page: int, slot: int, nslots: int, version: int) -> Proc:
             if isinstance(a, BaseException)
         ]
         if not errors:
+            group = []
             for i, a in zip(copies, answers, strict=False):
                 assert isinstance(a, tuple)
                 assert isinstance(a[0], m.WriteResponse)
-                w.tokens.setdefault(("c", part[i]), []).append(a[0].token)
-            w.acked_write(page, slot, nslots, version, epoch, [part[i] for i in copies])
+                group.append((part[i], a[0].token))
+            if w.broken == "confirm_before_flush":  # the old rule: vouch for page caches
+                w.confirm_durable([tuple(group)], {sid for sid, _ in group})
+            else:
+                w.durable_later(tuple(group))
+            to = [part[i] for i in copies]
+            w.acked_write(page, slot, nslots, version, epoch, to, losses)
             return
         yield from recover(w, errors, attempt, f"write v{version} page {page} epoch {epoch}")
 
 
 def read(w: World, page: int) -> Proc:
-    floor = list(w.acked[page])
+    before = w.ack_seq + 1  # the writes acknowledged before the read began
     attempt = 0
     while True:
         attempt += 1
@@ -138,7 +145,7 @@ def read(w: World, page: int) -> Proc:
             if not (yield from resync(w, "c", page, epoch, states)):
                 yield Sleep(_backoff(attempt))
             continue
-        w.check_read(page, floor, bytes(data), part[i])
+        w.check_read(page, before, bytes(data), part[i])
         return
 
 
@@ -151,6 +158,10 @@ def resync(w: World, client: str, page: int, epoch: int, states: dict[str, str])
     up = [i for i in live if states[part[i]] == UP]
     if not live:
         return False
+    if not up and len(live) == len(part):
+        # every copy is back but none is up yet (all restarted): their masks alone say
+        # which holds what, so any of them may be the authority
+        up = live
     req = m.StatusRequest(VOLUME, epoch, LAYER, (page,))
     answers = yield Call(tuple((part[i], req, b"") for i in live), RPC_TIMEOUT)
     statuses: dict[int, Status] = {}
@@ -193,8 +204,8 @@ def resync(w: World, client: str, page: int, epoch: int, states: dict[str, str])
         data = bytes(PAGE)
     gens = {i: statuses[i][2] for i in live}
     for t in targets:
-        wr = m.WriteRequest(
-            VOLUME, epoch, LAYER, page, PAGE, 0, FULL, FULL, False,
+        wr = m.WriteRequest(  # durable (fua) before any mask vouches for it
+            VOLUME, epoch, LAYER, page, PAGE, 0, FULL, FULL, w.broken != "resync_without_fua",
             conditional=True, if_generation=gens[t],
         )  # fmt: skip
         (a,) = yield Call(((part[t], wr, data),), RPC_TIMEOUT)
@@ -256,6 +267,55 @@ def worker(w: World) -> Proc:
             for s, ok in ready.items():
                 if ok:
                     w.mgr.ready(s)
+
+
+def flush(w: World) -> Proc:
+    """What ``Driver.flush`` does: FLUSH every live server of the volume until all
+    succeed; then the writes acknowledged before it are durable on every copy it
+    reached, and their tokens go back."""
+    before = w.ack_seq + 1
+    batch, w.unsynced = w.unsynced, []
+    w.procs.spawn("restore", "c", restore_tokens(w), lambda _: None)
+    attempt = 0
+    while True:
+        attempt += 1
+        epoch, states = w.mgr.published_epoch, w.mgr.published
+        servers = sorted({s for part in w.partitions for s in part if states[s] in LIVE})
+        req = m.FlushRequest(VOLUME, epoch)
+        answers = yield Call(tuple((s, req, b"") for s in servers), RPC_TIMEOUT)
+        errors = [
+            (s, a) for s, a in zip(servers, answers, strict=True) if isinstance(a, BaseException)
+        ]
+        if not errors:
+            break
+        yield from recover(w, errors, attempt, f"flush epoch {epoch}")
+    w.flushes += 1
+    w.flushed(before, set(servers))
+    w.trace(f"client: FLUSH done on {servers} (writes before ack {before})")
+    rest = w.confirm_durable(batch, set(servers))
+    if rest:  # not covered (a server left meanwhile): the background sync's turn
+        w.unsynced[:0] = rest
+        w.sync_soon()
+    yield from restore_tokens(w)
+
+
+def background_sync(w: World) -> Proc:
+    """``Driver._sync_unsynced``: FLUSH the servers of the writes waiting for
+    durability, confirm the writes whose copies all flushed, drop the others (their
+    pages stay dirty until a resynchronisation)."""
+    before = w.ack_seq + 1
+    batch, w.unsynced = w.unsynced, []
+    servers = sorted({sid for group in batch for sid, _ in group})
+    req = m.FlushRequest(VOLUME, w.mgr.published_epoch)
+    answers = yield Call(tuple((s, req, b"") for s in servers), RPC_TIMEOUT)
+    done = {s for s, a in zip(servers, answers, strict=True) if not isinstance(a, BaseException)}
+    w.flushed(before, done)
+    dropped = w.confirm_durable(batch, done)
+    if dropped:
+        w.trace(
+            f"client: {len(dropped)} writes stay unconfirmed (no FLUSH on {set(servers) - done})"
+        )
+    yield from restore_tokens(w)
 
 
 def restore_tokens(w: World) -> Proc:

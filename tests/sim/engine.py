@@ -17,7 +17,7 @@ import collections
 import hashlib
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lamina.wire import messages as m
 from tests.sim import actors, faults
@@ -27,6 +27,26 @@ from tests.sim.servers import LAYER, VOLUME, SimServer, settle
 
 TRACE_TAIL = 30
 STEP = 0.05
+SYNC_DELAY = 0.2  # the driver's background FLUSH follows acknowledgements this soon
+MASK_SYNC = (0.5, 5.0)  # the range a server's periodic sync interval is drawn from
+BROKEN = (
+    "no_clear_mask", "no_generation_check", "overwrite_writing", "recover_alone",
+    "confirm_before_flush", "resync_without_fua",
+)  # fmt: skip
+
+Group = tuple[tuple[str, int], ...]  # one write's (server, token) pairs
+
+
+@dataclass(slots=True)
+class Acked:
+    """An acknowledged write, for the checker."""
+
+    seq: int
+    version: int
+    #: server -> its power losses when the acknowledged attempt was sent: the write is
+    #: held there until it loses power again, unless a FLUSH made it durable there first
+    held: dict[str, int]
+    flushed: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +74,12 @@ class World:
         self.net = Net(self.loop, self.rng, self.trace)
         ids = ("s1", "s2", "s3")
         self.servers = {
-            s: SimServer(s, self.clock, self.trace, broken != "no_generation_check") for s in ids
+            s: SimServer(
+                s, self.clock, self.trace, self.rng, actors.SLOT, broken != "no_generation_check"
+            )
+            for s in ids
         }
+        self.losses = dict.fromkeys(ids, 0)  # power losses (and failed disks) per server
         self.partitions: list[tuple[str, ...]]
         if replicas == 2:
             self.partitions = [("s1", "s2"), ("s2", "s3")]
@@ -68,6 +92,15 @@ class World:
         self.gens: dict[tuple[str, str], int] = {}
         self.tokens: dict[tuple[str, str], list[int]] = {}
         self.acked = {p: [0] * actors.SLOTS for p in range(actors.PAGES)}
+        # per page and slot, the acknowledged writes covering it, oldest first
+        self.history: dict[int, list[list[Acked]]] = {
+            p: [[] for _ in range(actors.SLOTS)] for p in range(actors.PAGES)
+        }
+        self.acks: list[Acked] = []  # not yet flushed on every server they were sent to
+        self.ack_seq = 0
+        self.unsynced: list[Group] = []  # acknowledged writes whose tokens wait for a FLUSH
+        self.sync_timer = False
+        self.flushes = 0
         self.issued: dict[int, list[set[int]]] = {
             p: [{0} for _ in range(actors.SLOTS)] for p in range(actors.PAGES)
         }
@@ -120,14 +153,19 @@ class World:
         self.trace(f"{client}: timeout on {sid}: new connection {self.gens[(client, sid)]}")
 
     def send_heartbeat(
-        self, sid: str, epoch: int, fence: int, grant: float, on_ack: Callable[[int], None]
+        self,
+        sid: str,
+        epoch: int,
+        fence: int,
+        grant: float,
+        on_ack: Callable[[int, int, str], None],
     ) -> None:
         srv = self.servers[sid]
         inc = srv.incarnation
 
         def run() -> None:
             acked = srv.heartbeat(epoch, fence, grant)
-            self.net.send(sid, "mgr", (sid, "mgr", inc), "hb-ack", lambda: on_ack(acked))
+            self.net.send(sid, "mgr", (sid, "mgr", inc), "hb-ack", lambda: on_ack(*acked))
 
         self.net.send("mgr", sid, ("mgr", sid, inc), "hb", lambda: srv.deliver(inc, run))
 
@@ -142,26 +180,112 @@ class World:
                 srv = self.servers[sid]
                 srv.heartbeat(1, 1, 1.0)
                 settle(srv.svc.handle(req, bytes(actors.PAGE)))
+        for srv in self.servers.values():
+            srv.store.sync()
+            self._periodic_sync(srv, self.rng.uniform(*MASK_SYNC))
+
+    def _periodic_sync(self, srv: SimServer, every: float) -> None:
+        def tick() -> None:
+            srv.periodic_sync()
+            self.loop.at(self.loop.now + every, tick)
+
+        self.loop.at(self.loop.now + every, tick)
+
+    # -- durability of acknowledged writes (the driver's rule) ------------------------------
+
+    def durable_later(self, group: Group) -> None:
+        """What ``Driver._durable_later`` does: the tokens go back once a FLUSH succeeded
+        on every copy the write reached (the client's, or one sent SYNC_DELAY later)."""
+        self.unsynced.append(group)
+        self.sync_soon()
+
+    def sync_soon(self) -> None:
+        if not self.sync_timer:
+            self.sync_timer = True
+            self.loop.at(self.loop.now + SYNC_DELAY, self._start_sync)
+
+    def _start_sync(self) -> None:
+        self.sync_timer = False
+        if "sync" in self.procs.running.values():
+            self.sync_soon()  # one at a time: look again after this one
+        elif self.unsynced:
+            self.procs.spawn("sync", "c", actors.background_sync(self), lambda _: None)
+
+    def confirm_durable(self, batch: list[Group], flushed: set[str]) -> list[Group]:
+        """Confirm the groups whose servers all flushed; the others."""
+        rest = []
+        for group in batch:
+            if all(sid in flushed for sid, _ in group):
+                for sid, token in group:
+                    self.tokens.setdefault(("c", sid), []).append(token)
+            else:
+                rest.append(group)
+        return rest
+
+    def power_lost(self, sid: str) -> None:
+        """``sid`` may have lost every write it did not make durable."""
+        self.losses[sid] += 1
+
+    def flushed(self, before: int, servers: set[str]) -> None:
+        """A FLUSH succeeded on ``servers``: every write acknowledged before it was sent
+        (``seq < before``) is durable on those of them it reached and that kept power."""
+        keep = []
+        for a in self.acks:
+            if a.seq < before:
+                for sid, losses in a.held.items():
+                    if sid in servers and self.losses[sid] == losses:
+                        a.flushed.add(sid)
+            if len(a.flushed) < len(a.held):
+                keep.append(a)
+        self.acks = keep
+
+    def held(self, a: Acked) -> bool:
+        """Whether the system still owes write ``a``: some copy it reached has made it
+        durable (a FLUSH succeeded there) or has not lost power since."""
+        return any(sid in a.flushed or self.losses[sid] == n for sid, n in a.held.items())
+
+    def floor(self, page: int, before: int) -> list[int]:
+        """Per slot, the newest write acknowledged before ``before`` that is still owed."""
+        out = []
+        for slot in self.history[page]:
+            out.append(
+                next((a.version for a in reversed(slot) if a.seq < before and self.held(a)), 0)
+            )
+        return out
 
     # -- the model of what must hold ---------------------------------------------------------
 
     def acked_write(
-        self, page: int, slot: int, nslots: int, version: int, epoch: int, to: list[str]
+        self,
+        page: int,
+        slot: int,
+        nslots: int,
+        version: int,
+        epoch: int,
+        to: list[str],
+        losses: dict[str, int],
     ) -> None:
+        """Write ``version`` was acknowledged by ``to``; ``losses``: the servers' power
+        losses when the acknowledged attempt was sent."""
         self.writes += 1
+        self.ack_seq += 1
+        a = Acked(self.ack_seq, version, {sid: losses[sid] for sid in to})
+        self.acks.append(a)
         for s in range(slot, slot + nslots):
             self.acked[page][s] = version
+            self.history[page][s].append(a)
         self.trace(f"client: ACK v{version} page {page} slots {slot}+{nslots} e{epoch} {to}")
 
-    def check_read(self, page: int, floor: list[int], data: bytes, sid: str) -> None:
+    def check_read(self, page: int, before: int, data: bytes, sid: str) -> None:
         self.reads += 1
         got = [actors.slot_version(data, s) for s in range(actors.SLOTS)]
         self.trace(f"client: read page {page} from {sid}: {got}")
+        floor = self.floor(page, before)
         for s, v in enumerate(got):
             if v < floor[s] or v not in self.issued[page][s]:
                 raise AssertionError(
                     f"read of page {page} slot {s} from {sid} returned v{v}, "
-                    f"but v{floor[s]} was acknowledged before the read began"
+                    f"but v{floor[s]} was acknowledged before the read began and is owed"
                 )
 
     def start_write(self) -> None:
@@ -186,15 +310,22 @@ class World:
 
 
 def run(
-    seed: int, steps: int = 2000, replicas: int = 2, broken: str = "", verbose: bool = False
+    seed: int,
+    steps: int = 2000,
+    replicas: int = 2,
+    broken: str = "",
+    verbose: bool = False,
+    overlap: bool = False,
 ) -> Report:
-    """Simulate ``steps`` steps of seed ``seed``; AssertionError on a broken invariant."""
+    """Simulate ``steps`` steps of seed ``seed``; AssertionError on a broken invariant.
+    ``overlap``: server faults may hit a server while another is still out or not yet
+    back up (by default they come one at a time, or to every server at once)."""
     w = World(seed, replicas, broken, verbose)
     try:
         w.trace(f"sim: seed {seed} steps {steps} replicas {replicas} {broken}")
         w.loop.at(0.0, w._tick)
         w.procs.spawn("worker", "w", actors.worker(w), lambda _: None)
-        chaos = faults.Chaos(w)
+        chaos = faults.Chaos(w, overlap)
         for _ in range(steps):
             w.loop.run_until(w.loop.now + STEP)
             chaos.step()
@@ -213,37 +344,69 @@ def run(
 
 
 def settle_and_check(w: World, limit: float = 200.0) -> None:
-    """Run without faults until the worker is quiet, then compare every copy with the
-    acknowledged writes."""
+    """Run without faults until the worker is quiet and compare every copy with the
+    acknowledged writes; then FLUSH, cut the power of every server, and do it again:
+    every acknowledged write is flushed by then, so every one must be there."""
+    _settle(w, limit)
+    w.trace("sim: settled; checking every copy")
+    _check_copies(w)
+    w.procs.spawn("flush", "c", actors.flush(w), lambda _: None)
+    _settle(w, limit)
+    w.trace("sim: flushed; every server loses power")
+    for sid, srv in w.servers.items():
+        srv.power_loss()
+        w.power_lost(sid)
+        srv.restart()
+    _settle(w, limit)
+    w.trace("sim: settled after the power cut; checking every copy")
+    _check_copies(w)
+
+
+def _settle(w: World, limit: float) -> None:
     end = w.loop.now + limit
+    w.quiet_rounds = 0
     while True:
         w.loop.run_until(w.loop.now + 0.5)
         settled = (
             w.mgr.pending is None
             and all(st == UP for st in w.mgr.published.values())
             and list(w.procs.running.values()) == ["worker"]
-            and all(s.alive and not s.paused for s in w.servers.values())
+            and all(s.alive and not s.paused and not s.stopped for s in w.servers.values())
         )
         if not settled:
             w.quiet_rounds = 0
         elif w.quiet_rounds >= 2:
-            break
+            return
         if w.loop.now > end:
             raise AssertionError(
                 f"not settled after {limit} s: {w.mgr.published} pending={w.mgr.pending} "
                 f"running={sorted(w.procs.running.values())}"
             )
-    w.trace("sim: settled; checking every copy")
+
+
+def _check_copies(w: World) -> None:
+    """Every copy clean and equal; each slot holds its newest acknowledged write when
+    that one is owed, else some write issued since the newest owed one."""
     for page in range(actors.PAGES):
+        seen: dict[str, list[int]] = {}
         for sid in w.part(page):
             info = w.servers[sid].store.info(LAYER, page)
             data = w.servers[sid].store.read(LAYER, page, 0, actors.PAGE)
-            got = [actors.slot_version(data, s) for s in range(actors.SLOTS)]
-            if info.mask != 0xFFFFFFFF or got != w.acked[page]:
-                raise AssertionError(
-                    f"page {page} on {sid}: mask {info.mask:#x} versions {got}, "
-                    f"acknowledged {w.acked[page]}"
-                )
+            seen[sid] = got = [actors.slot_version(data, s) for s in range(actors.SLOTS)]
+            if info.mask != 0xFFFFFFFF:
+                raise AssertionError(f"page {page} on {sid}: mask {info.mask:#x} after settling")
+        first = next(iter(seen.values()))
+        floor = w.floor(page, w.ack_seq + 1)
+        for s in range(actors.SLOTS):
+            hist = w.history[page][s]
+            owed = hist[-1].version if hist and w.held(hist[-1]) else None
+            for got in seen.values():
+                v = got[s]
+                if got != first or (owed is not None and v != owed) or v < floor[s]:
+                    raise AssertionError(
+                        f"page {page} slot {s}: copies hold {seen}, acknowledged "
+                        f"{w.acked[page]}, owed at least {floor}"
+                    )
 
 
 def main() -> None:
@@ -254,11 +417,12 @@ def main() -> None:
     ap.add_argument(
         "--broken",
         default="",
-        choices=("", "no_clear_mask", "no_generation_check", "overwrite_writing", "recover_alone"),
+        choices=("", *BROKEN),
     )
+    ap.add_argument("--overlap", action="store_true", help="server faults may pile up")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
-    report = run(args.seed, args.steps, args.replicas, args.broken, args.verbose)
+    report = run(args.seed, args.steps, args.replicas, args.broken, args.verbose, args.overlap)
     print(report)
 
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tests.sim import actors
+from tests.sim.manager import UP
 from tests.sim.net import Faults
 
 if TYPE_CHECKING:
@@ -16,8 +17,9 @@ MAX_CUTS = 2
 
 
 class Chaos:
-    def __init__(self, w: World) -> None:
+    def __init__(self, w: World, overlap: bool = False) -> None:
         self.w = w
+        self.overlap = overlap
         rng = w.rng
         self.faults = Faults(
             drop=rng.uniform(0.005, 0.03),
@@ -26,15 +28,19 @@ class Chaos:
         )
         w.net.faults = self.faults
         self.actions: list[tuple[int, Callable[[], None]]] = [
-            (30, self.write),
-            (20, self.read),
-            (4, self.restore),
-            (2, self.crash),
-            (2, self.pause),
-            (3, self.cut),
-            (2, self.network),
-            (6, self.lag),
-            (25, lambda: None),
+            (60, self.write),
+            (40, self.read),
+            (8, self.restore),
+            (8, self.flush),
+            (3, self.crash),
+            (3, self.power_loss),
+            (1, self.power_loss_all),
+            (1, self.disk_fails),
+            (3, self.pause),
+            (6, self.cut),
+            (4, self.network),
+            (12, self.lag),
+            (50, lambda: None),
         ]
         self.total = sum(weight for weight, _ in self.actions)
 
@@ -60,8 +66,51 @@ class Chaos:
     def restore(self) -> None:
         self.w.procs.spawn("restore", "c", actors.restore_tokens(self.w), lambda _: None)
 
+    def flush(self) -> None:
+        if self._client_ops() < MAX_CLIENT_OPS and "flush" not in self.w.procs.running.values():
+            self.w.procs.spawn("flush", "c", actors.flush(self.w), lambda _: None)
+
     def _impaired(self) -> bool:
-        return any(not s.alive or s.paused for s in self.w.servers.values())
+        """Whether a server is out or not yet back up: server faults come one at a time
+        (or to every server at once) unless ``overlap`` lets them pile up."""
+        w = self.w
+        if any(not s.alive or s.paused or s.stopped or s.store.failed for s in w.servers.values()):
+            return True
+        return not self.overlap and (
+            w.mgr.pending is not None or any(st != UP for st in w.mgr.published.values())
+        )
+
+    def power_loss(self) -> None:
+        """One server loses power: it keeps only what its disk made durable."""
+        if self._impaired():
+            return
+        sid = self.w.rng.choice(sorted(self.w.servers))
+        self._power_off(sid)
+
+    def power_loss_all(self) -> None:
+        """Every server loses power at once (they share one machine or one feed)."""
+        if self._impaired():
+            return
+        for sid in sorted(self.w.servers):
+            self._power_off(sid)
+
+    def _power_off(self, sid: str) -> None:
+        srv = self.w.servers[sid]
+        srv.power_loss()
+        self.w.power_lost(sid)
+        self._later(0.2, 4.0, srv.restart_if_dead)
+
+    def disk_fails(self) -> None:
+        """A server's disk starts failing every write and sync (EIO): the server must
+        stop serving, and may have lost what it had not made durable.  The operator
+        power-cycles it later."""
+        if self._impaired():
+            return
+        sid = self.w.rng.choice(sorted(self.w.servers))
+        srv = self.w.servers[sid]
+        srv.disk_fails()
+        self.w.power_lost(sid)
+        self._later(2.0, 6.0, srv.power_cycle_if_stopped)
 
     def _later(self, lo: float, hi: float, fn: Callable[[], None]) -> None:
         loop = self.w.loop

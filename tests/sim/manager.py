@@ -4,8 +4,10 @@ It mirrors DESIGN section 6: every map change raises the epoch and fences the vo
 it; heartbeats carry SET_EPOCH (epoch and fence) and renew the lease; the change is
 *published* (clients and the worker may use it) only once every server acknowledged the
 new epoch or the lease it was last granted has certainly expired.  A server is declared
-down only after its heartbeats stopped being answered; while it is being declared down
-its lease is no longer renewed.
+down only after its heartbeats stopped being answered, or at once when it answers that it
+stopped (its disk failed); while it is being declared down its lease is no longer
+renewed.  A heartbeat answered by a new incarnation of an up server (it restarted, maybe
+after losing power) makes it recovering, as ``leader.py`` does with LEASE requests.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ SUSPECT = 1.5  # unanswered heartbeats for this long: down
 SUSPECT_REPORTED = 0.75  # ... or this long when a client reported the server
 BACK = 0.6  # a down server answering heartbeats for this long comes back (recovering)
 
-SendHeartbeat = Callable[[str, int, int, float, Callable[[int], None]], None]
+SendHeartbeat = Callable[[str, int, int, float, Callable[[int, int, str], None]], None]
 
 
 @dataclass(slots=True)
@@ -51,6 +53,9 @@ class Manager:
     answering_since: dict[str, float] = field(default_factory=dict)
     revoked: set[str] = field(default_factory=set)
     reported: set[str] = field(default_factory=set)
+    incarnations: dict[str, int] = field(default_factory=dict)
+    restarted: set[str] = field(default_factory=set)
+    stopped: dict[str, str] = field(default_factory=dict)  # server -> why it stopped
     changes: int = 0
     partitions: list[tuple[str, ...]] = field(default_factory=list)
     guard_last_up: bool = True
@@ -78,8 +83,19 @@ class Manager:
         self.lease_until[s] = max(self.lease_until[s], grant)
         self.send_heartbeat(s, self.epoch, self.fence, grant, functools.partial(self._ack, s))
 
-    def _ack(self, s: str, epoch: int) -> None:
+    def _ack(self, s: str, epoch: int, incarnation: int, stopped: str) -> None:
         now = self.clock()
+        if self.incarnations.setdefault(s, incarnation) != incarnation:
+            self.incarnations[s] = incarnation
+            self.restarted.add(s)
+        if stopped:
+            if s not in self.stopped:
+                self.trace(f"mgr: {s} stopped: {stopped}")
+            self.stopped[s] = stopped
+            self.acked[s] = max(self.acked[s], epoch)  # it knows the fence; it serves nothing
+            self._publish(now)
+            return
+        self.stopped.pop(s, None)
         if now - self.last_ack[s] > HEARTBEAT * 3:
             self.answering_since[s] = now
         self.last_ack[s] = now
@@ -101,9 +117,16 @@ class Manager:
     def _decide(self, now: float) -> None:
         if self.pending is not None:
             return
+        for s in sorted(self.restarted):
+            self.restarted.discard(s)
+            if self.states[s] == UP:
+                self._change(s, RECOVERING, "restarted")
+                return
         for s in self.servers:
             silent = now - self.last_ack[s]
             limit = SUSPECT_REPORTED if s in self.reported else SUSPECT
+            if s in self.stopped:
+                limit = 0.0
             if self.states[s] in LIVE and silent > limit and not self._last_up(s):
                 self.revoked.add(s)  # no more lease: it stops serving before we go on
                 self._change(s, DOWN, f"silent for {silent:.2f}")

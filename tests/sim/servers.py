@@ -1,21 +1,27 @@
-"""A simulated storage server: the real ``StorageService`` over a ``MemPageStore``.
+"""A simulated storage server: the real ``StorageService`` over a ``SimStore``.
 
 The model adds what lives outside the service: being paused (frames wait, then run with
 the lease the clock says), crashing (a new service over the same store: masks and data
-survive, episodes, tokens, epoch, fences and lease do not), and the connection rule of
+survive, except mask increases not persisted yet; episodes, tokens, epoch, fences and
+lease do not), losing power (the same, but
+the store keeps only its durable state: see ``tests/sim/store.py``), a periodic pass
+that syncs the store (the disk store's background persisting of restores), a disk that
+fails (the server fail-stops: it answers every request with STORAGE_IO_ERROR and its
+heartbeats say so, until it is power-cycled), and the connection rule of
 ``lamina.wire.connection``: once a newer connection of a client authenticated, frames of
 its older connections are discarded.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from typing import Any
 
-from lamina.errors import LaminaError
-from lamina.storage.memstore import MemPageStore
+from lamina.errors import LaminaError, StorageIOError
 from lamina.storage.service import Lease, StorageService
 from lamina.wire import messages as m
+from tests.sim.store import SimStore
 
 VOLUME = 1
 LAYER = 1
@@ -40,13 +46,16 @@ class SimServer:
         sid: str,
         clock: Callable[[], float],
         trace: Callable[[str], None],
+        rng: random.Random,
+        unit: int,
         check_generations: bool = True,
     ) -> None:
         self.sid = sid
         self.clock = clock
         self.trace = trace
         self.check_generations = check_generations
-        self.store = MemPageStore()
+        self.store = SimStore(rng, unit)
+        self.stopped = ""  # why the server fail-stopped (its disk failed), or ""
         self.alive = True
         self.paused = False
         self.incarnation = 0
@@ -63,17 +72,48 @@ class SimServer:
     # -- faults ---------------------------------------------------------------------------
 
     def crash(self) -> None:
+        self.store.crash()
         self.alive = False
         self.paused = False
         self.backlog.clear()
         self.incarnation += 1
         self.trace(f"{self.sid}: crash")
 
+    def power_loss(self) -> None:
+        self.crash()
+        mixed = self.store.power_cut()
+        self.trace(f"{self.sid}: power lost: durable state only ({mixed} pages part new)")
+
+    def disk_fails(self) -> None:
+        self.store.fail("EIO")
+        self.trace(f"{self.sid}: disk fails (EIO)")
+
+    def power_cycle_if_stopped(self) -> None:
+        """The operator's answer to a fail-stopped server: power it off, replace what
+        failed, start it again (it comes back with what its disk made durable)."""
+        if self.stopped or self.store.failed:
+            self.power_loss()
+            self.restart()
+
     def restart(self) -> None:
         self.alive = True
+        self.stopped = ""
         self.newest.clear()
         self.svc = self._service()
         self.trace(f"{self.sid}: restart (epoch, fences, lease and episodes lost)")
+
+    def periodic_sync(self) -> None:
+        """The store's background pass: data fdatasynced, then restores persisted."""
+        if self.alive and not self.paused and not self.stopped:
+            try:
+                self.store.sync()
+            except StorageIOError as exc:
+                self._stop(str(exc))
+
+    def _stop(self, why: str) -> None:
+        if not self.stopped:
+            self.stopped = why
+            self.trace(f"{self.sid}: fail-stop: {why}")
 
     def restart_if_dead(self) -> None:
         if not self.alive:
@@ -114,8 +154,13 @@ class SimServer:
             self.trace(f"{self.sid}: discard {type(msg).__name__} of {client} gen {generation}")
             return None
         self.newest[client] = max(newest, generation)
+        if self.stopped:
+            return StorageIOError(f"server {self.sid} stopped: {self.stopped}")
         try:
             reply = settle(self.svc.handle(msg, payload))
+        except StorageIOError as exc:
+            self._stop(str(exc))
+            return exc
         except LaminaError as exc:
             return exc
         if isinstance(msg, m.WriteRequest) and msg.epoch < self.fence_seen:
@@ -124,12 +169,13 @@ class SimServer:
             )
         return reply
 
-    def heartbeat(self, epoch: int, fence: int, grant: float) -> int:
+    def heartbeat(self, epoch: int, fence: int, grant: float) -> tuple[int, int, str]:
         """A manager heartbeat: SET_EPOCH with the volume's fence, then the lease renewed
-        until ``grant``.  Returns the epoch acknowledged."""
+        until ``grant``.  Returns the epoch acknowledged, the incarnation (a restart
+        changes it) and why the server stopped ("" when it serves)."""
         reply, _ = settle(self.svc.handle(m.SetEpochRequest(epoch, ((VOLUME, fence),)), b""))
         assert isinstance(reply, m.SetEpochResponse)
         self.fence_seen = max(self.fence_seen, fence)
         lease = self.svc.lease
         lease.valid_until = max(lease.valid_until, grant)
-        return reply.epoch
+        return reply.epoch, self.incarnation, self.stopped

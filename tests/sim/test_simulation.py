@@ -45,9 +45,33 @@ def _first_failure(broken: str) -> tuple[int, str] | None:
     return None
 
 
-@pytest.mark.parametrize("broken", ["no_clear_mask", "no_generation_check", "overwrite_writing"])
+@pytest.mark.parametrize(
+    "broken",
+    [
+        "no_clear_mask",
+        "no_generation_check",
+        "overwrite_writing",
+        "confirm_before_flush",
+        "resync_without_fua",
+    ],
+)
 def test_the_checker_catches_a_broken_protocol(broken: str) -> None:
     found = _first_failure(broken)
     assert found is not None, f"no seed in 1..50 found the {broken} protocol broken"
     seed, message = found
     assert message.startswith(f"simulation seed={seed} steps={STEPS}:")
+
+
+# Losses the simulation finds in the repair decisions themselves (not in a weakened
+# protocol), see docs/testing.md: when no copy of a partition is up and every copy is
+# live, any live copy may be the source, and copies that disown each other fall back to
+# partition order, which may pick the copy that missed acknowledged writes.
+@pytest.mark.xfail(raises=AssertionError, strict=True, reason="all restarted: source by order")
+@pytest.mark.parametrize("seed", [39])
+def test_every_copy_restarted_after_a_power_cut(seed: int) -> None:
+    run(seed, STEPS, 3)
+
+
+@pytest.mark.xfail(raises=AssertionError, strict=True, reason="both recovering: source by order")
+def test_the_only_up_copy_restarts_while_the_other_recovers() -> None:
+    run(1, STEPS, 2, overlap=True)
