@@ -155,13 +155,11 @@ def resync(w: World, client: str, page: int, epoch: int, states: dict[str, str])
     every live copy by compare-and-set, the authoritative one last.  Whether it is done."""
     part = w.part(page)
     live = [i for i, s in enumerate(part) if states[s] in LIVE]
-    up = [i for i in live if states[part[i]] == UP]
     if not live:
         return False
-    if not up and len(live) == len(part):
-        # every copy is back but none is up yet (all restarted): their masks alone say
-        # which holds what, so any of them may be the authority
-        up = live
+    # the copies the real repair core lets a repair copy from: the up ones, or every live
+    # one when all copies are back but none is up yet
+    up = repair.sources(live, [i for i in live if states[part[i]] == UP], len(part), False)
     req = m.StatusRequest(VOLUME, epoch, LAYER, (page,))
     answers = yield Call(tuple((part[i], req, b"") for i in live), RPC_TIMEOUT)
     statuses: dict[int, Status] = {}
