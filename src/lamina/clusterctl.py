@@ -430,6 +430,9 @@ def cluster_status(client: ManagerClient) -> dict[str, Any]:
         f"cannot re-replicate server {sid}: {reason}"
         for sid, reason in sorted(st.get("rereplication_problems", {}).items())
     ]
+    worker = st.get("worker") if leader is not None else None
+    lost = list((worker or {}).get("lost") or ())
+    problems += [describe_lost(page) for page in lost]
     return {
         "managers": managers,
         "leader": None if leader is None else {"id": leader["id"], "url": leader["url"]},
@@ -442,9 +445,30 @@ def cluster_status(client: ManagerClient) -> dict[str, Any]:
             for v in volumes
         ],
         "resync": st.get("worker") if leader is not None else None,
-        "layer_jobs": layer_jobs(volumes, st.get("worker") if leader is not None else None),
+        "layer_jobs": layer_jobs(volumes, worker),
+        "lost_pages": lost,
         "problems": problems,
     }
+
+
+def describe_lost(page: dict[str, Any]) -> str:
+    """One line about a lost page (``Progress.lost`` of the leader's worker)."""
+    end = page["offset"] + page["length"] - 1
+    copies = ", ".join(f"{sid} {state}" for sid, state in sorted(page["copies"].items()))
+    return (
+        f"volume {page['volume']}: bytes {page['offset']}..{end} (page {page['page']} of layer "
+        f"{page['layer']}) are lost, corrupt on every copy ({copies}): {page['advice']}"
+    )
+
+
+def lost_pages(client: ManagerClient, volume: str) -> list[dict[str, Any]] | None:
+    """The pages of ``volume`` the leader's worker found lost (None: no leader answered)."""
+    for url in client.cluster.managers:
+        _, st = _manager_status(client, url)
+        if st is not None and st["raft"]["is_leader"]:
+            worker = st.get("worker") or {}
+            return [p for p in worker.get("lost") or () if p["volume"] == volume]
+    return None
 
 
 def layer_jobs(
@@ -690,7 +714,9 @@ def volume_list(cluster: str | None, as_json: bool) -> None:
 @_common
 def volume_info(name: str, cluster: str | None, as_json: bool) -> None:
     """Show volume NAME with its layers and where their partitions are."""
-    v = _client(cluster).get(_path("volumes", name))
+    client = _client(cluster)
+    v = client.get(_path("volumes", name))
+    v["lost_pages"] = lost_pages(client, name)
     if as_json:
         _emit_json(v)
         return
@@ -710,6 +736,10 @@ def volume_info(name: str, cluster: str | None, as_json: bool) -> None:
             f"migrating: into layer(s) {targets} (lamina status shows how far; abort with "
             f"lamina volume migrate {v['name']} --abort)"
         )
+    if v["lost_pages"] is None:
+        _print("[yellow]lost pages: unknown (no manager leader answered)[/]")
+    for page in v["lost_pages"] or ():
+        _print("[bold red]lost:[/] " + describe_lost(page))
     if v.get("snapshots"):
         _snapshots_table(v["snapshots"])
     table = _table("layers", "layer", "role", "partition", "copies on")

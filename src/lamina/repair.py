@@ -30,6 +30,9 @@ The rules, and why:
 - *Writes in flight*: a target of a volume's top layer whose STATUS says ``WRITING`` has
   a client write on its way that the source may not hold yet: the plan says ``WAIT``
   (the driver, which is the only writer and waited for its own writes, asks not to).
+- *Lost*: no source, but a live copy holds the page in bytes that failed their checksums
+  (:func:`lost`): nothing sound is left to copy from.  The driver fails reads of it at
+  once, the worker reports it and stops repairing it (docs/cli.md, ``lamina status``).
 - *Clean mask*: every live copy vouched for; for copies that are not live, whatever
   evidence any live copy held against them is kept (:func:`syncmask.clean_mask`).
 """
@@ -42,7 +45,9 @@ from dataclasses import dataclass, field
 
 from lamina.storage.syncmask import authoritative, bits, clean_mask
 
-__all__ = ["Plan", "Status", "Verdict", "agree", "clean_mask", "needs_copy", "plan", "sources"]
+__all__ = [
+    "Plan", "Status", "Verdict", "agree", "clean_mask", "lost", "needs_copy", "plan", "sources",
+]  # fmt: skip
 from lamina.wire import messages as m
 from lamina.wire.messages import PageState
 
@@ -85,6 +90,13 @@ def agree(statuses: Mapping[int, Status], live: Sequence[int]) -> bool:
         return False
     states = {statuses[i][0] for i in live}
     return any(states <= kind for kind in _KINDS)
+
+
+def lost(statuses: Mapping[int, Status], live: Sequence[int], bad: Collection[int] = ()) -> bool:
+    """Whether a page with no source (``Verdict.NO_SOURCE``) is *lost*: a live copy holds
+    it, but only in bytes that failed their checksums (quarantined, or ``bad``), so
+    nothing sound is left to copy from and a read of it can only fail."""
+    return any(i in bad or statuses[i][0] == PageState.QUARANTINED for i in live)
 
 
 def sources(live: Sequence[int], trusted: Sequence[int], copies: int, filling: bool) -> list[int]:

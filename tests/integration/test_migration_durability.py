@@ -138,11 +138,7 @@ def test_a_migration_tombstones_no_source_page_before_its_target_copies_are_dura
     others: every source page punched, and the source layer file unlinked, only after
     both target servers wrote that page and completed an fdatasync of the target file."""
     with local_cluster(tmp_path / "cluster", 1, 4) as lc:
-        done = lc.cli(
-            "volume", "create", "v", "--size", str(PAGES * PAGE), "--replicas", "2",
-            "--stripe", "1", "--page-size", str(PAGE), "--json",
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr
+        lc.create_volume("v", PAGES * PAGE, replicas=2, stripe=1, page_size=PAGE)
         fill(lc, "v")
         info = volume_info(lc, "v")
         (old,) = info["layers"]

@@ -98,11 +98,13 @@ class LocalCluster:
             down(self.root)
 
     def create_volume(
-        self, name: str, size: int, replicas: int = 2, stripe: int = 2
+        self, name: str, size: int, replicas: int = 2, stripe: int = 2, page_size: int = 0
     ) -> dict[str, Any]:
+        """Create volume ``name`` (``page_size`` 0: the default); its map entry."""
+        extra = ("--page-size", str(page_size)) if page_size else ()
         done = self.cli(
             "volume", "create", name, "--size", str(size), "--replicas", str(replicas),
-            "--stripe", str(stripe), "--json",
+            "--stripe", str(stripe), *extra, "--json",
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
         doc: dict[str, Any] = json.loads(done.stdout)

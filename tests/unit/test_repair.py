@@ -53,6 +53,21 @@ def test_a_bad_copy_is_never_the_source_and_always_a_target() -> None:
     )
 
 
+def test_a_page_with_no_sound_copy_left_is_lost() -> None:
+    """No source and a quarantined (or bad) live copy: lost; no source because no copy
+    holds the page, or a sound copy left: not lost."""
+    q = PageState.QUARANTINED
+    statuses: dict[int, Status] = {0: (q, FULL, 4, 0), 1: (q, FULL, 9, 0)}
+    assert repair.plan(statuses, [0, 1], [0, 1], top=True).verdict is Verdict.NO_SOURCE
+    assert repair.lost(statuses, [0, 1])
+    statuses = {0: (P, FULL, 4, 0), 1: (P, FULL, 9, 0)}
+    assert repair.lost(statuses, [0, 1], bad={0, 1})
+    assert not repair.lost({0: (A, FULL, 0, 0), 1: (A, FULL, 0, 0)}, [0, 1])
+    assert (
+        repair.plan({0: (q, FULL, 4, 0), 1: (P, FULL, 9, 0)}, [0, 1], [0, 1], top=True).source == 1
+    )
+
+
 def test_a_target_with_a_client_write_in_flight_waits_unless_asked_not_to() -> None:
     statuses: dict[int, Status] = {0: (P, disown(1), 4, 0), 1: (P, FULL, 9, m.WRITING)}
     assert repair.plan(statuses, [0, 1], [0, 1], top=True).verdict is Verdict.WAIT

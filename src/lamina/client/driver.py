@@ -130,6 +130,24 @@ class LockLost(StorageIOError):
     """The volume's exclusive lock now belongs to someone else: writing is over."""
 
 
+class PageLost(StorageIOError):
+    """Every copy of a page that may be read failed its checksums (each is quarantined):
+    the page is lost until it is written whole again or restored from a backup.  Reads
+    of it, and writes that do not cover it whole, fail at once; other pages are served."""
+
+    def __init__(self, volume: str, layer: int, page: int, page_size: int) -> None:
+        start = page * page_size
+        where = f"bytes {start}..{start + page_size - 1}"
+        super().__init__(
+            f"volume {volume}: page {page} of layer {layer} ({where}) is corrupt on every"
+            " copy: it is lost; write the whole page again, or restore that range from a backup"
+        )
+
+
+#: times a read resynchronises a page and reads it again before it waits and retries
+READ_RESYNCS = 4
+
+
 class Failed(Exception):
     """A copy failed a request in a way that another map (or a retry) may mend."""
 
@@ -1192,9 +1210,16 @@ class Volume:
         return bytes(ext.length)
 
     async def _read_page(
-        self, view: VolumeView, layer: LayerView, page: int, offset: int, length: int
+        self,
+        view: VolumeView,
+        layer: LayerView,
+        page: int,
+        offset: int,
+        length: int,
+        resyncs: int = 0,
     ) -> tuple[int, Payload]:
-        """(state, data) of one page of one layer from an in-sync copy."""
+        """(state, data) of one page of one layer from an in-sync copy (``resyncs``: how
+        often this read resynchronised the page already)."""
         part = layer.partition(page)
         readable = view.readable(layer, page)
         if not readable:
@@ -1212,9 +1237,9 @@ class Volume:
             try:
                 resp, data = await self._call(sid, req)
             except Corrupt as exc:
-                if self.writable and len(readable) > 1:
+                if self.writable and len(readable) > 1 and resyncs < READ_RESYNCS:
                     await self._resync(view, layer, page, exclude=frozenset({i}))
-                    return await self._read_page(view, layer, page, offset, length)
+                    return await self._read_page(view, layer, page, offset, length, resyncs + 1)
                 failures.append(exc)
                 continue
             except Failed as exc:
@@ -1226,9 +1251,9 @@ class Volume:
                 and needs_resync(resp.mask, readable)
                 and (layer.id, page) not in self._clean
             ):
-                if self.writable:
+                if self.writable and resyncs < READ_RESYNCS:
                     await self._resync(view, layer, page)
-                    return await self._read_page(view, layer, page, offset, length)
+                    return await self._read_page(view, layer, page, offset, length, resyncs + 1)
                 auth = await self._authoritative(view, layer, page, readable)
                 if auth is not None and auth != i:
                     resp, data = await self._call(
@@ -1240,7 +1265,7 @@ class Volume:
                     state = resp.state
             return state, data
         if all(isinstance(f, Corrupt) for f in failures):
-            raise StorageIOError(f"page {page} of layer {layer.id} is corrupt on every copy")
+            raise PageLost(self.name, layer.id, page, view.page_size)
         raise failures[0]
 
     async def _authoritative(
@@ -1303,6 +1328,8 @@ class Volume:
         plan = repair.plan(
             statuses, readable, readable, top=True, bad=exclude, wait_for_writes=False
         )
+        if plan.verdict is repair.Verdict.NO_SOURCE and repair.lost(statuses, readable, exclude):
+            raise PageLost(self.name, layer.id, page, view.page_size)
         if plan.verdict in (repair.Verdict.AGREE, repair.Verdict.NO_SOURCE):
             return True  # equal already, or no copy holds it: nothing to make equal
         auth = plan.source
@@ -1310,9 +1337,13 @@ class Volume:
         gens = dict(plan.generations)
         size = view.page_size
         if statuses[auth][0] == PageState.PRESENT:
-            resp, data = await self._call(
-                part[auth], m.ReadRequest(layer.owner, view.epoch, layer.id, page, size, 0, size)
-            )
+            try:
+                resp, data = await self._call(
+                    part[auth],
+                    m.ReadRequest(layer.owner, view.epoch, layer.id, page, size, 0, size),
+                )
+            except Corrupt:
+                return False  # quarantined now: another copy, or none, is the authority
             if resp.state != PageState.PRESENT or resp.generation != gens[auth]:
                 return False
         else:
@@ -1396,8 +1427,11 @@ class Volume:
                 continue
             corrupt = [e for e in errors if isinstance(e, Corrupt)]
             if corrupt and len(corrupt) == len(errors) and self.writable:
+                # a partial write to a quarantined copy: repair it from a sound one (none:
+                # PageLost, which fails the write at once); again only after a pause
                 await self._resync(view, layer, ext.page)
-                continue
+                if attempt <= READ_RESYNCS:
+                    continue
             await self._recover(view, errors, deadline, attempt, f"write of page {ext.page}")
 
     async def _write_page(

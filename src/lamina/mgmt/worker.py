@@ -34,6 +34,13 @@ asking the storage servers, so a new leader simply resumes.  One round
   ``recovering`` copies like to ``up`` ones (and wait for a failed one to be marked down),
   so nothing written after that round can be missing on it.
 
+- A page no live copy holds soundly (every copy it could be repaired from quarantined,
+  having failed its checksums) is *lost*: nothing can be copied.  The worker records it
+  (:class:`LostPage`, in ``Progress.lost``: ``lamina status`` and ``lamina volume info``
+  show it with what the operator can do), stops working on it and looks at it again only
+  every ``LOST_RECHECK`` seconds; it is forgotten once no copy lists it as dirty (a
+  client wrote the whole page again) or its layer left the map.
+
 Progress (pages found, left, resynchronised, bytes copied, rate) is kept in
 :class:`Progress` for ``lamina status`` and ``GET /api/v1/status``.  Copy traffic can
 be throttled to ``rate_limit`` bytes per second so client I/O keeps the machine.
@@ -73,6 +80,27 @@ WRITING_STEP = 0.05
 CATCH_UP_RETRIES = 40
 #: seconds of copying the throttle lets through at once (bursts stay short)
 THROTTLE_BURST = 0.1
+#: seconds between two looks at a lost page (corrupt on every copy it could come from)
+LOST_RECHECK = 60.0
+#: what an operator can do about a lost page (``lamina status``, ``lamina volume info``)
+LOST_ADVICE = (
+    "write the whole page again (a write that covers only part of it fails with EIO), "
+    "or restore that range from a backup"
+)
+
+
+@dataclass
+class LostPage:
+    """A page corrupt on every copy it could be repaired from."""
+
+    volume: str
+    layer: int
+    page: int
+    offset: int  # its first byte in the volume
+    length: int
+    copies: dict[str, str]  # server -> state of its copy ("quarantined", "absent", ...)
+    since: float  # unix time it was found lost
+    advice: str = LOST_ADVICE
 
 
 @dataclass
@@ -94,11 +122,14 @@ class Progress:
     moved: dict[int, dict[str, Any]] = field(default_factory=dict)
     #: volume -> shared pages the last round could not copy yet
     flattening: dict[str, int] = field(default_factory=dict)
+    #: pages corrupt on every copy, by (layer, page)
+    lost: dict[tuple[int, int], LostPage] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         doc = asdict(self)
         doc["recovering"] = list(self.recovering)
         doc["moved"] = [self.moved[k] for k in sorted(self.moved)]
+        doc["lost"] = [asdict(self.lost[k]) for k in sorted(self.lost)]
         return doc
 
 
@@ -155,6 +186,8 @@ class Worker:
         self._budget = 0.0
         #: generations of the dirty pages left for the next round, by (layer, page)
         self._seen_dirty: dict[tuple[int, int], tuple[int, ...]] = {}
+        #: when each lost page (``progress.lost``) is looked at again (monotonic)
+        self._recheck: dict[tuple[int, int], float] = {}
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -211,6 +244,9 @@ class Worker:
         ready = dict.fromkeys(recovering, True)
         found = left = 0
         sem = asyncio.Semaphore(self.parallel)
+        lost = self.progress.lost
+        for key in [k for k in lost if k[0] not in cmap.layers]:
+            self._found(key)  # its layer left the map
         for volume in sorted(cmap.volumes.values(), key=lambda v: v.id):
             for lid in cmap.own_layers(volume):  # a shared layer is its owner's to repair
                 layer = cmap.layers[lid]
@@ -219,6 +255,11 @@ class Worker:
                 pages, complete = await self._listed(volume, layer, live, epoch)
                 for key in [k for k in self._seen_dirty if k[0] == lid and k[1] not in pages]:
                     del self._seen_dirty[key]  # clean again by itself
+                for key in [k for k in lost if complete and k[0] == lid and k[1] not in pages]:
+                    log.info("page %d of layer %d is no longer lost", key[1], lid)
+                    self._found(key)  # written whole again
+                now = time.monotonic()
+                pages = {p for p in pages if self._recheck.get((lid, p), 0.0) <= now}
                 if not complete:
                     for sid in recovering:
                         if sid in servers:
@@ -438,7 +479,11 @@ class Worker:
                 self._seen_dirty.pop(key, None)
                 plan = repair.plan(statuses, live, up, top=top)
                 if plan.verdict is repair.Verdict.NO_SOURCE:
+                    if repair.lost(statuses, live):
+                        self._lose(volume, layer, page, part, statuses)
+                        return True  # nothing can be done but report it
                     return not any(st != PageState.ABSENT for st, *_ in statuses.values())
+                self._found(key)
                 auth = plan.source
                 assert auth is not None
                 targets = list(plan.targets)
@@ -598,6 +643,11 @@ class Worker:
             if any(st == PageState.TOMBSTONE for st, *_ in statuses.values()):
                 return True  # moved already: only copies that missed the tombstone are left
             trusted = _trusted(part, live, state, source, pidx)
+            verdict = repair.plan(statuses, trusted, trusted, top=False).verdict
+            if verdict is repair.Verdict.NO_SOURCE and repair.lost(statuses, trusted):
+                return await self._lost_in_source(
+                    volume, source, target, page, epoch, state, statuses
+                )
             if not repair.agree(statuses, trusted):
                 return False  # the resync makes it clean first
             auth = repair.plan(statuses, trusted, trusted, top=False).source
@@ -621,6 +671,29 @@ class Worker:
             self._failed(exc)
             return False
         return True
+
+    async def _lost_in_source(
+        self,
+        volume: cm.Volume,
+        source: cm.Layer,
+        target: cm.Layer,
+        page: int,
+        epoch: int,
+        state: dict[str, cm.ServerState],
+        statuses: dict[int, Status],
+    ) -> bool:
+        """A page of a migration source corrupt on every copy (``statuses``: its copies'
+        STATUS there) may go once the target
+        holds it (written whole there since); else it is lost.  Whether it may go."""
+        part = target.placement[page % len(target.placement)]
+        live = [i for i, sid in enumerate(part) if state.get(sid) in LIVE]
+        above = await self._statuses(volume, target, page, epoch, part, live)
+        held = (PageState.PRESENT, PageState.ZERO)
+        if live and all(st in held for st, *_ in above.values()):
+            self._found((source.id, page))
+            return True
+        self._lose(volume, source, page, source.placement[page % len(source.placement)], statuses)
+        return False
 
     async def _tombstone(
         self,
@@ -941,6 +1014,8 @@ class Worker:
             plan = repair.plan(
                 statuses, live, up, top=_is_top(volume, layer), bad=corrupt, digests=digests
             )
+            if plan.verdict is repair.Verdict.NO_SOURCE and repair.lost(statuses, live, corrupt):
+                self._lose(volume, layer, page, part, statuses)
             if plan.verdict is not repair.Verdict.REPAIR:  # no good source, or a write on its way
                 report.errors += 1
                 return
@@ -1005,6 +1080,36 @@ class Worker:
                 part[i], m.MarkCleanRequest(volume.id, epoch, layer.id, page, gens[i], mask)
             )
         return size * len(targets)
+
+    def _lose(
+        self,
+        volume: cm.Volume,
+        layer: cm.Layer,
+        page: int,
+        part: tuple[str, ...],
+        statuses: dict[int, Status],
+    ) -> None:
+        """Record ``page`` of ``layer`` as lost; it is looked at again in LOST_RECHECK s."""
+        key = (layer.id, page)
+        self._recheck[key] = time.monotonic() + LOST_RECHECK
+        if key in self.progress.lost:
+            return
+        copies = {part[i]: PageState(st[0]).name.lower() for i, st in statuses.items()}
+        size = volume.page_size
+        self.progress.lost[key] = LostPage(
+            volume.name, layer.id, page, page * size, size, copies, time.time()
+        )
+        log.error(
+            "page %d of layer %d of volume %s (bytes %d..%d) is lost: corrupt on every copy "
+            "(%s); %s",
+            page, layer.id, volume.name, page * size, (page + 1) * size - 1,
+            ", ".join(f"{sid} {st}" for sid, st in copies.items()), LOST_ADVICE,
+        )  # fmt: skip
+
+    def _found(self, key: tuple[int, int]) -> None:
+        """The page ``key`` (layer, page) is not lost (any more)."""
+        self.progress.lost.pop(key, None)
+        self._recheck.pop(key, None)
 
     def _failed(self, exc: BaseException) -> None:
         """Count a failed request, unless it only met a newer fence (the map moved on:
