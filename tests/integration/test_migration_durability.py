@@ -24,6 +24,7 @@ import pytest
 
 from lamina.client import Cluster
 from tests.integration.test_driver import volume_info
+from tests.integration.test_layers import wait_for
 from tests.integration.volumes import LocalCluster, local_cluster
 
 pytestmark = pytest.mark.integration
@@ -150,6 +151,10 @@ def test_a_migration_tombstones_no_source_page_before_its_target_copies_are_dura
         try:
             moved = lc.cli("volume", "migrate", "v", "--servers", ",".join(targets), "--wait")
             assert moved.returncode == 0, moved.stderr
+            # a server frees a page, and removes a dropped layer's file, once the record
+            # saying so is durable: trace until the source files are gone
+            files = [lc.root / sid / "layers" / f"{old['id']}.data" for sid in sources]
+            wait_for("the source files to go", lambda: not any(f.exists() for f in files))
         finally:
             for proc in tracers.values():
                 proc.send_signal(signal.SIGINT)
