@@ -253,11 +253,51 @@ async def test_no_lease_refuses_every_data_op_and_changes_nothing(make_store: Ma
     assert not ping.lease_valid
 
 
+def granted(service: StorageService, epoch: int = 1) -> None:
+    """What a lease grant at ``epoch`` tells a managed server: the epoch and VOL's fence."""
+    service.set_epoch(m.SetEpochRequest(epoch, ((VOL, 1),)), b"")
+
+
+@in_loop
+async def test_a_managed_server_serves_no_volume_it_was_not_told_of(make_store: MakeStore) -> None:
+    """A managed server refuses STALE every data request, at any epoch it knows, for a
+    volume whose fence no lease or SET_EPOCH gave it (a copy it was moved away from and
+    dropped, asked through an old map); DELETE_LAYER still works; once told, it serves."""
+    store = make_store()
+    store.create(VOL, LAYER, PAGE, 0, page_bytes(1), FULL)
+    service = StorageService(store, "s1", Clock(100.0), Lease(standalone=False, valid_until=110))
+    service.set_epoch(m.SetEpochRequest(5, ((VOL + 1, 3),)), b"")
+    before = snapshot(store, (LAYER,), range(2))
+    for epoch in (1, 5):
+        for msg, payload in [
+            (m.ReadRequest(VOL, epoch, LAYER, 0, PAGE, 0, PAGE), b""),
+            (m.WriteRequest(VOL, epoch, LAYER, 1, PAGE, 0, FULL, FULL, False), page_bytes(2)),
+            (m.CreateRequest(VOL, epoch, LAYER, 1, PAGE, FULL, True, ()), b""),
+            (m.StatusRequest(VOL, epoch, LAYER, (0,)), b""),
+        ]:
+            with pytest.raises(StaleEpoch) as err:
+                await call(service, msg, payload)
+            assert err.value.current_epoch == 5
+            assert "holds no copy of volume" in err.value.message
+    assert snapshot(store, (LAYER,), range(2)) == before
+    service.set_epoch(m.SetEpochRequest(6, ((VOL, 6),)), b"")
+    with pytest.raises(StaleEpoch):  # told now: older maps stay refused
+        await call(service, m.ReadRequest(VOL, 5, LAYER, 0, PAGE, 0, PAGE))
+    _, got = await call(service, m.ReadRequest(VOL, 6, LAYER, 0, PAGE, 0, PAGE))
+    assert got == page_bytes(1)
+    other = StorageService(store, "s1", Clock(100.0), Lease(standalone=False, valid_until=110))
+    other.set_epoch(m.SetEpochRequest(5, ()), b"")
+    done, _ = await call(other, m.DeleteLayerRequest(VOL, 5, LAYER))
+    assert isinstance(done, m.DeleteLayerResponse)
+    assert done.pages_removed == 1
+
+
 @in_loop
 async def test_lease_expiry_stops_service(make_store: MakeStore) -> None:
     """A managed server serves while its lease is valid and refuses from the moment it expires."""
     clock = Clock(100.0)
     service = StorageService(make_store(), "s1", clock, Lease(standalone=False, valid_until=110))
+    granted(service)
     await write(service, write_req(0), page_bytes(1))
     clock.now = 109.999
     await call(service, read_req(0))
@@ -589,6 +629,7 @@ async def test_write_not_yet_applied_is_refused_when_the_lease_ran_out(
     store = make_store()
     clock = Clock(100.0)
     service = StorageService(store, "s1", clock, Lease(standalone=False, valid_until=110))
+    granted(service)
     data = page_bytes(1)
     first = await write(service, write_req(0), data)
     pending = service.handle(write_req(0, 10, fua=True), b"late")

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from lamina.client import Cluster
-from lamina.errors import StaleEpoch, Unavailable
+from lamina.errors import NoLease, StaleEpoch, Unavailable
+from lamina.storage.syncmask import FULL
 from lamina.wire import messages as m
 from tests.integration.test_driver import storage_client, volume_info
 from tests.integration.test_resync import copies_of, read_whole, scrub, status, wait_state
@@ -63,25 +64,25 @@ def wait_gone(path: Path, what: str, timeout: float = 60) -> None:
         time.sleep(0.2)
 
 
-async def read_at(lc: LocalCluster, sid: str, info: dict[str, Any], epoch: int) -> bytes:
-    """Page 0 of the volume's layer as server ``sid`` serves it at ``epoch`` (an
-    UNAVAILABLE while it catches up is retried)."""
-    layer = info["layers"][-1]["id"]
+async def ask(lc: LocalCluster, sid: str, msg: m.Message, payload: bytes = b"") -> m.Message:
+    """Server ``sid``'s answer to ``msg`` (retried while it has no lease yet or catches up)."""
     client = await storage_client(lc, sid)
     try:
         for _ in range(100):
             try:
-                reply, data = await client.call_with_payload(
-                    m.ReadRequest(info["id"], epoch, layer, 0, MiB, 0, MiB)
-                )
-            except Unavailable:
+                reply, _ = await client.call_with_payload(msg, payload)
+                return reply
+            except (Unavailable, NoLease):
                 await asyncio.sleep(0.1)
-                continue
-            assert isinstance(reply, m.ReadResponse)
-            return bytes(data) if reply.state == m.PageState.PRESENT else bytes(MiB)
-        raise AssertionError(f"{sid} stayed unavailable at epoch {epoch}")
+        raise AssertionError(f"{sid} stayed unavailable for {msg}")
     finally:
         client.close()
+
+
+def read_at(lc: LocalCluster, sid: str, info: dict[str, Any], epoch: int) -> m.Message:
+    """Server ``sid``'s answer to a READ of page 0 of the volume's layer at ``epoch``."""
+    layer = info["layers"][-1]["id"]
+    return asyncio.run(ask(lc, sid, m.ReadRequest(info["id"], epoch, layer, 0, MiB, 0, MiB)))
 
 
 def test_a_replaced_copy_that_comes_back_is_fenced_emptied_and_never_trusted(
@@ -89,7 +90,8 @@ def test_a_replaced_copy_that_comes_back_is_fenced_emptied_and_never_trusted(
 ) -> None:
     """(s1,s2) hold A; s2 dies and its copy moves to s3, which is filled; B is written.
     s2 comes back: it refuses its old copy at the old epoch (an idle read-only client
-    that still has the old map reads B), and the copy's file goes away.  Then s3 dies and
+    that still has the old map reads B), and the copy's file goes away; restarted again,
+    it refuses a write of the old map that would bring the layer back.  Then s3 dies and
     the copy moves back to s2: it is filled whole, so every copy and every read is B, a
     scrub finds nothing, and s3's old copy is reclaimed once it is back."""
     size = PAGES * MiB
@@ -114,7 +116,7 @@ def test_a_replaced_copy_that_comes_back_is_fenced_emptied_and_never_trusted(
         wait_state(lc, second, "up", timeout=60)
         # its old copy is fenced: a request of the old map is refused there
         with pytest.raises(StaleEpoch):
-            asyncio.run(read_at(lc, second, info, old_epoch))
+            read_at(lc, second, info, old_epoch)
         # the idle client, still on the old map, reads B (real NBD client, verified bytes)
         done = subprocess.run(
             ["qemu-io", "-r", "-f", "raw", "-c", f"read -P 0xbb 0 {size}", idle.uri],
@@ -124,6 +126,15 @@ def test_a_replaced_copy_that_comes_back_is_fenced_emptied_and_never_trusted(
         assert "failed" not in done.stdout, done.stdout
         # and the space of the copy it no longer holds is reclaimed
         wait_gone(root / second / "layers" / f"{lid}.data", f"{second}'s old copy stayed")
+        # restarted after that, it knows nothing of the volume: a writer of the old map
+        # cannot bring the layer back there
+        os.kill(lc.storage_pid(second), signal.SIGKILL)
+        wait_state(lc, second, "down", timeout=60)
+        lc.up(1, 3, *REREPLICATE)
+        wait_state(lc, second, "up", timeout=60)
+        zombie = m.WriteRequest(info["id"], old_epoch, lid, 0, MiB, 0, FULL, FULL, False)
+        with pytest.raises(StaleEpoch):
+            asyncio.run(ask(lc, second, zombie, old[:MiB]))
 
         os.kill(lc.storage_pid(third), signal.SIGKILL)
         wait_layer(lc, "v", lambda la: la["placement"] == [[first, second]] and not la["filling"],
@@ -140,5 +151,5 @@ def test_a_replaced_copy_that_comes_back_is_fenced_emptied_and_never_trusted(
         lc.up(1, 3, *REREPLICATE)  # s3 again, holding B in a copy it no longer has
         wait_gone(root / third / "layers" / f"{lid}.data", f"{third}'s old copy stayed")
         with pytest.raises(StaleEpoch):
-            asyncio.run(read_at(lc, third, info, old_epoch))
+            read_at(lc, third, info, old_epoch)
         assert read_whole(lc, "v", size) == new

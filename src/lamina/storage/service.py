@@ -11,7 +11,12 @@ Every data request first has its piggybacked restore tokens applied [0043], then
 the epoch comparator (``epochs.compare``): no lease -> NO_LEASE, older than the volume's
 fence -> STALE with the current epoch, newer than the server knows -> catch up (a
 standalone server, one started without managers, adopts the newer epoch).  Only then is
-anything read or changed.
+anything read or changed.  A managed server learns the fence of every volume it holds a
+copy of (or was retired from) with each lease and SET_EPOCH before it serves, so a
+volume it was never told of is one it holds nothing of at any epoch it knows: every
+request for it up to the server's epoch is STALE (a copy it was moved away from and
+dropped cannot come back through an old map after a restart).  DELETE_LAYER is the
+exception: the leader reclaims the layers of deleted volumes, which no fence names.
 
 Writes follow the episode rule of ``syncmask``: the clear is made durable by the store
 (group commit) before the data is applied; tokens restore the mask when the whole
@@ -119,29 +124,37 @@ class StorageService:
 
     # -- admission ----------------------------------------------------------------------------
 
-    def _admit(self, msg: m.DataRequest) -> None:
+    def _admit(self, msg: m.DataRequest, unknown_volume: bool = False) -> None:
         tokens = getattr(msg, "restore", ())
         if tokens:
             self._confirm(tokens)
-        self._check_epoch(msg)
+        self._check_epoch(msg, unknown_volume)
 
-    def _check_epoch(self, msg: m.DataRequest) -> None:
+    def _check_epoch(self, msg: m.DataRequest, unknown_volume: bool = False) -> None:
+        """Admit ``msg`` by its epoch and the lease; ``unknown_volume``: a volume with no
+        known fence has fence 0 (else, on a managed server, the epoch after its own)."""
         lease = self.lease
-        if self.fences.get(msg.volume_id, 0) <= msg.epoch <= self.epoch and (
+        fence = self.fences.get(msg.volume_id)
+        if fence is None:
+            fence = 0 if lease.standalone or unknown_volume else self.epoch + 1
+        if fence <= msg.epoch <= self.epoch and (
             lease.standalone or self.clock() < lease.valid_until
         ):
             return  # the common case, decided as compare() would
-        verdict = compare(
-            msg.epoch, self.epoch, self.fences.get(msg.volume_id, 0), self.lease.valid(self.clock())
-        )
+        verdict = compare(msg.epoch, self.epoch, fence, self.lease.valid(self.clock()))
         if verdict is Verdict.OK:
             return
         if verdict is Verdict.NO_LEASE:
             raise NoLease(f"storage server {self.server_id} holds no valid lease")
         if verdict is Verdict.STALE:
+            if msg.volume_id not in self.fences:
+                raise StaleEpoch(
+                    f"storage server {self.server_id} holds no copy of volume "
+                    f"{msg.volume_id} at epoch {msg.epoch}",
+                    self.epoch,
+                )
             raise StaleEpoch(
-                f"epoch {msg.epoch} is older than volume {msg.volume_id}'s fence "
-                f"{self.fences.get(msg.volume_id, 0)}",
+                f"epoch {msg.epoch} is older than volume {msg.volume_id}'s fence {fence}",
                 self.epoch,
             )
         if self.catch_up is None:
@@ -380,7 +393,7 @@ class StorageService:
         return m.TombstoneResponse(gen), b""
 
     def delete_layer(self, msg: m.DeleteLayerRequest, payload: Payload) -> Result:
-        self._admit(msg)
+        self._admit(msg, unknown_volume=True)
         self.store.check_layer(msg.volume_id, msg.layer_id, None)
         # Deleting fences the volume at this epoch: a writer still using an older map
         # cannot bring the layer back.
