@@ -9,10 +9,11 @@ decision is the real one, :func:`lamina.repair.plan`.
 from __future__ import annotations
 
 from collections.abc import Generator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lamina import repair
-from lamina.errors import LaminaError, StaleEpoch
+from lamina.errors import Conflict, LaminaError, StaleEpoch
 from lamina.mgmt.worker import Status
 from lamina.storage.syncmask import (
     FULL,
@@ -37,6 +38,35 @@ RPC_TIMEOUT = 0.5
 WORKER_PERIOD = 0.4
 
 Resync = Generator[Call | Sleep, Any, bool]
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """One published map: server states and where the copies are."""
+
+    epoch: int
+    states: dict[str, str]
+    parts: list[tuple[str, ...]]
+    filling: frozenset[tuple[int, str]]
+    retired: frozenset[str]
+
+    def pidx(self, page: int) -> int:
+        return page % len(self.parts)
+
+    def part(self, page: int) -> tuple[str, ...]:
+        return self.parts[page % len(self.parts)]
+
+    def live(self, page: int) -> list[int]:
+        return [i for i, s in enumerate(self.part(page)) if self.states[s] in LIVE]
+
+    def readable(self, page: int) -> list[int]:
+        """The copies a read may use, and a repair copy from: up, not being filled."""
+        pidx = self.pidx(page)
+        return [
+            i
+            for i, s in enumerate(self.part(page))
+            if self.states[s] == UP and (pidx, s) not in self.filling
+        ]
 
 
 def stamp(version: int, nslots: int) -> bytes:
@@ -76,11 +106,11 @@ def write(w: World, page: int, slot: int, nslots: int, version: int) -> Proc:
     attempt = 0
     while True:
         attempt += 1
-        epoch, states = w.mgr.published_epoch, w.mgr.published
-        part = w.part(page)
-        copies = [i for i, s in enumerate(part) if states[s] in LIVE]
+        view = w.view()
+        epoch, part = view.epoch, view.part(page)
+        copies = view.live(page)
         guarded = w.broken != "recover_alone"
-        if not copies or (guarded and not any(states[part[i]] == UP for i in copies)):
+        if not copies or (guarded and not view.readable(page)):
             # (guarded) recovering copies alone may lack acknowledged writes: wait
             yield Sleep(_backoff(attempt))
             continue
@@ -126,9 +156,9 @@ def read(w: World, page: int) -> Proc:
     attempt = 0
     while True:
         attempt += 1
-        epoch, states = w.mgr.published_epoch, w.mgr.published
-        part = w.part(page)
-        readable = [i for i, s in enumerate(part) if states[s] == UP]
+        view = w.view()
+        epoch, part = view.epoch, view.part(page)
+        readable = view.readable(page)
         if not readable:
             yield Sleep(_backoff(attempt))
             continue
@@ -142,24 +172,29 @@ def read(w: World, page: int) -> Proc:
         assert isinstance(resp, m.ReadResponse)
         if needs_resync(resp.mask, readable):
             w.trace(f"client: page {page} on {part[i]} mask {resp.mask:#x}: resync first")
-            if not (yield from resync(w, "c", page, epoch, states)):
+            if not (yield from resync(w, "c", page, view)):
                 yield Sleep(_backoff(attempt))
             continue
         w.check_read(page, before, bytes(data), part[i])
         return
 
 
-def resync(w: World, client: str, page: int, epoch: int, states: dict[str, str]) -> Resync:
-    """``Worker._resync_page`` + ``_repair``: STATUS of the live copies; unless they agree,
-    copy the authoritative up copy to the others (conditional WRITE) and MARK_CLEAN
-    every live copy by compare-and-set, the authoritative one last.  Whether it is done."""
-    part = w.part(page)
-    live = [i for i, s in enumerate(part) if states[s] in LIVE]
+def resync(w: World, client: str, page: int, view: View) -> Resync:
+    """``Worker._resync_page`` + ``_repair`` (``client == "w"``) or
+    ``Driver._resync_once`` (``"c"``): STATUS of the live copies (the driver: the
+    readable ones); unless they agree, copy the authoritative copy to the others
+    (conditional ``fua`` WRITE) and MARK_CLEAN every live copy by compare-and-set, the
+    authoritative one last.  Whether it is done."""
+    epoch, part = view.epoch, view.part(page)
+    if client == "c":
+        live = up = view.readable(page)
+    else:
+        live = view.live(page)
+        # the copies the real repair core lets a repair copy from: the up ones, or every
+        # live one when all copies are back but none is up yet
+        up = repair.sources(live, view.readable(page), len(part), bool(view.filling))
     if not live:
         return False
-    # the copies the real repair core lets a repair copy from: the up ones, or every live
-    # one when all copies are back but none is up yet
-    up = repair.sources(live, [i for i in live if states[part[i]] == UP], len(part), False)
     req = m.StatusRequest(VOLUME, epoch, LAYER, (page,))
     answers = yield Call(tuple((part[i], req, b"") for i in live), RPC_TIMEOUT)
     statuses: dict[int, Status] = {}
@@ -178,7 +213,7 @@ def resync(w: World, client: str, page: int, epoch: int, states: dict[str, str])
     if plan.verdict is repair.Verdict.AGREE:
         return True
     if plan.verdict is repair.Verdict.NO_SOURCE:
-        return False
+        return client == "c"  # the driver: no readable copy holds it, nothing to equalise
     if plan.verdict is repair.Verdict.WAIT:
         writing = [part[t] for t in plan.targets if statuses[t][3] & m.WRITING]
         w.trace(f"w: page {page}: a write is in flight on {writing}: later")
@@ -242,20 +277,29 @@ def worker(w: World) -> Proc:
     that left nothing of its partitions dirty."""
     while True:
         yield Sleep(WORKER_PERIOD)
-        epoch, states = w.mgr.published_epoch, dict(w.mgr.published)
+        view = w.view()
+        epoch, states = view.epoch, view.states
         ready = {s: True for s, st in sorted(states.items()) if st == RECOVERING}
         if w.broken != "recover_alone":
             # A copy may come back up only with every other copy of its partitions live:
             # one that is down may hold the newest acknowledged writes.
-            for part in w.partitions:
+            for part in view.parts:
                 if any(states[s] not in LIVE for s in part):
                     for s in part:
                         ready[s] = False
         clean, repairs = True, w.repairs
-        for page in range(PAGES):
-            if not (yield from resync(w, "w", page, epoch, states)):
+        for sid in sorted(view.retired):
+            if states[sid] in LIVE and (yield from reclaim(w, sid, view)):
+                w.mgr.reclaim_done(sid)
+        for pidx, sid in sorted(view.filling):
+            if (yield from fill(w, pidx, sid, view)) and w.mgr.published_epoch == epoch:
+                w.mgr.fill_done(pidx, sid)
+            else:
                 clean = False
-                for s in w.part(page):
+        for page in range(PAGES):
+            if not (yield from resync(w, "w", page, view)):
+                clean = False
+                for s in view.part(page):
                     if s in ready:
                         ready[s] = False
         w.rounds += 1
@@ -265,6 +309,64 @@ def worker(w: World) -> Proc:
             for s, ok in ready.items():
                 if ok:
                     w.mgr.ready(s)
+
+
+def reclaim(w: World, sid: str, view: View) -> Resync:
+    """What the leader does for a server retired from the layer once it is back:
+    DELETE_LAYER there (``keep_old_copy``: skip it, as if the old copy were harmless).
+    Whether it is done."""
+    if w.broken == "keep_old_copy":
+        return True
+    req = m.DeleteLayerRequest(VOLUME, view.epoch, LAYER)
+    (a,) = yield Call(((sid, req, b""),), RPC_TIMEOUT)
+    if not _ok(w, "w", sid, a, "delete layer"):
+        return False
+    w.trace(f"w: {sid} dropped the layer it was retired from")
+    return True
+
+
+def fill(w: World, pidx: int, target: str, view: View) -> Resync:
+    """``Worker._fill``: copy to ``target`` every page of partition ``pidx`` that a
+    trusted copy holds and the target lacks (conditional WRITE at generation 0), then
+    FLUSH the target.  Whether every page is there and durable."""
+    part = view.parts[pidx]
+    if view.states[target] != UP:
+        return False
+    page0 = pidx  # a page of this partition
+    sources = [i for i in view.readable(page0) if part[i] != target]
+    if not sources:
+        return False
+    source = part[sources[0]]
+    for page in range(pidx, PAGES, len(view.parts)):
+        st = m.StatusRequest(VOLUME, view.epoch, LAYER, (page,))
+        (a,) = yield Call(((target, st, b""),), RPC_TIMEOUT)
+        if not _ok(w, "w", target, a, "fill status"):
+            return False
+        assert isinstance(a, tuple)
+        assert isinstance(a[0], m.StatusResponse)
+        if a[0].entries[0][1] != PageState.ABSENT:
+            continue
+        rq = m.ReadRequest(VOLUME, view.epoch, LAYER, page, PAGE, 0, PAGE)
+        (a,) = yield Call(((source, rq, b""),), RPC_TIMEOUT)
+        if not _ok(w, "w", source, a, "fill read"):
+            return False
+        assert isinstance(a, tuple)
+        assert isinstance(a[0], m.ReadResponse)
+        if a[0].state == PageState.ABSENT:
+            continue
+        data = bytes(a[1]) if a[0].state == PageState.PRESENT else bytes(PAGE)
+        wr = m.WriteRequest(
+            VOLUME, view.epoch, LAYER, page, PAGE, 0, FULL, FULL, False,
+            conditional=True, if_generation=0,
+        )  # fmt: skip
+        (a,) = yield Call(((target, wr, data),), RPC_TIMEOUT)
+        if isinstance(a, Conflict):
+            continue  # a client's write created it meanwhile
+        if not _ok(w, "w", target, a, "fill write"):
+            return False
+        w.trace(f"w: filled page {page} on {target} from {source}")
+    (a,) = yield Call(((target, m.FlushRequest(VOLUME, view.epoch), b""),), RPC_TIMEOUT)
+    return _ok(w, "w", target, a, "fill flush")
 
 
 def flush(w: World) -> Proc:
@@ -277,8 +379,9 @@ def flush(w: World) -> Proc:
     attempt = 0
     while True:
         attempt += 1
-        epoch, states = w.mgr.published_epoch, w.mgr.published
-        servers = sorted({s for part in w.partitions for s in part if states[s] in LIVE})
+        view = w.view()
+        epoch, states = view.epoch, view.states
+        servers = sorted({s for part in view.parts for s in part if states[s] in LIVE})
         req = m.FlushRequest(VOLUME, epoch)
         answers = yield Call(tuple((s, req, b"") for s in servers), RPC_TIMEOUT)
         errors = [

@@ -29,9 +29,10 @@ TRACE_TAIL = 30
 STEP = 0.05
 SYNC_DELAY = 0.2  # the driver's background FLUSH follows acknowledgements this soon
 MASK_SYNC = (0.5, 5.0)  # the range a server's periodic sync interval is drawn from
+REREPLICATE = 1.0  # a server down this long loses its copies (2 copies only)
 BROKEN = (
     "no_clear_mask", "no_generation_check", "overwrite_writing", "recover_alone",
-    "confirm_before_flush", "resync_without_fua",
+    "confirm_before_flush", "resync_without_fua", "keep_old_copy",
 )  # fmt: skip
 
 Group = tuple[tuple[str, int], ...]  # one write's (server, token) pairs
@@ -63,7 +64,14 @@ class Report:
 
 
 class World:
-    def __init__(self, seed: int, replicas: int = 2, broken: str = "", verbose: bool = False):
+    def __init__(
+        self,
+        seed: int,
+        replicas: int = 2,
+        broken: str = "",
+        verbose: bool = False,
+        rereplicate: bool = False,
+    ):
         self.seed = seed
         self.rng = random.Random(seed)
         self.broken = broken
@@ -80,14 +88,17 @@ class World:
             for s in ids
         }
         self.losses = dict.fromkeys(ids, 0)  # power losses (and failed disks) per server
-        self.partitions: list[tuple[str, ...]]
+        parts: list[tuple[str, ...]]
         if replicas == 2:
-            self.partitions = [("s1", "s2"), ("s2", "s3")]
+            parts = [("s1", "s2"), ("s2", "s3")]
         else:
-            self.partitions = [("s1", "s2", "s3"), ("s2", "s3", "s1")]
+            parts = [("s1", "s2", "s3"), ("s2", "s3", "s1")]
         self.mgr = Manager(ids, self.send_heartbeat, self.clock, self.trace)
-        self.mgr.partitions = self.partitions
+        self.mgr.partitions = list(parts)
+        self.mgr.published_parts = list(parts)
         self.mgr.guard_last_up = broken != "recover_alone"
+        # re-replication needs a server outside the partition: with 3 copies there is none
+        self.mgr.rereplicate_after = REREPLICATE if rereplicate and replicas == 2 else 0.0
         self.procs = Procs(self.loop, self.transport, self.on_timeout)
         self.gens: dict[tuple[str, str], int] = {}
         self.tokens: dict[tuple[str, str], list[int]] = {}
@@ -122,8 +133,21 @@ class World:
         if self.verbose:
             print(text)
 
+    @property
+    def partitions(self) -> list[tuple[str, ...]]:
+        """The placement of the published map."""
+        return self.mgr.published_parts
+
     def part(self, page: int) -> tuple[str, ...]:
         return self.partitions[page % len(self.partitions)]
+
+    def view(self) -> actors.View:
+        """The published map, as a client or the worker holds it."""
+        mgr = self.mgr
+        return actors.View(
+            mgr.published_epoch, mgr.published, mgr.published_parts, mgr.published_filling,
+            mgr.published_retired,
+        )  # fmt: skip
 
     def take_tokens(self, client: str, sid: str) -> tuple[int, ...]:
         return tuple(self.tokens.pop((client, sid), ()))
@@ -316,11 +340,13 @@ def run(
     broken: str = "",
     verbose: bool = False,
     overlap: bool = False,
+    rereplicate: bool = False,
 ) -> Report:
     """Simulate ``steps`` steps of seed ``seed``; AssertionError on a broken invariant.
     ``overlap``: server faults may hit a server while another is still out or not yet
-    back up (by default they come one at a time, or to every server at once)."""
-    w = World(seed, replicas, broken, verbose)
+    back up (by default they come one at a time, or to every server at once).
+    ``rereplicate``: a server down for REREPLICATE seconds loses its copies (2 copies)."""
+    w = World(seed, replicas, broken, verbose, rereplicate)
     try:
         w.trace(f"sim: seed {seed} steps {steps} replicas {replicas} {broken}")
         w.loop.at(0.0, w._tick)
@@ -335,7 +361,8 @@ def run(
         tail = "\n".join(w.tail)
         raise AssertionError(
             f"simulation seed={seed} steps={steps}: {exc} "
-            f"(replicas={replicas}{', broken=' + broken if broken else ''})\n{tail}"
+            f"(replicas={replicas}{', broken=' + broken if broken else ''}"
+            f"{', overlap' if overlap else ''}{', rereplicate' if rereplicate else ''})\n{tail}"
         ) from None
     return Report(
         seed, steps, replicas, w.writes, w.reads, w.net.sent, w.mgr.changes, w.loop.now,
@@ -372,6 +399,8 @@ def _settle(w: World, limit: float) -> None:
             and all(st == UP for st in w.mgr.published.values())
             and list(w.procs.running.values()) == ["worker"]
             and all(s.alive and not s.paused and not s.stopped for s in w.servers.values())
+            and not w.mgr.filling
+            and not w.mgr.retired
         )
         if not settled:
             w.quiet_rounds = 0
@@ -386,7 +415,12 @@ def _settle(w: World, limit: float) -> None:
 
 def _check_copies(w: World) -> None:
     """Every copy clean and equal; each slot holds its newest acknowledged write when
-    that one is owed, else some write issued since the newest owed one."""
+    that one is owed, else some write issued since the newest owed one; a server that
+    holds no copy holds nothing of the layer (re-replication reclaimed it)."""
+    placed = {sid for part in w.partitions for sid in part}
+    for sid, srv in w.servers.items():
+        if sid not in placed and srv.store.layers():
+            raise AssertionError(f"{sid} holds no copy but still has layers {srv.store.layers()}")
     for page in range(actors.PAGES):
         seen: dict[str, list[int]] = {}
         for sid in w.part(page):
@@ -395,7 +429,7 @@ def _check_copies(w: World) -> None:
             seen[sid] = got = [actors.slot_version(data, s) for s in range(actors.SLOTS)]
             if info.mask != 0xFFFFFFFF:
                 raise AssertionError(f"page {page} on {sid}: mask {info.mask:#x} after settling")
-        first = next(iter(seen.values()))
+        first = next(iter(seen.values()))  # (servers in no partition are checked below)
         floor = w.floor(page, w.ack_seq + 1)
         for s in range(actors.SLOTS):
             hist = w.history[page][s]
@@ -420,9 +454,13 @@ def main() -> None:
         choices=("", *BROKEN),
     )
     ap.add_argument("--overlap", action="store_true", help="server faults may pile up")
+    ap.add_argument("--rereplicate", action="store_true", help="copies move off down servers")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
-    report = run(args.seed, args.steps, args.replicas, args.broken, args.verbose, args.overlap)
+    report = run(
+        args.seed, args.steps, args.replicas, args.broken, args.verbose, args.overlap,
+        args.rereplicate,
+    )  # fmt: skip
     print(report)
 
 

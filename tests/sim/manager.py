@@ -8,6 +8,13 @@ down only after its heartbeats stopped being answered, or at once when it answer
 stopped (its disk failed); while it is being declared down its lease is no longer
 renewed.  A heartbeat answered by a new incarnation of an up server (it restarted, maybe
 after losing power) makes it recovering, as ``leader.py`` does with LEASE requests.
+
+Re-replication (docs/layers.md): a server down for ``rereplicate_after`` seconds loses
+its copies, each to an up server not in that partition and not retired, at the same
+index; the new copy is ``filling`` (written, never read, not trusted) until the worker's
+FillDone, and the old server is ``retired`` until the worker dropped the layer there
+(ReclaimDone): no copy is placed on it before.  The placement, the copies being filled
+and the retired servers are published with the server states.
 """
 
 from __future__ import annotations
@@ -28,11 +35,17 @@ BACK = 0.6  # a down server answering heartbeats for this long comes back (recov
 SendHeartbeat = Callable[[str, int, int, float, Callable[[int, int, str], None]], None]
 
 
+Parts = list[tuple[str, ...]]
+
+
 @dataclass(slots=True)
 class Change:
     epoch: int
     states: dict[str, str]
     why: str
+    parts: Parts
+    filling: frozenset[tuple[int, str]]
+    retired: frozenset[str]
 
 
 @dataclass(slots=True)
@@ -57,8 +70,15 @@ class Manager:
     restarted: set[str] = field(default_factory=set)
     stopped: dict[str, str] = field(default_factory=dict)  # server -> why it stopped
     changes: int = 0
-    partitions: list[tuple[str, ...]] = field(default_factory=list)
+    partitions: Parts = field(default_factory=list)
     guard_last_up: bool = True
+    rereplicate_after: float = 0.0  # 0: never
+    filling: set[tuple[int, str]] = field(default_factory=set)  # (partition, server)
+    retired: set[str] = field(default_factory=set)
+    down_since: dict[str, float] = field(default_factory=dict)
+    published_parts: Parts = field(default_factory=list)
+    published_filling: frozenset[tuple[int, str]] = frozenset()
+    published_retired: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         for s in self.servers:
@@ -114,6 +134,50 @@ class Manager:
         if self.pending is None and self.states[s] == RECOVERING:
             self._change(s, UP, "resynchronised")
 
+    def fill_done(self, pidx: int, s: str) -> None:
+        """FillDone: the copy of partition ``pidx`` on ``s`` holds every page and serves
+        reads."""
+        if self.pending is None and (pidx, s) in self.filling:
+            self.filling.discard((pidx, s))
+            self._change(s, self.states[s], f"filled partition {pidx}")
+
+    def reclaim_done(self, s: str) -> None:
+        """ReclaimDone: retired server ``s`` dropped the layer; it may get a copy again."""
+        if self.pending is None and s in self.retired:
+            self.retired.discard(s)
+            self._change(s, self.states[s], "dropped the layer it was retired from")
+
+    def _rereplicate(self, now: float) -> bool:
+        """Move every copy of a server down for long enough; whether one moved."""
+        for s in self.servers:
+            since = self.down_since.get(s)
+            if self.states[s] != DOWN or since is None or now - since < self.rereplicate_after:
+                continue
+            moves = []
+            for pidx, part in enumerate(self.partitions):
+                if s not in part:
+                    continue
+                to = [
+                    t
+                    for t in self.servers
+                    if self.states[t] == UP and t not in self.retired and t not in part
+                ]
+                if not to:
+                    return False
+                moves.append((pidx, part.index(s), to[0]))
+            if not moves:
+                continue
+            for pidx, i, t in moves:
+                copies = list(self.partitions[pidx])
+                copies[i] = t
+                self.partitions[pidx] = tuple(copies)
+                self.filling.discard((pidx, s))
+                self.filling.add((pidx, t))
+            self.retired.add(s)
+            self._change(s, DOWN, f"re-replicated: {moves}")
+            return True
+        return False
+
     def _decide(self, now: float) -> None:
         if self.pending is not None:
             return
@@ -129,6 +193,7 @@ class Manager:
                 limit = 0.0
             if self.states[s] in LIVE and silent > limit and not self._last_up(s):
                 self.revoked.add(s)  # no more lease: it stops serving before we go on
+                self.down_since[s] = now
                 self._change(s, DOWN, f"silent for {silent:.2f}")
                 return
             if (
@@ -138,6 +203,8 @@ class Manager:
             ):
                 self._change(s, RECOVERING, "answers heartbeats again")
                 return
+        if self.rereplicate_after and self._rereplicate(now):
+            return
         self.reported.clear()
 
     def _last_up(self, s: str) -> bool:
@@ -146,8 +213,11 @@ class Manager:
         if not self.guard_last_up or self.states[s] != UP:
             return False
         return any(
-            s in part and not any(self.states[t] == UP for t in part if t != s)
-            for part in self.partitions
+            s in part
+            and not any(
+                self.states[t] == UP and (pidx, t) not in self.filling for t in part if t != s
+            )
+            for pidx, part in enumerate(self.partitions)
         )
 
     def _change(self, s: str, state: str, why: str) -> None:
@@ -155,7 +225,10 @@ class Manager:
         self.fence = self.epoch
         self.states[s] = state
         self.changes += 1
-        self.pending = Change(self.epoch, dict(self.states), f"{s} {state}: {why}")
+        self.pending = Change(
+            self.epoch, dict(self.states), f"{s} {state}: {why}", list(self.partitions),
+            frozenset(self.filling), frozenset(self.retired),
+        )  # fmt: skip
         self.trace(f"mgr: epoch {self.epoch} (fence): {self.pending.why}")
         now = self.clock()
         for t in self.servers:
@@ -171,7 +244,15 @@ class Manager:
                 return
         self.published_epoch = change.epoch
         self.published = dict(change.states)
+        self.published_parts = change.parts
+        self.published_filling = change.filling
+        self.published_retired = change.retired
         self.pending = None
         self.revoked.clear()
         self.reported.clear()
-        self.trace(f"mgr: published epoch {change.epoch} {sorted(change.states.items())}")
+        moved = ""
+        if self.rereplicate_after:
+            moved = (
+                f" {change.parts} filling {sorted(change.filling)} retired {sorted(change.retired)}"
+            )
+        self.trace(f"mgr: published epoch {change.epoch} {sorted(change.states.items())}{moved}")
