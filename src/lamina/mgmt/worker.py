@@ -325,8 +325,11 @@ class Worker:
         """Copy to ``target`` every page of partition ``pidx`` that a trusted copy holds
         and ``target`` does not (a conditional WRITE at generation 0: a page a client
         created there meanwhile is left alone).  Pages copied earlier are not copied
-        again, so a new leader resumes where the old one was.  Whether every page is there
-        and durable (the target FLUSHed)."""
+        again, so a new leader resumes where the old one was.  Trusting what ``target``
+        holds is right because a copy is only placed on a server that holds nothing of
+        the layer (a server the layer ``retired`` gets none until it dropped it), so
+        every page there was written since.  Whether every page is there and durable
+        (the target FLUSHed)."""
         part = layer.placement[pidx]
         if state.get(target) is not cm.ServerState.UP:
             return False
