@@ -172,7 +172,16 @@ def read(w: World, page: int) -> Proc:
         assert isinstance(resp, m.ReadResponse)
         if needs_resync(resp.mask, readable):
             w.trace(f"client: page {page} on {part[i]} mask {resp.mask:#x}: resync first")
-            if not (yield from resync(w, "c", page, view)):
+            # as Driver._resync: only while no write of this client is on its way to the
+            # page, and holding new ones back
+            while page in w.busy:
+                yield Sleep(0.01)
+            w.busy.add(page)
+            try:
+                done = yield from resync(w, "c", page, view)
+            finally:
+                w.busy.discard(page)
+            if not done:
                 yield Sleep(_backoff(attempt))
             continue
         w.check_read(page, before, bytes(data), part[i])

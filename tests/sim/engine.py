@@ -32,7 +32,7 @@ MASK_SYNC = (0.5, 5.0)  # the range a server's periodic sync interval is drawn f
 REREPLICATE = 1.0  # a server down this long loses its copies (2 copies only)
 BROKEN = (
     "no_clear_mask", "no_generation_check", "overwrite_writing", "recover_alone",
-    "confirm_before_flush", "resync_without_fua", "keep_old_copy",
+    "confirm_before_flush", "resync_without_fua", "keep_old_copy", "no_fail_stop",
 )  # fmt: skip
 
 Group = tuple[tuple[str, int], ...]  # one write's (server, token) pairs
@@ -83,7 +83,13 @@ class World:
         ids = ("s1", "s2", "s3")
         self.servers = {
             s: SimServer(
-                s, self.clock, self.trace, self.rng, actors.SLOT, broken != "no_generation_check"
+                s,
+                self.clock,
+                self.trace,
+                self.rng,
+                actors.SLOT,
+                broken != "no_generation_check",
+                broken != "no_fail_stop",
             )
             for s in ids
         }
@@ -372,21 +378,31 @@ def run(
 
 def settle_and_check(w: World, limit: float = 200.0) -> None:
     """Run without faults until the worker is quiet and compare every copy with the
-    acknowledged writes; then FLUSH, cut the power of every server, and do it again:
-    every acknowledged write is flushed by then, so every one must be there."""
+    acknowledged writes; cut the power of every server and do it again (what was
+    repaired must have been made durable before any mask vouched for it); then FLUSH,
+    cut the power again and check once more: every acknowledged write is flushed by
+    then, so every one must be there."""
     _settle(w, limit)
     w.trace("sim: settled; checking every copy")
     _check_copies(w)
+    _power_cut_all(w, "settled")
+    _settle(w, limit)
+    w.trace("sim: settled after the power cut; checking every copy")
+    _check_copies(w)
     w.procs.spawn("flush", "c", actors.flush(w), lambda _: None)
     _settle(w, limit)
-    w.trace("sim: flushed; every server loses power")
+    _power_cut_all(w, "flushed")
+    _settle(w, limit)
+    w.trace("sim: settled after the power cut; checking every copy")
+    _check_copies(w)
+
+
+def _power_cut_all(w: World, why: str) -> None:
+    w.trace(f"sim: {why}; every server loses power")
     for sid, srv in w.servers.items():
         srv.power_loss()
         w.power_lost(sid)
         srv.restart()
-    _settle(w, limit)
-    w.trace("sim: settled after the power cut; checking every copy")
-    _check_copies(w)
 
 
 def _settle(w: World, limit: float) -> None:

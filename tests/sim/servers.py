@@ -49,11 +49,13 @@ class SimServer:
         rng: random.Random,
         unit: int,
         check_generations: bool = True,
+        fail_stop: bool = True,
     ) -> None:
         self.sid = sid
         self.clock = clock
         self.trace = trace
         self.check_generations = check_generations
+        self.fail_stop = fail_stop
         self.store = SimStore(rng, unit)
         self.stopped = ""  # why the server fail-stopped (its disk failed), or ""
         self.alive = True
@@ -85,8 +87,11 @@ class SimServer:
         self.trace(f"{self.sid}: power lost: durable state only ({mixed} pages part new)")
 
     def disk_fails(self) -> None:
-        self.store.fail("EIO")
-        self.trace(f"{self.sid}: disk fails (EIO)")
+        """Writeback fails: the page cache lost what was not on disk, and the next sync
+        says so (the periodic pass runs at once)."""
+        mixed = self.store.fail("EIO")
+        self.trace(f"{self.sid}: disk fails (EIO; {mixed} pages part new in the page cache)")
+        self.periodic_sync()
 
     def power_cycle_if_stopped(self) -> None:
         """The operator's answer to a fail-stopped server: power it off, replace what
@@ -111,6 +116,8 @@ class SimServer:
                 self._stop(str(exc))
 
     def _stop(self, why: str) -> None:
+        if not self.fail_stop:
+            return  # (broken) it goes on serving what its page cache holds
         if not self.stopped:
             self.stopped = why
             self.trace(f"{self.sid}: fail-stop: {why}")

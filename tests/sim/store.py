@@ -14,8 +14,10 @@ its live one, following the durability rules of the on-disk store (docs/ondisk.m
   every unit kept its old bytes.
 
 A failed disk (``fail``) answers every later write, mask change and sync with
-StorageIOError; reads still see the page cache, which can no longer be trusted: the
-server that owns the store stops serving (see ``servers.SimServer``).
+StorageIOError, and its page cache has lost the writes that did not reach the disk (as
+after a failed writeback: the power-cut rule, with the process still running); reads
+would see that: the server that owns the store stops serving (see
+``servers.SimServer``).
 """
 
 from __future__ import annotations
@@ -45,8 +47,11 @@ class SimStore(MemPageStore):
 
     # -- the failing disk -----------------------------------------------------------------
 
-    def fail(self, why: str) -> None:
+    def fail(self, why: str) -> int:
+        """The disk fails: the number of pages that kept some unsynced bytes."""
+        mixed = self._revert()
         self.failed = why
+        return mixed
 
     def _check(self) -> None:
         if self.failed:
@@ -133,6 +138,11 @@ class SimStore(MemPageStore):
 
     def power_cut(self) -> int:
         """Lose what was not durable; the number of pages that kept some unsynced bytes."""
+        mixed = self._revert()
+        self.failed = ""
+        return mixed
+
+    def _revert(self) -> int:
         mixed = 0
         live = {(lid, n): p for lid, layer in self._layers.items() for n, p in layer.pages.items()}
         self._layers = {
@@ -148,7 +158,6 @@ class SimStore(MemPageStore):
                     page.generation = next(self._gen)
             self._layers[key[0]].pages[key[1]] = page
         self._unsynced.clear()
-        self.failed = ""
         return mixed
 
     def _mix(self, page: _Page, new: _Page) -> bool:

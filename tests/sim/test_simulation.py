@@ -53,6 +53,7 @@ def _first_failure(broken: str) -> tuple[int, str] | None:
         "overwrite_writing",
         "confirm_before_flush",
         "resync_without_fua",
+        "no_fail_stop",
     ],
 )
 def test_the_checker_catches_a_broken_protocol(broken: str) -> None:
@@ -94,10 +95,12 @@ def test_the_checker_catches_a_copy_placed_back_with_its_old_data() -> None:
 
 # The only full copy of a partition comes back `recovering` while the other copy is
 # being filled: the fill has no trusted source and the recovering copy can never be
-# vouched for, so the partition never has an up copy again.
+# vouched for, so the partition never has an up copy again (18); once that copy is down
+# long enough, it moves too and every copy of the partition is filling (1).
 @pytest.mark.xfail(raises=AssertionError, strict=True, reason="fill without a source")
-def test_the_only_full_copy_recovers_while_the_other_fills() -> None:
-    run(20, STEPS, 2, rereplicate=True)
+@pytest.mark.parametrize("seed", [1, 18])
+def test_the_only_full_copy_recovers_while_the_other_fills(seed: int) -> None:
+    run(seed, STEPS, 2, rereplicate=True)
 
 
 @pytest.mark.xfail(raises=AssertionError, strict=True, reason="both recovering: source by order")
