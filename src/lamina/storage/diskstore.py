@@ -99,6 +99,10 @@ MAX_RECORD = 1 << 20
 GEN_SHIFT = 40
 
 R_LAYER, R_PAGE, R_CRC, R_MASK, R_DROP, R_DROP_PAGE, R_SYNCED = 1, 2, 3, 4, 5, 6, 7
+R_ACTIVE, R_AGE = 8, 9
+#: seconds an activity generation lasts at least (see _sync_data): a page pays one group
+#: commit for its R_ACTIVE record per generation it is written in
+ACTIVE_PERIOD = 10.0
 
 LOG_EXTENT = 8 << 20
 LOG_RESERVE = 1 << 20
@@ -122,6 +126,7 @@ class _Page:
     disk_mask: int = FULL  # mask of the last record appended for this page
     disk_lsn: int = 0  # log position after that record
     data_seq: int = 0  # write sequence number of the last data change
+    active: int = -1  # the activity generation of its last durable R_ACTIVE record
 
 
 def _copy_page(p: _Page | None) -> _Page | None:
@@ -198,6 +203,15 @@ class DiskPageStore(PageStore):
         self._dirty_fds: set[int] = set()
         self._new_layer_files = False  # layers/ holds a name not yet fsynced
         self._marked_seq = 0  # write sequence number covered by the last SYNCED record
+        # activity generations (see _resolve_doubts): a page is written only after a durable
+        # R_ACTIVE record of it in the current generation; a new generation starts (R_AGE,
+        # or a new log) only once a data sync that began in the current one has completed
+        self._generation = 0
+        self._switch_id = 0  # generation switches made
+        self._synced_switch = 0  # the switches a completed data sync began after
+        self._generation_started = time.monotonic()
+        self._activating: dict[tuple[int, int], int] = {}  # page -> lsn of its R_ACTIVE
+        self._replay_generations: list[set[tuple[int, int]]] = [set()]  # recovery only
         self._dropping: dict[int, int] = {}  # layer -> lsn of its DROP, file not yet unlinked
         self._after: list[tuple[int, Callable[[], None]]] = []  # see _after_durable
         self._unlinked: set[int] = set()  # layer files unlinked, layers/ maybe not fsynced
@@ -335,6 +349,7 @@ class DiskPageStore(PageStore):
         path = self.root / f"log.{seq}"
         raw = self.files.read_file(path)
         off = 0
+        self._replay_generations.append(set())  # a new log starts a new generation
         while off + REC_HEAD.size <= len(raw):
             self._pos = (seq, off)
             length, crc = REC_HEAD.unpack_from(raw, off)
@@ -385,17 +400,31 @@ class DiskPageStore(PageStore):
             p.mask = p.disk_mask = mask
         elif kind == R_SYNCED:
             self._synced_upto((rec[1], rec[2]))
+        elif kind == R_ACTIVE:
+            self._replay_generations[-1].add((rec[1], rec[2]))
+        elif kind == R_AGE:
+            self._replay_generations.append(set())
 
     # -- recovery of what was not synced -------------------------------------------------------
     #
     # A data record (PAGE with data or a tombstone, CRC) is appended before its data is
     # written, and the log may become durable (a group commit for another page's mask
-    # clear) long before the data does.  So after a power loss any data record may describe
-    # bytes the disk never got; after kill -9 only the last one may.  A SYNCED record
-    # [7, seq, offset] says: the data of every record before (log seq, offset) was
-    # fdatasynced.  Recovery keeps, for every page with data records after the last SYNCED
-    # record, the page as it was before each of them (_Doubt), reads the page and keeps per
-    # 4 KiB block whichever of its versions the data matches (_resolve_doubts).
+    # clear) long before the data does; and after a power loss the data of a write may be
+    # on the disk while its record is not.  After kill -9 only the last record may describe
+    # data not written; after a power loss any page written since the last data sync may
+    # hold old or new bytes, matching its records or not.  Two kinds of records bound that:
+    #
+    # * SYNCED [7, seq, offset]: the data of every record before (log seq, offset) is
+    #   durable.  For every page with data records after the last SYNCED record, replay
+    #   keeps the page as it was before each of them (_Doubt).
+    # * ACTIVE [8, layer, page] and AGE [9]: before a page is written, an ACTIVE record of
+    #   it must be durable in the current activity generation; a generation ends at an AGE
+    #   record or a new log, and starts only once a data sync that began in the previous
+    #   one has completed and appended its SYNCED record.  So every write whose data may
+    #   not be durable is to a page with an ACTIVE record in the last two generations.
+    #
+    # _resolve_doubts reads those pages and keeps, per 4 KiB block, the checksum of what
+    # the disk holds: one of the page's versions, or (the record was lost) new bytes.
 
     def _doubt(self, layer_id: int, page: int, before: _Page | None) -> None:
         doubt = self._doubts.setdefault((layer_id, page), _Doubt())
@@ -419,18 +448,22 @@ class DiskPageStore(PageStore):
                 self.files.unlink(path)
 
     def _resolve_doubts(self) -> None:
-        """Make each page written since the last durable sync agree with its data.
+        """Make each page that may hold unsynced writes agree with its data (see above).
 
-        Per 4 KiB block, the newest checksum, or any older one of the versions the page had
-        since the sync marker (or zeros, where it was a zero page), whichever the data
-        matches.  A page created since (or a zero page written since) whose data landed
-        nowhere goes back to what it was; one created since whose data landed only in part
-        also goes back (absent means "look in the layer below", which zeros are not).
-        Data that matches no version at all is damage: left for the read path to quarantine.
+        The pages: those with data records after the last SYNCED record, and those with an
+        ACTIVE record in the last two generations.  Per 4 KiB block the newest checksum
+        stays if the data matches it; else the data's own checksum is taken: an older
+        version of the page, or the bytes of a write whose record was lost.  A page created
+        since whose data is not all there goes back to absent ("look in the layer below",
+        which zeros are not); a zero page written since whose data landed nowhere is a
+        zero page again.  A page created since, never written, whose data matches neither
+        what was written nor zeros is damage: left for the read path to quarantine.
         """
         doubts, self._doubts = self._doubts, {}
-        self.unsynced_pages = set(doubts)
-        for (layer_id, page), doubt in sorted(doubts.items()):
+        active = set().union(*self._replay_generations[-2:])
+        self._replay_generations = [set()]
+        self.unsynced_pages = set(doubts) | active
+        for layer_id, page in sorted(self.unsynced_pages):
             layer = self._layers.get(layer_id)
             p = None if layer is None else layer.pages.get(page)
             if layer is None or p is None:
@@ -441,10 +474,12 @@ class DiskPageStore(PageStore):
                 continue
             if p.state != PageState.PRESENT or p.crcs is None:
                 continue
-            origin = doubt.before[0][1]
+            doubt = doubts.get((layer_id, page))
+            befores = [] if doubt is None else [old for _, old in doubt.before]
+            origin = befores[0] if befores else p
             created = origin is None or origin.state == PageState.ABSENT
             versions: list[set[int]] = [set() for _ in range(len(p.crcs))]
-            for _, old in doubt.before:
+            for old in befores:
                 if old is not None and old.state == PageState.ZERO:
                     for v in versions:
                         v.add(ZERO_BLOCK_CRC)
@@ -463,7 +498,7 @@ class DiskPageStore(PageStore):
                     continue
                 if created and got == ZERO_BLOCK_CRC:
                     unlanded += 1  # still the zeros of the fresh extent
-                else:
+                elif (layer_id, page) not in active:
                     damaged += 1
             if damaged:
                 log.warning(
@@ -493,7 +528,8 @@ class DiskPageStore(PageStore):
                 continue
             if resolved != p.crcs:
                 log.warning(
-                    "recovery: page %d of layer %d keeps older bytes in %d blocks (never synced)",
+                    "recovery: page %d of layer %d keeps other bytes than its last record in "
+                    "%d blocks (never synced)",
                     page,
                     layer_id,
                     sum(1 for x, y in zip(resolved, p.crcs, strict=True) if x != y),
@@ -646,12 +682,15 @@ class DiskPageStore(PageStore):
         loop = asyncio.get_running_loop()
         try:
             old = self._log
+            if self._synced_switch != self._switch_id:
+                return  # a new log starts a generation: not before the last one is synced
             try:
                 new = self._open_log(old.seq + 1)
             except OSError as exc:
                 log.warning("checkpoint postponed: %s", exc)
                 return
             self._log = new
+            self._new_generation()  # every page is recorded active again in the new log
             # Queued now, before any commit of the new log: a commit that completes later
             # thus also covers every record of the old one, and the new log's name.
             old_done = loop.run_in_executor(self._commit_exec, self._sync_close, old.fd)
@@ -948,8 +987,17 @@ class DiskPageStore(PageStore):
             p.disk_mask = target
         if mask & ~p.disk_mask:
             self._lazy.add((layer_id, page))
-        if wait_durable and (mask != FULL) and p.disk_lsn > self._synced_lsn:
-            return self._durable(p.disk_lsn)
+        if not wait_durable:
+            return None
+        need = p.disk_lsn if mask != FULL else 0
+        if p.active != self._generation:
+            # a write follows: its page is recorded as active first (see _resolve_doubts)
+            need = self._append([R_ACTIVE, layer_id, page])
+            p.active = self._generation
+            self._activating[(layer_id, page)] = need
+        need = max(need, self._activating.get((layer_id, page), 0))
+        if need > self._synced_lsn:
+            return self._durable(need)
         return None
 
     async def _sync_data(self) -> int:
@@ -957,6 +1005,13 @@ class DiskPageStore(PageStore):
         A failed fdatasync may have dropped dirty pages: the store stops accepting writes."""
         seq = self._write_seq
         assert self._log is not None
+        if (
+            self._synced_switch == self._switch_id
+            and time.monotonic() - self._generation_started >= ACTIVE_PERIOD
+        ):
+            self._new_generation()
+            self._append([R_AGE])
+        covers = self._switch_id
         upto = (self._log.seq, self._log.offset)  # every data record before it is covered
         fds = list(self._dirty_fds)
         self._dirty_fds.clear()
@@ -969,14 +1024,21 @@ class DiskPageStore(PageStore):
             self._failed = f"fdatasync of the data failed: {exc}"
             log.error(self._failed)
             raise StorageIOError(self._failed) from None
-        if seq > self._marked_seq:
+        if seq > self._marked_seq or covers > self._synced_switch:
             # Tell recovery that those records' data is durable (see _resolve_doubts).
             try:
                 self._append([R_SYNCED, *upto])
                 self._marked_seq = seq
+                self._synced_switch = max(self._synced_switch, covers)
             except LaminaError as exc:
                 log.warning("sync marker not recorded: %s", exc)
         return seq
+
+    def _new_generation(self) -> None:
+        self._generation += 1
+        self._switch_id += 1
+        self._generation_started = time.monotonic()
+        self._activating = {k: v for k, v in self._activating.items() if v > self._synced_lsn}
 
     def _persist_lazy(self, seq: int) -> int:
         """Append the mask increases of pages whose data is durable up to ``seq``."""
@@ -1002,7 +1064,12 @@ class DiskPageStore(PageStore):
     async def persist_restores(self) -> int:
         """Persist mask increases once the data they vouch for is durable; how many.
         FLUSH does the same for free, since it syncs the data anyway."""
-        if not self._lazy and self._write_seq == self._marked_seq and not self._after:
+        if (
+            not self._lazy
+            and self._write_seq == self._marked_seq
+            and not self._after
+            and self._synced_switch == self._switch_id
+        ):
             return 0
         done = self._persist_lazy(await self._sync_data())
         if self._lsn > self._synced_lsn:

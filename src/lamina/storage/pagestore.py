@@ -71,7 +71,10 @@ class PageStore(ABC):
         offset: int,
         data: bytes | bytearray,
     ) -> int:
-        """Apply data to a PRESENT or ZERO page (or a whole QUARANTINED one); new generation."""
+        """Apply data to a PRESENT or ZERO page (or a whole QUARANTINED one); new generation.
+        A caller first sets the page's mask with ``set_mask`` and awaits what it returns:
+        the on-disk store then has recorded the page as written (its crash recovery needs
+        that, see docs/ondisk.md)."""
 
     @abstractmethod
     def create(

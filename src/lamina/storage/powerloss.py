@@ -277,7 +277,7 @@ class PowerLossFiles(Files):
         with self._lock:
             self._alive()
             rng = random.Random(seed)
-            keep = rng.choice([0.0, 1.0, rng.random()])  # none, all, or some of the blocks
+            keep = share_kept(rng)
             for ino in self._inodes.values():
                 kept = [b for b in sorted(ino.blocks) if rng.random() < keep]
                 self._write_back(ino, kept)
@@ -295,6 +295,16 @@ class PowerLossFiles(Files):
             self._handles.clear()
             self._inodes.clear()
             self.dead = True
+
+
+def share_kept(rng: random.Random) -> float:
+    """The share of the unsynced blocks a cut keeps: none, all, or some (drawn first)."""
+    return rng.choice([0.0, 1.0, rng.random()])
+
+
+def seed_keeping(low: float, high: float) -> int:
+    """The first seed whose power cut keeps a share of the unsynced blocks in [low, high]."""
+    return next(s for s in itertools.count() if low <= share_kept(random.Random(s)) <= high)
 
 
 def _undo(change: _NameChange) -> None:

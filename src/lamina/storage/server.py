@@ -5,6 +5,13 @@ connections (:class:`lamina.wire.connection.ServerConnection`) and runs two back
 duties: persisting mask restores once their data is durable, and checkpointing the
 metadata log.  SIGTERM/SIGINT stop it cleanly (flush + checkpoint); kill -9 is what the
 crash model of ``diskstore`` is for.
+
+TEST ONLY: with ``LAMINA_TEST_POWERCUT=1`` in its environment the server keeps its files
+on the disk that can lose power (:mod:`lamina.storage.powerloss`, its trash directory
+beside the data directory) and SIGUSR2 is a power failure: what was not synced is dropped
+(a seeded arbitrary part of it kept; the seed is ``LAMINA_TEST_POWERCUT_SEED`` or random,
+and logged) and the process exits at once with status 99.  Any other value of the variable
+is refused, so it is never switched on by accident.
 """
 
 from __future__ import annotations
@@ -12,24 +19,59 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import random
 import signal
 import time
 
 from lamina import daemon
-from lamina.config import StorageConfig
+from lamina.config import ConfigError, StorageConfig
 from lamina.daemon import write_port_file
 from lamina.storage.diskstore import DiskPageStore
+from lamina.storage.files import OS_FILES, Files
 from lamina.storage.lease import LeaseKeeper
+from lamina.storage.powerloss import PowerLossFiles
 from lamina.storage.service import Lease, StorageService
 from lamina.wire.connection import ServerConnection
 from lamina.wire.handshake import load_key
 
 log = logging.getLogger(__name__)
 
+#: TEST ONLY: "1" puts the store on the disk that can lose power (see the module docstring)
+POWERCUT_ENV = "LAMINA_TEST_POWERCUT"
+POWERCUT_SEED_ENV = "LAMINA_TEST_POWERCUT_SEED"
+#: the exit status of a server whose power was cut
+POWERCUT_EXIT = 99
+
+
+def _files(cfg: StorageConfig) -> Files:
+    """The files of the store: the os calls, or (test only) the disk that can lose power."""
+    value = os.environ.get(POWERCUT_ENV)
+    if value is None or value == "":
+        return OS_FILES
+    if value != "1":
+        raise ConfigError(f"{POWERCUT_ENV}={value!r}: only 1 (test-only power cuts) is known")
+    log.warning(
+        "TEST ONLY: %s=1: the data directory is on a disk that loses what is not synced at "
+        "SIGUSR2; never run a real server like this",
+        POWERCUT_ENV,
+    )
+    return PowerLossFiles(str(cfg.data).rstrip("/") + ".powercut-trash")
+
+
+def _power_cut(files: PowerLossFiles) -> None:
+    seed = int(os.environ.get(POWERCUT_SEED_ENV) or random.randrange(1 << 32))
+    log.warning("TEST ONLY: power cut (seed %d, %d unsynced blocks)", seed, files.unsynced_blocks())
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    files.power_cut(seed)
+    os._exit(POWERCUT_EXIT)
+
 
 async def serve(cfg: StorageConfig, ready: asyncio.Event | None = None) -> None:
     key = load_key(cfg.key)
-    store = DiskPageStore(cfg.data, cfg.id, checkpoint_bytes=cfg.checkpoint_bytes)
+    files = _files(cfg)
+    store = DiskPageStore(cfg.data, cfg.id, checkpoint_bytes=cfg.checkpoint_bytes, files=files)
     started = time.monotonic()
     store.open()
     st = store.stats()
@@ -50,6 +92,8 @@ async def serve(cfg: StorageConfig, ready: asyncio.Event | None = None) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if isinstance(files, PowerLossFiles):
+        loop.add_signal_handler(signal.SIGUSR2, _power_cut, files)
     if cfg.port_file:
         port = server.sockets[0].getsockname()[1]
         write_port_file(cfg.port_file, port)
