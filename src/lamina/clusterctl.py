@@ -425,7 +425,13 @@ def cluster_status(client: ManagerClient) -> dict[str, Any]:
     ]
     if leader is None:
         problems.append("no raft leader among the reachable managers")
-    problems += [f"server {s['id']} is {s['state']}" for s in st["servers"] if s["state"] != "up"]
+    failures = st.get("server_failures", {})
+    problems += [
+        f"server {s['id']} is {s['state']}"
+        + (f" ({failures[s['id']]})" if s["id"] in failures else "")
+        for s in st["servers"]
+        if s["state"] != "up"
+    ]
     problems += [
         f"cannot re-replicate server {sid}: {reason}"
         for sid, reason in sorted(st.get("rereplication_problems", {}).items())
@@ -439,7 +445,9 @@ def cluster_status(client: ManagerClient) -> dict[str, Any]:
         "source": source,
         "epoch": st["epoch"],
         "published_epoch": st["published_epoch"],
-        "servers": st["servers"],
+        "servers": [
+            {**s, "failure": failures[s["id"]]} if s["id"] in failures else s for s in st["servers"]
+        ],
         "volumes": [
             {k: v[k] for k in ("name", "id", "size", "replicas", "stripe", "page_size")}
             for v in volumes

@@ -225,3 +225,45 @@ def test_power_cuts_of_one_and_then_every_storage_server(
             text = (logs / f"{sid}.log").read_text(errors="replace")
             assert "quarantining" not in text, text[-3000:]
         assert {s["id"]: s["state"] for s in status(lc)["servers"]} == {"s1": "up", "s2": "up"}
+
+
+def test_a_failed_fdatasync_fail_stops_its_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(issue 11, point 6) The disk of s1 starts failing every fdatasync with EIO: s1
+    refuses all I/O, the leader marks it down and `lamina status` says why, the writes and
+    flushes go on with the other copy, everything flushed reads back; restarted, s1 is
+    resynchronised and a scrub finds the copies equal."""
+    monkeypatch.setenv("LAMINA_TEST_POWERCUT", "1")
+    rng = random.Random(8)
+    model = Model()
+    with local_cluster(tmp_path / "cluster", 1, 2) as lc:
+        lc.create_volume("v", VOLUME, replicas=2, stripe=2)
+        exporter = lc.export("v")
+        run_writes(exporter, model, batch(rng, model, 16, 256 * 1024), flush=True)
+        pid = lc.storage_pid("s1")
+        os.kill(pid, signal.SIGUSR1)  # from now on every sync of s1's disk fails
+        started = time.monotonic()
+        run_writes(exporter, model, batch(rng, model, 32, BLOCK), flush=True)
+        run_writes(exporter, model, batch(rng, model, 8, 64 * 1024), flush=True)
+        assert time.monotonic() - started < 60
+        wait_state(lc, "s1", "down", timeout=30)
+        assert _running(pid)  # stopped serving, still there to say why
+        st = status(lc)
+        assert any("s1 is down" in p and "fdatasync" in p for p in st["problems"]), st["problems"]
+        (s1,) = [s for s in st["servers"] if s["id"] == "s1"]
+        assert "fdatasync" in s1["failure"], s1
+        text = lc.cli("status")
+        assert "fdatasync" in text.stdout.replace("\n", ""), text.stdout
+        check_image(lc, model, tmp_path, "with s1 failed")
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while _running(pid):
+            assert time.monotonic() < deadline, "s1 did not die"
+            time.sleep(0.05)
+        assert lc.up(1, 2)["started"] == ["s1"]
+        wait_quiet(lc, QUIET)
+        check_image(lc, model, tmp_path, "after s1's restart")
+        report = scrub(lc, "v")
+        assert (report["mismatches"], report["corrupt"], report["errors"]) == (0, 0, 0), report
+        exporter.stop()

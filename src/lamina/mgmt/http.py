@@ -229,6 +229,7 @@ async def get_status(request: web.Request) -> web.Response:
             "volumes": sorted(cmap.volumes),
             "worker": _worker_json(request),
             "rereplication_problems": dict(request.app[DUTIES].rereplication_problems),
+            "server_failures": dict(request.app[DUTIES].server_failures),
         }
     )
 

@@ -51,7 +51,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lamina.config import parse_addr
-from lamina.errors import BadRequest, LaminaError, NotFound, Unavailable
+from lamina.errors import BadRequest, LaminaError, NotFound, StorageIOError, Unavailable
 from lamina.mgmt import clustermap as cm
 from lamina.mgmt.leases import LeaseTable
 from lamina.mgmt.service import ManagerService, Rejected
@@ -120,6 +120,9 @@ class LeaderDuties:
         self.worker: Any = None
         self.rereplicate_after = rereplicate_after
         self.rereplication_problems: dict[str, str] = {}
+        #: why a server was marked down, when it said so (a failed store answers every
+        #: request, PING included, with the reason); ``lamina status`` shows it
+        self.server_failures: dict[str, str] = {}
         self._down_since: dict[str, float] = {}
         self._pushing: dict[str, asyncio.Task[None]] = {}
         self._leading_since = 0.0
@@ -144,6 +147,7 @@ class LeaderDuties:
         if server is None or server.state == cm.ServerState.OUT:
             raise NotFound(f"storage server {msg.server_id} is not a member of the cluster")
         self.table.grant(msg.server_id, self.clock(), msg.epoch)
+        self.server_failures.pop(msg.server_id, None)  # it serves again (after a restart)
         if msg.incarnation != server.incarnation:
             # recorded in the map, so any later leader tells a restart too; a restarted
             # server (or one that was down) becomes recovering with it
@@ -186,6 +190,8 @@ class LeaderDuties:
             ):
                 log.warning("storage server %s: lease over, marking it down", sid)
                 self._propose(cm.SetServerState(sid, cm.ServerState.DOWN))
+                if self.key is not None:  # a failed store says why when PINGed
+                    self._start_check(sid)
         if cmap.published_epoch < cmap.epoch:
             waits = publication_waits_for(cmap)
             if self.table.may_publish(cmap.epoch, waits, now):
@@ -309,12 +315,16 @@ class LeaderDuties:
         if server_id not in self.service.map.servers:
             raise NotFound(f"no server {server_id!r}")
         log.info("storage server %s reported failing: %.200s", server_id, reason)
+        return await asyncio.shield(self._start_check(server_id))
+
+    def _start_check(self, server_id: str) -> asyncio.Future[tuple[cm.ServerState, bool]]:
         task = self._checks.get(server_id)
         if task is None:
             task = asyncio.ensure_future(self._check(server_id))
             self._checks[server_id] = task
             task.add_done_callback(lambda _: self._checks.pop(server_id, None))
-        return await asyncio.shield(task)
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return task
 
     async def _check(self, server_id: str) -> tuple[cm.ServerState, bool]:
         addr = self.service.map.servers[server_id].addr
@@ -326,6 +336,8 @@ class LeaderDuties:
         except (LaminaError, OSError, TimeoutError) as exc:
             log.info("storage server %s does not answer PING: %s", server_id, exc)
             answered = False
+            if isinstance(exc, StorageIOError):  # it answered: its store has failed
+                self.server_failures[server_id] = exc.message
         current = self.service.map.servers.get(server_id)
         if current is None:
             raise NotFound(f"server {server_id!r} was removed")

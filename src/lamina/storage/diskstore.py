@@ -556,8 +556,7 @@ class DiskPageStore(PageStore):
         return lg
 
     def _append(self, body: list[Any]) -> int:
-        if self._failed:
-            raise StorageIOError(f"store failed earlier and is read-only: {self._failed}")
+        self._refuse_if_failed()
         rec = _encode_record(body)
         lg = self._log
         assert lg is not None
@@ -615,8 +614,7 @@ class DiskPageStore(PageStore):
         exc = f.exception()
         waiters, self._waiters = self._waiters, []
         if exc is not None:
-            self._failed = f"fdatasync of the log failed: {exc}"
-            log.error(self._failed)
+            self._fail(f"fdatasync of the log failed: {exc}")
         else:
             self._synced_lsn = max(self._synced_lsn, target)
             self.commits += 1
@@ -702,7 +700,10 @@ class DiskPageStore(PageStore):
                     self._data_exec, self._write_snapshot_sync, body, new.seq
                 )
             except OSError as exc:
-                log.warning("checkpoint failed (old logs kept): %s", exc)
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    log.warning("checkpoint failed (old logs kept): %s", exc)
+                else:  # a failed sync: the page cache can no longer be trusted
+                    self._fail(f"checkpoint failed: {exc}")
         finally:
             self._checkpointing = False
 
@@ -781,6 +782,23 @@ class DiskPageStore(PageStore):
             self.files.unlink(self._layer_path(layer_id))
             self._unlinked.add(layer_id)
 
+    @property
+    def failure(self) -> str | None:
+        return self._failed
+
+    def _fail(self, why: str) -> None:
+        """Fail-stop: after a failed fsync the kernel may have dropped dirty pages and
+        marked them clean, so neither the page cache nor the files can be trusted any
+        more (PostgreSQL's "fsyncgate").  Every later operation is refused; the server
+        stops renewing its lease and is marked down; a restart recovers from the disk."""
+        if self._failed is None:
+            self._failed = why
+            log.error("page store failed, refusing all I/O from now on: %s", why)
+
+    def _refuse_if_failed(self) -> None:
+        if self._failed is not None:
+            raise StorageIOError(f"store failed: {self._failed}")
+
     def _page(self, layer_id: int, page: int) -> _Page | None:
         layer = self._layers.get(layer_id)
         return None if layer is None else layer.pages.get(page)
@@ -807,8 +825,7 @@ class DiskPageStore(PageStore):
         try:
             self._append(record)
         except (LaminaError, OSError) as exc:
-            self._failed = f"could not undo a failed write: {exc}"
-            log.error(self._failed)
+            self._fail(f"could not undo a failed write: {exc}")
 
     def _quarantine(self, layer_id: int, layer: _Layer, page: int, p: _Page, why: str) -> Corrupt:
         log.error("quarantining page %d of layer %d: %s", page, layer_id, why)
@@ -844,6 +861,7 @@ class DiskPageStore(PageStore):
         return None if layer is None else layer.volume_id
 
     def read(self, layer_id: int, page: int, offset: int, length: int) -> bytes:
+        self._refuse_if_failed()
         layer = self._layers.get(layer_id)
         p = None if layer is None else layer.pages.get(page)
         if layer is None or p is None or p.state != PageState.PRESENT or p.crcs is None:
@@ -876,6 +894,7 @@ class DiskPageStore(PageStore):
         offset: int,
         data: bytes | bytearray,
     ) -> int:
+        self._refuse_if_failed()
         layer = self._get_layer(volume_id, layer_id, page_size)
         p = layer.pages.get(page)
         if p is None or p.state in (PageState.ABSENT, PageState.TOMBSTONE):
@@ -945,6 +964,7 @@ class DiskPageStore(PageStore):
         data: bytes | bytearray | None,
         mask: int,
     ) -> tuple[bool, int]:
+        self._refuse_if_failed()
         layer = self._get_layer(volume_id, layer_id, page_size)
         p = layer.pages.get(page)
         if p is not None and p.state != PageState.ABSENT:
@@ -976,6 +996,7 @@ class DiskPageStore(PageStore):
     def set_mask(
         self, layer_id: int, page: int, mask: int, wait_durable: bool = True
     ) -> Awaitable[None] | None:
+        self._refuse_if_failed()
         p = self._page(layer_id, page)
         if p is None:
             raise NotFound(f"page {page} of layer {layer_id} is absent")
@@ -1021,9 +1042,8 @@ class DiskPageStore(PageStore):
                 self._data_exec, self._sync_all, fds, names
             )
         except OSError as exc:
-            self._failed = f"fdatasync of the data failed: {exc}"
-            log.error(self._failed)
-            raise StorageIOError(self._failed) from None
+            self._fail(f"fdatasync of the data failed: {exc}")
+            raise StorageIOError(f"store failed: {self._failed}") from None
         if seq > self._marked_seq or covers > self._synced_switch:
             # Tell recovery that those records' data is durable (see _resolve_doubts).
             try:
@@ -1077,6 +1097,7 @@ class DiskPageStore(PageStore):
         return done
 
     def tombstone(self, volume_id: int, layer_id: int, page_size: int, page: int) -> int:
+        self._refuse_if_failed()
         layer = self._get_layer(volume_id, layer_id, page_size)
         gen = self._next_gen()
         lsn = self._append([R_PAGE, layer_id, page, int(PageState.TOMBSTONE), FULL, gen, None])

@@ -48,9 +48,17 @@ class LeaseKeeper:
         self._next = 0  # index of the manager to try first
         self._client: Client | None = None
         self.granted = 0
+        self._stopped = False  # the store failed: no more lease requests
 
     async def renew_once(self) -> bool:
-        """One attempt over the managers, starting with the last good one."""
+        """One attempt over the managers, starting with the last good one.  A server whose
+        store has failed asks no more: its lease runs out and the leader marks it down."""
+        failed = self.service.store.failure
+        if failed is not None:
+            if not self._stopped:
+                self._stopped = True
+                log.error("store failed: no more lease requests (%s)", failed)
+            return False
         for i in range(len(self.managers)):
             index = (self._next + i) % len(self.managers)
             try:

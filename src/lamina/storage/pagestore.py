@@ -119,6 +119,12 @@ class PageStore(ABC):
     @abstractmethod
     def layers(self) -> list[int]: ...
 
+    @property
+    def failure(self) -> str | None:
+        """Why the store fail-stopped (a sync failed), or None: a failed store refuses
+        every request until its server restarts."""
+        return None
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (the on-disk store flushes)."""
 

@@ -10,8 +10,9 @@ TEST ONLY: with ``LAMINA_TEST_POWERCUT=1`` in its environment the server keeps i
 on the disk that can lose power (:mod:`lamina.storage.powerloss`, its trash directory
 beside the data directory) and SIGUSR2 is a power failure: what was not synced is dropped
 (a seeded arbitrary part of it kept; the seed is ``LAMINA_TEST_POWERCUT_SEED`` or random,
-and logged) and the process exits at once with status 99.  Any other value of the variable
-is refused, so it is never switched on by accident.
+and logged) and the process exits at once with status 99.  SIGUSR1 makes the disk fail:
+every later fdatasync / fsync fails with EIO (and drops what it should have written).
+Any other value of the variable is refused, so it is never switched on by accident.
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ def _files(cfg: StorageConfig) -> Files:
     return PowerLossFiles(str(cfg.data).rstrip("/") + ".powercut-trash")
 
 
+def _failing_disk(files: PowerLossFiles) -> None:
+    log.warning("TEST ONLY: from now on every fdatasync and fsync fails with EIO")
+    files.fail_syncs = True
+
+
 def _power_cut(files: PowerLossFiles) -> None:
     seed = int(os.environ.get(POWERCUT_SEED_ENV) or random.randrange(1 << 32))
     log.warning("TEST ONLY: power cut (seed %d, %d unsynced blocks)", seed, files.unsynced_blocks())
@@ -94,6 +100,7 @@ async def serve(cfg: StorageConfig, ready: asyncio.Event | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
     if isinstance(files, PowerLossFiles):
         loop.add_signal_handler(signal.SIGUSR2, _power_cut, files)
+        loop.add_signal_handler(signal.SIGUSR1, _failing_disk, files)
     if cfg.port_file:
         port = server.sockets[0].getsockname()[1]
         write_port_file(cfg.port_file, port)

@@ -48,6 +48,7 @@ from lamina.errors import (
     NoLease,
     NotFound,
     StaleEpoch,
+    StorageIOError,
     Unavailable,
 )
 from lamina.storage import syncmask
@@ -120,6 +121,12 @@ class StorageService:
         op = self._ops.get(type(msg))
         if op is None:
             raise BadRequest(f"{type(msg).__name__} is not a storage operation")
+        failed = self.store.failure
+        if failed is not None:  # fail-stop: nothing is served, PING included
+            raise StorageIOError(
+                f"storage server {self.server_id} has failed and serves nothing until it "
+                f"is restarted: {failed}"
+            )
         return op(msg, payload)
 
     # -- admission ----------------------------------------------------------------------------
