@@ -894,7 +894,7 @@ def test_rereplicate_moves_a_down_servers_copies_to_filling_copies() -> None:
 def test_a_retired_server_gets_no_copy_of_the_layer_until_it_is_reclaimed() -> None:
     """Rereplicate retires the down server from the layer; while it is retired no copy of
     that layer goes back to it (the rejection says why), ReclaimDone ends that once, and
-    RemoveServer drops the server from every layer it was retired from."""
+    RemoveServer does not (the server's disk may come back under its id)."""
     cmap = final(
         [
             AddServer("s1", "10.0.0.1:7000", 1),
@@ -933,8 +933,12 @@ def test_a_retired_server_gets_no_copy_of_the_layer_until_it_is_reclaimed() -> N
     assert cm.map_from_dict(json.loads(json.dumps(cm.map_to_dict(back)))) == back
     # the retired server is fenced with the others
     assert affected_servers(back, AcquireLock("db", "abc", "h", 1, T0)) == {"s1", "s2", "s3"}
+    # removed, it stays retired: a server added again under its id may bring the disk back
     gone = apply(back, RemoveServer("s3"))
-    assert gone.layers[lid].retired == ()
+    assert gone.layers[lid].retired == ("s3",)
+    again = apply(gone, AddServer("s3", "10.0.0.3:7000", 1))
+    assert cm.holders(again, {again.volumes["db"].id}) == {"s1", "s2", "s3"}
+    assert apply(again, cm.ReclaimDone(lid, "s3")).layers[lid].retired == ()
     doc = cm.map_to_dict(back)
     doc["layers"][str(lid)]["retired"] = ["s1"]  # placed there: not retired
     with pytest.raises(ProtocolError, match="retires"):

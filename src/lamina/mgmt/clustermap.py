@@ -73,7 +73,9 @@ server)``, which the leader proposes once that server confirmed it dropped the l
 (DELETE_LAYER): a retired server is fenced and awaited by publications like the
 layer's own servers (:func:`holders`), and no copy of the layer is placed on it again,
 so a copy placed on a server always starts empty and the fill copies every page.
-RemoveServer drops the server from every ``retired``.
+RemoveServer leaves the server in every ``retired`` (its disk may come back under the
+same id): such an entry ends when a server of that id confirms the drop, or with the
+layer.
 
 Server states
 -------------
@@ -1099,13 +1101,7 @@ def apply(cmap: ClusterMap, cmd: Command) -> ClusterMap:
         case RemoveServer():
             kept = {k: v for k, v in cmap.servers.items() if k != cmd.id}
             volumes = _fenced(cmap, _affected(cmap, cmd), epoch)
-            unretired = {
-                lid: _unretire(layer, cmd.id)
-                for lid, layer in cmap.layers.items()
-                if cmd.id in layer.retired
-            }
-            layers = _frozen({**cmap.layers, **unretired}) if unretired else cmap.layers
-            return replace(cmap, epoch=epoch, servers=_frozen(kept), volumes=volumes, layers=layers)
+            return replace(cmap, epoch=epoch, servers=_frozen(kept), volumes=volumes)
         case DrainServer():
             server = replace(cmap.servers[cmd.id], draining=not cmd.undo)
             return replace(cmap, epoch=epoch, servers=_frozen({**cmap.servers, cmd.id: server}))
@@ -1149,7 +1145,8 @@ def apply(cmap: ClusterMap, cmd: Command) -> ClusterMap:
             volumes = _fenced(cmap, _affected(cmap, cmd), epoch)
             return replace(cmap, epoch=epoch, volumes=volumes, layers=layers)
         case ReclaimDone():
-            layer = _unretire(cmap.layers[cmd.layer], cmd.server)
+            layer = cmap.layers[cmd.layer]
+            layer = replace(layer, retired=tuple(s for s in layer.retired if s != cmd.server))
             return replace(cmap, epoch=epoch, layers=_frozen({**cmap.layers, layer.id: layer}))
         case ResizeVolume():
             volume = replace(cmap.volumes[cmd.name], size=cmd.size, fence_epoch=epoch)
@@ -1177,11 +1174,6 @@ def apply(cmap: ClusterMap, cmd: Command) -> ClusterMap:
             volume = replace(volume, lock=lock, fence_epoch=epoch)
             return replace(cmap, epoch=epoch, volumes=_frozen({**cmap.volumes, cmd.name: volume}))
     assert_never(cmd)
-
-
-def _unretire(layer: Layer, server_id: str) -> Layer:
-    retired = tuple(s for s in layer.retired if s != server_id)
-    return dataclasses.replace(layer, retired=retired)
 
 
 def _lock_after(lock: Lock | None, cmd: AcquireLock | ReleaseLock) -> Lock | None:
@@ -2120,11 +2112,12 @@ def _check_map(cmap: ClusterMap) -> None:
             ):
                 fail(f"layer {lid} fills {_show(entry)}, not a copy of one of its partitions")
         placed = {sid for part in layer.placement for sid in part}
+        # a retired server may have been removed since (its id may come back)
         if any(
-            type(sid) is not str or sid not in cmap.servers or sid in placed
+            type(sid) is not str or not _ID_RE.fullmatch(sid) or sid in placed
             for sid in layer.retired
         ) or list(layer.retired) != sorted(set(layer.retired)):
-            fail(f"layer {lid} retires {_show(layer.retired)}, not other servers of the map")
+            fail(f"layer {lid} retires {_show(layer.retired)}, not server ids off its placement")
         target = layer.migrates_to
         if target is not None and (
             type(target) is not int
