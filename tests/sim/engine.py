@@ -71,6 +71,7 @@ class World:
         broken: str = "",
         verbose: bool = False,
         rereplicate: bool = False,
+        last_up_guard: bool = True,
     ):
         self.seed = seed
         self.rng = random.Random(seed)
@@ -102,7 +103,7 @@ class World:
         self.mgr = Manager(ids, self.send_heartbeat, self.clock, self.trace)
         self.mgr.partitions = list(parts)
         self.mgr.published_parts = list(parts)
-        self.mgr.guard_last_up = broken != "recover_alone"
+        self.mgr.guard_last_up = broken != "recover_alone" and last_up_guard
         # re-replication needs a server outside the partition: with 3 copies there is none
         self.mgr.rereplicate_after = REREPLICATE if rereplicate and replicas == 2 else 0.0
         self.procs = Procs(self.loop, self.transport, self.on_timeout)
@@ -347,12 +348,15 @@ def run(
     verbose: bool = False,
     overlap: bool = False,
     rereplicate: bool = False,
+    last_up_guard: bool = True,
 ) -> Report:
     """Simulate ``steps`` steps of seed ``seed``; AssertionError on a broken invariant.
     ``overlap``: server faults may hit a server while another is still out or not yet
     back up (by default they come one at a time, or to every server at once).
-    ``rereplicate``: a server down for REREPLICATE seconds loses its copies (2 copies)."""
-    w = World(seed, replicas, broken, verbose, rereplicate)
+    ``rereplicate``: a server down for REREPLICATE seconds loses its copies (2 copies).
+    ``last_up_guard=False``: the manager declares the last up copy of a partition down
+    too, as ``leader.py`` does when its lease is over."""
+    w = World(seed, replicas, broken, verbose, rereplicate, last_up_guard)
     try:
         w.trace(f"sim: seed {seed} steps {steps} replicas {replicas} {broken}")
         w.loop.at(0.0, w._tick)
@@ -368,7 +372,8 @@ def run(
         raise AssertionError(
             f"simulation seed={seed} steps={steps}: {exc} "
             f"(replicas={replicas}{', broken=' + broken if broken else ''}"
-            f"{', overlap' if overlap else ''}{', rereplicate' if rereplicate else ''})\n{tail}"
+            f"{', overlap' if overlap else ''}{', rereplicate' if rereplicate else ''}"
+            f"{'' if last_up_guard else ', no last-up guard'})\n{tail}"
         ) from None
     return Report(
         seed, steps, replicas, w.writes, w.reads, w.net.sent, w.mgr.changes, w.loop.now,
@@ -471,11 +476,14 @@ def main() -> None:
     )
     ap.add_argument("--overlap", action="store_true", help="server faults may pile up")
     ap.add_argument("--rereplicate", action="store_true", help="copies move off down servers")
+    ap.add_argument(
+        "--no-last-up-guard", action="store_true", help="the last up copy may be declared down"
+    )
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
     report = run(
         args.seed, args.steps, args.replicas, args.broken, args.verbose, args.overlap,
-        args.rereplicate,
+        args.rereplicate, not args.no_last_up_guard,
     )  # fmt: skip
     print(report)
 
