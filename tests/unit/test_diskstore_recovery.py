@@ -516,3 +516,21 @@ async def test_a_damaged_page_created_by_the_last_record_is_reported_not_undone(
             store.read(LAYER, 0, 0, PAGE)
     finally:
         await store.close()
+
+
+@in_loop
+async def test_a_page_allocated_again_never_shows_bytes_of_an_undone_create(root: Path) -> None:
+    """A create undone by recovery (its data landed only in part) leaves no bytes behind:
+    the page, created again as a zero page and written in part, reads zeros elsewhere."""
+    store = open_store(root)
+    store.create(VOL, LAYER, PAGE, 0, page_bytes(0), FULL)
+    store.abandon()
+    patch_file(layer_file(root, LAYER), 3 * BLOCK, bytes(BLOCK))  # one block never landed
+    store = open_store(root)
+    try:
+        assert store.info(LAYER, 0) == ABSENT_INFO
+        store.create(VOL, LAYER, PAGE, 0, None, FULL)
+        store.write(VOL, LAYER, PAGE, 0, 0, b"new")
+        assert store.read(LAYER, 0, 0, PAGE) == b"new" + bytes(PAGE - 3)
+    finally:
+        await store.close()

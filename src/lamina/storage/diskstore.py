@@ -907,6 +907,8 @@ class DiskPageStore(PageStore):
             raise Corrupt(f"page {page} of layer {layer_id} is quarantined")
         fresh = p.crcs is None
         if fresh:
+            if not full:  # the extent may hold bytes of an undone create: zeros first
+                self.files.punch(layer.fd, page * page_size, page_size)
             self._allocate(layer, page)
         crcs = p.crcs if p.crcs is not None else zero_crcs(page_size // BLOCK)
         base = page * page_size
