@@ -3,13 +3,13 @@
 The model adds what lives outside the service: being paused (frames wait, then run with
 the lease the clock says), crashing (a new service over the same store: masks and data
 survive, except mask increases not persisted yet; episodes, tokens, epoch, fences and
-lease do not), losing power (the same, but
-the store keeps only its durable state: see ``tests/sim/store.py``), a periodic pass
-that syncs the store (the disk store's background persisting of restores), a disk that
-fails (the server fail-stops: it answers every request with STORAGE_IO_ERROR and its
-heartbeats say so, until it is power-cycled), and the connection rule of
-``lamina.wire.connection``: once a newer connection of a client authenticated, frames of
-its older connections are discarded.
+lease do not), losing power (the same, but the store keeps only its durable state: see
+``tests/sim/store.py``), a periodic pass that syncs the store (the disk store's
+background persisting of restores), a disk that fails (once a sync failed the store
+fail-stops, the real service answers every request with STORAGE_IO_ERROR, and the
+server asks for no lease: its heartbeats say why, until it is power-cycled), and the
+connection rule of ``lamina.wire.connection``: once a newer connection of a client
+authenticated, frames of its older connections are discarded.
 """
 
 from __future__ import annotations
@@ -55,9 +55,8 @@ class SimServer:
         self.clock = clock
         self.trace = trace
         self.check_generations = check_generations
-        self.fail_stop = fail_stop
-        self.store = SimStore(rng, unit)
-        self.stopped = ""  # why the server fail-stopped (its disk failed), or ""
+        self.store = SimStore(rng, unit, fail_stop)
+        self._told = False  # the fail-stop is in the trace
         self.alive = True
         self.paused = False
         self.incarnation = 0
@@ -100,9 +99,19 @@ class SimServer:
             self.power_loss()
             self.restart()
 
+    @property
+    def stopped(self) -> str:
+        """Why the server fail-stopped (a sync of its store failed), or ""."""
+        return self.store.failure or ""
+
+    def _note_failure(self) -> None:
+        if self.stopped and not self._told:
+            self._told = True
+            self.trace(f"{self.sid}: fail-stop: {self.stopped}")
+
     def restart(self) -> None:
         self.alive = True
-        self.stopped = ""
+        self._told = False
         self.newest.clear()
         self.svc = self._service()
         self.trace(f"{self.sid}: restart (epoch, fences, lease and episodes lost)")
@@ -112,15 +121,8 @@ class SimServer:
         if self.alive and not self.paused and not self.stopped:
             try:
                 self.store.sync()
-            except StorageIOError as exc:
-                self._stop(str(exc))
-
-    def _stop(self, why: str) -> None:
-        if not self.fail_stop:
-            return  # (broken) it goes on serving what its page cache holds
-        if not self.stopped:
-            self.stopped = why
-            self.trace(f"{self.sid}: fail-stop: {why}")
+            except StorageIOError:
+                self._note_failure()
 
     def restart_if_dead(self) -> None:
         if not self.alive:
@@ -161,14 +163,10 @@ class SimServer:
             self.trace(f"{self.sid}: discard {type(msg).__name__} of {client} gen {generation}")
             return None
         self.newest[client] = max(newest, generation)
-        if self.stopped:
-            return StorageIOError(f"server {self.sid} stopped: {self.stopped}")
-        try:
+        try:  # a fail-stopped store: the service refuses everything (STORAGE_IO_ERROR)
             reply = settle(self.svc.handle(msg, payload))
-        except StorageIOError as exc:
-            self._stop(str(exc))
-            return exc
         except LaminaError as exc:
+            self._note_failure()
             return exc
         if isinstance(msg, m.WriteRequest) and msg.epoch < self.fence_seen:
             raise AssertionError(
@@ -179,7 +177,10 @@ class SimServer:
     def heartbeat(self, epoch: int, fence: int, grant: float) -> tuple[int, int, str]:
         """A manager heartbeat: SET_EPOCH with the volume's fence, then the lease renewed
         until ``grant``.  Returns the epoch acknowledged, the incarnation (a restart
-        changes it) and why the server stopped ("" when it serves)."""
+        changes it) and why the server stopped ("" when it serves: a fail-stopped
+        server asks for no lease, and refuses SET_EPOCH like everything else)."""
+        if self.stopped:
+            return epoch, self.incarnation, self.stopped
         reply, _ = settle(self.svc.handle(m.SetEpochRequest(epoch, ((VOLUME, fence),)), b""))
         assert isinstance(reply, m.SetEpochResponse)
         self.fence_seen = max(self.fence_seen, fence)

@@ -15,9 +15,10 @@ its live one, following the durability rules of the on-disk store (docs/ondisk.m
 
 A failed disk (``fail``) answers every later write, mask change and sync with
 StorageIOError, and its page cache has lost the writes that did not reach the disk (as
-after a failed writeback: the power-cut rule, with the process still running); reads
-would see that: the server that owns the store stops serving (see
-``servers.SimServer``).
+after a failed writeback: the power-cut rule, with the process still running).  Once an
+operation failed, ``failure`` says why, as the disk store's does, and the real service
+refuses every request (unless ``fail_stop`` is off: then it goes on serving what the
+page cache holds).
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ def _copy(p: _Page) -> _Page:
 
 
 class SimStore(MemPageStore):
-    def __init__(self, rng: random.Random, unit: int) -> None:
+    def __init__(self, rng: random.Random, unit: int, fail_stop: bool = True) -> None:
         super().__init__()
         self.rng = rng
         self.unit = unit
-        self.failed = ""
+        self.fail_stop = fail_stop
+        self.failed = ""  # the disk fails every write and sync
+        self._failure: str | None = None  # an operation failed: the store fail-stopped
         self.syncs = 0
         self._durable_layers: dict[int, tuple[int, int]] = {}  # layer -> (volume, page size)
         self._durable: dict[Key, _Page] = {}
@@ -53,9 +56,15 @@ class SimStore(MemPageStore):
         self.failed = why
         return mixed
 
+    @property
+    def failure(self) -> str | None:
+        return self._failure
+
     def _check(self) -> None:
         if self.failed:
-            raise StorageIOError(f"store failed earlier: {self.failed}")
+            if self.fail_stop:
+                self._failure = f"a sync failed: {self.failed}"
+            raise StorageIOError(f"store failed: {self.failed}")
 
     # -- changes ----------------------------------------------------------------------------
 
@@ -140,6 +149,7 @@ class SimStore(MemPageStore):
         """Lose what was not durable; the number of pages that kept some unsynced bytes."""
         mixed = self._revert()
         self.failed = ""
+        self._failure = None
         return mixed
 
     def _revert(self) -> int:
