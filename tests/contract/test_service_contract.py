@@ -666,3 +666,36 @@ async def test_mark_clean_is_a_conflict_while_a_write_is_not_applied(
     assert (info.generation, info.mask) == (reply.generation, clear_mask(0, COPIES))
     await call(service, m.MarkCleanRequest(VOL, 1, LAYER, 0, reply.generation, FULL))
     assert store.info(LAYER, 0).mask == FULL
+
+
+# --- layer lineage -----------------------------------------------------------------------
+
+
+@in_loop
+async def test_a_layer_file_of_another_maps_layer_is_never_served(make_store: MakeStore) -> None:
+    """A layer written under the map's lineage token A takes A; once the managers' map
+    gives that layer id token B (a map rolled back by a power loss that reused the id),
+    every request on it is refused naming both tokens, and its old bytes are never read;
+    other layers are untouched, and after DELETE_LAYER the id serves B afresh."""
+    store = make_store()
+    service = StorageService(store, "s1", Clock())
+    await call(service, m.SetEpochRequest(1, (), ((LAYER, 0xA), (OTHER_LAYER, 0xC))))
+    old = page_bytes(21)
+    await write(service, write_req(0), old)
+    await write(service, write_req(0, layer=OTHER_LAYER), page_bytes(22))
+    assert store.layer_lineage(LAYER) == 0xA
+    await call(service, m.SetEpochRequest(2, (), ((LAYER, 0xB), (OTHER_LAYER, 0xC))))
+    for req in (read_req(0, epoch=2), write_req(0, epoch=2), m.StatusRequest(VOL, 2, LAYER, (0,))):
+        with pytest.raises(BadRequest, match="another cluster map's layer 3"):
+            await call(service, req, page_bytes(23) if isinstance(req, m.WriteRequest) else b"")
+    assert store.read(LAYER, 0, 0, PAGE) == old  # refused, not overwritten
+    reply, payload = await call(service, read_req(0, epoch=2, layer=OTHER_LAYER))
+    assert isinstance(reply, m.ReadResponse)
+    assert payload == page_bytes(22)
+    await call(service, m.DeleteLayerRequest(VOL, 2, LAYER))
+    assert store.layer_lineage(LAYER) == 0
+    new = page_bytes(24)
+    await write(service, write_req(0, epoch=2), new)
+    assert store.layer_lineage(LAYER) == 0xB
+    reply, payload = await call(service, read_req(0, epoch=2))
+    assert payload == new

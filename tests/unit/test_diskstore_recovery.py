@@ -534,3 +534,27 @@ async def test_a_page_allocated_again_never_shows_bytes_of_an_undone_create(root
         assert store.read(LAYER, 0, 0, PAGE) == b"new" + bytes(PAGE - 3)
     finally:
         await store.close()
+
+
+@in_loop
+async def test_lineage_tokens_survive_a_restart_and_go_with_their_layer(tmp_path: Path) -> None:
+    """The on-disk store keeps each layer id's lineage token across a restart (from the
+    log and from a checkpoint); deleting the layer forgets it."""
+    store = DiskPageStore(tmp_path / "s", "s1")
+    store.open()
+    store.record_lineage(3, 0xA)
+    store.create(7, 3, PAGE, 0, bytes(PAGE), FULL)
+    store.record_lineage(9, 0xB)  # ahead of its layer
+    await store.flush()
+    await store.close()
+    again = DiskPageStore(tmp_path / "s", "s1")
+    again.open()  # replays the log, then writes a checkpoint
+    assert (again.layer_lineage(3), again.layer_lineage(9)) == (0xA, 0xB)
+    again.delete_layer(3)
+    again.delete_layer(9)
+    await again.flush()
+    await again.close()
+    third = DiskPageStore(tmp_path / "s", "s1")
+    third.open()
+    assert (third.layer_lineage(3), third.layer_lineage(9)) == (0, 0)
+    await third.close()

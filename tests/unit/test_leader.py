@@ -10,7 +10,7 @@ import pytest
 from lamina.errors import NotFound, Unavailable
 from lamina.mgmt import clustermap as cm
 from lamina.mgmt.leader import LeaderDuties, fences_of, publication_waits_for
-from lamina.mgmt.service import ManagerService
+from lamina.mgmt.service import ManagerService, encode_entry
 from lamina.wire import messages as m
 
 GiB = 1 << 30
@@ -184,3 +184,17 @@ def test_a_server_retired_from_a_layer_is_fenced_and_awaited_like_its_holders() 
     assert fences_of(reclaimed, "s2") == ()
     locked = cm.apply(reclaimed, cm.AcquireLock("db", "abc", "h", 1, 1_800_000_000_000))
     assert publication_waits_for(locked) == {"s1", "s3"}
+
+
+@in_loop
+def test_a_lease_carries_the_lineage_tokens_of_the_layers_on_the_server() -> None:
+    """A LEASE answer lists (layer id, lineage token) of every layer placed on the server,
+    so it can refuse a layer file recorded for another map's layer of the same id."""
+    clock = Clock()
+    svc, duties = make(clock)
+    svc.apply_entry(encode_entry(cm.CreateVolume("db", GiB, 1, 1), 0x1234))
+    duties.run_once()
+    reply = lease(duties)
+    assert isinstance(reply, m.LeaseResponse)
+    assert reply.lineages == ((1, cm.layer_lineage(0x1234, 1)),)
+    assert reply.lineages[0][1] == svc.map.layers[1].lineage

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lamina.mgmt import clustermap as cm
-from lamina.mgmt.service import ManagerService
+from lamina.mgmt.service import ManagerService, encode_entry
 
 GiB = 1 << 30
 
@@ -78,3 +78,27 @@ def test_deleted_volumes_leave_layers_to_reclaim_until_every_server_confirmed() 
     assert svc.reclaim == {}
     svc.reclaimed(lid, "s3")  # a late confirmation changes nothing
     assert svc.reclaim == {}
+
+
+def test_layers_created_with_other_nonces_get_other_lineage_tokens() -> None:
+    """The same commands committed with other random nonces (a map rebuilt after losing
+    its newest entries) give the layers they create the same ids but other lineage
+    tokens; an entry without a nonce, from before them, still applies."""
+    maps = []
+    for nonce in (1, 2):
+        svc = ManagerService("m1")
+        for cmd in (cm.AddServer("s1", "127.0.0.1:1", GiB), cm.CreateVolume("db", GiB, 1, 1)):
+            assert svc.apply_entry(encode_entry(cmd, nonce))[0]
+        assert svc.apply_entry(encode_entry(cm.CreateSnapshot("db", "snap", 0), nonce))[0]
+        maps.append(svc.map)
+    first, second = maps
+    assert sorted(first.layers) == sorted(second.layers) == [1, 2]
+    for lid in (1, 2):
+        assert first.layers[lid].lineage != second.layers[lid].lineage
+        assert first.layers[lid].lineage != 0
+    assert first.layers[1].lineage != first.layers[2].lineage
+    assert cm.map_from_dict(cm.map_to_dict(first)) == first
+    legacy = ManagerService("m1")
+    assert apply(legacy, cm.AddServer("s1", "127.0.0.1:1", GiB))[0]
+    assert apply(legacy, cm.CreateVolume("db", GiB, 1, 1))[0]
+    assert legacy.map.layers[1].lineage == cm.layer_lineage(0, 1)

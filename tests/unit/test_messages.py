@@ -325,7 +325,7 @@ def test_set_epoch_fences_may_not_exceed_the_epoch(epochs: tuple[int, int], volu
     epoch, fence = epochs
     assert m.SetEpochRequest(epoch, ((volume, epoch), (volume, 0))).fences[0] == (volume, epoch)
     with pytest.raises(ProtocolError, match="above epoch"):
-        m.decode_request(m.Op.SET_EPOCH, pack([epoch, [[volume, 0], [volume, fence]]]))
+        m.decode_request(m.Op.SET_EPOCH, pack([epoch, [[volume, 0], [volume, fence]], []]))
 
 
 @pytest.mark.parametrize(
@@ -335,7 +335,7 @@ def test_set_epoch_fences_may_not_exceed_the_epoch(epochs: tuple[int, int], volu
         (m.StatusRequest, lambda n: [1, 1, 1, [0] * n]),
         (m.StatusResponse, lambda n: [[[0, 0, 0, 0, 0]] * n]),
         (m.EnumerateResponse, lambda n: [0, True, [0] * n]),
-        (m.SetEpochRequest, lambda n: [5, [[0, 5]] * n]),
+        (m.SetEpochRequest, lambda n: [5, [[0, 5]] * n, []]),
         (m.ReadRequest, lambda n: [1, 1, 1, 0, m.MIN_PAGE_SIZE, 0, 1, [0] * n]),
     ],
     ids=lambda v: getattr(v, "__name__", ""),
@@ -356,7 +356,10 @@ def test_headers_at_their_caps_fit_in_a_frame() -> None:
     top = 2**64 - 1
     biggest = [
         m.EnumerateResponse(top, False, (top,) * m.MAX_ENUMERATE),
-        m.SetEpochRequest(top, ((top, top),) * m.MAX_FENCES),
+        m.SetEpochRequest(top, ((top, top),) * m.MAX_FENCES, ((top, top),) * m.MAX_LINEAGES),
+        m.LeaseResponse(
+            2**32 - 1, top, ((top, top),) * m.MAX_FENCES, ((top, top),) * m.MAX_LINEAGES
+        ),
         m.StatusResponse(((top, 255, 2**32 - 1, top, 255),) * m.MAX_LIST),
         m.StatusRequest(top, top, top, (top,) * m.MAX_LIST),
         m.WriteRequest(top, top, top, 2**20, m.MIN_PAGE_SIZE, 0, 0, 0, True, (top,) * m.MAX_LIST),

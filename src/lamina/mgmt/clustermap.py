@@ -244,6 +244,9 @@ class Layer:
     #: servers a re-replication moved a copy away from that may still hold pages of the
     #: layer (sorted): fenced like its own servers, given no copy of it until reclaimed
     retired: tuple[str, ...] = ()
+    #: a 63-bit token drawn when the layer was created (:func:`layer_lineage`); a storage
+    #: server never serves a layer file recorded with another (0: none, unchecked)
+    lineage: int = 0
 
 
 K = TypeVar("K")
@@ -1085,8 +1088,20 @@ def _check_create(cmap: ClusterMap, cmd: CreateVolume) -> str | None:
 # --- apply ---------------------------------------------------------------------------
 
 
-def apply(cmap: ClusterMap, cmd: Command) -> ClusterMap:
-    """The map after ``cmd``.  Raises :class:`InvalidCommand` if ``validate`` rejects it."""
+def layer_lineage(nonce: int, layer_id: int) -> int:
+    """The lineage token of layer ``layer_id`` created by a command that came with
+    ``nonce`` (64 random bits its proposer drew): a map rolled back by a power loss that
+    reuses the id gives the new layer another token (splitmix64, 63 bits, never 0)."""
+    z = (nonce ^ (layer_id * 0x9E3779B97F4A7C15)) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return ((z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF) or 1  # 63 bits: a map integer
+
+
+def apply(cmap: ClusterMap, cmd: Command, nonce: int = 0) -> ClusterMap:
+    """The map after ``cmd``.  Raises :class:`InvalidCommand` if ``validate`` rejects it.
+    ``nonce``: the random bits the command was committed with; the layers it creates take
+    their lineage tokens from it (:func:`layer_lineage`)."""
     reason = validate(cmap, cmd)
     if reason is not None:
         raise InvalidCommand(reason)
@@ -1120,7 +1135,9 @@ def apply(cmap: ClusterMap, cmd: Command) -> ClusterMap:
         case CreateVolume():
             placement = place(cmap.placeable(), cmd.stripe, cmd.replicas, cmap.copies_per_server())
             vid, lid = cmap.next_volume_id, cmap.next_layer_id
-            layer = Layer(lid, vid, placement, LayerRole.LIVE, None)
+            layer = Layer(
+                lid, vid, placement, LayerRole.LIVE, None, lineage=layer_lineage(nonce, lid)
+            )
             volume = Volume(
                 cmd.name, vid, cmd.size, cmd.page_size, cmd.replicas, cmd.stripe, (lid,), epoch
             )
@@ -1167,7 +1184,7 @@ def apply(cmap: ClusterMap, cmd: Command) -> ClusterMap:
             | AbortMigration()
             | MigrationDone()
         ):
-            return _layer_change(cmap, cmd, epoch)[0]
+            return _layer_change(cmap, cmd, epoch, nonce)[0]
         case AcquireLock() | ReleaseLock():
             volume = cmap.volumes[cmd.name]
             lock = _lock_after(volume.lock, cmd)
@@ -1508,7 +1525,7 @@ def _layer_of(volume: Volume, snapshot: str) -> int:
 
 
 def _layer_change(
-    cmap: ClusterMap, cmd: LayerCommand, epoch: int
+    cmap: ClusterMap, cmd: LayerCommand, epoch: int, nonce: int = 0
 ) -> tuple[ClusterMap, frozenset[int]]:
     """The map after ``cmd`` (valid) and the ids of the volumes whose stacks it changed
     (they are fenced at ``epoch``)."""
@@ -1521,7 +1538,9 @@ def _layer_change(
     def new_layer(volume_id: int, placement: tuple[tuple[str, ...], ...]) -> int:
         nonlocal next_layer
         lid, next_layer = next_layer, next_layer + 1
-        layers[lid] = Layer(lid, volume_id, placement, LayerRole.LIVE, None)
+        layers[lid] = Layer(
+            lid, volume_id, placement, LayerRole.LIVE, None, lineage=layer_lineage(nonce, lid)
+        )
         return lid
 
     def insert_above(below: int, lid: int) -> None:
@@ -1839,6 +1858,7 @@ def map_to_dict(cmap: ClusterMap) -> dict[str, Any]:
                 "migrates_to": layer.migrates_to,
                 "filling": [list(f) for f in layer.filling],
                 "retired": list(layer.retired),
+                "lineage": layer.lineage,
             }
             for lid, layer in sorted(cmap.layers.items())
         },
@@ -1873,8 +1893,8 @@ _VOLUME_OPTIONAL = ("lock", "snapshots", "origin", "flattening", "migration")
 _SNAPSHOT_KEYS = ("name", "layer", "since")
 _MIGRATION_KEYS = ("layer", "from")
 _LOCK_KEYS = ("session", "host", "pid", "since")
-_LAYER_KEYS = ("volume_id", "placement", "role", "migrates_to", "filling", "retired")
-_LAYER_OPTIONAL = ("filling", "retired")
+_LAYER_KEYS = ("volume_id", "placement", "role", "migrates_to", "filling", "retired", "lineage")
+_LAYER_OPTIONAL = ("filling", "retired", "lineage")
 
 
 def _record(
@@ -1990,9 +2010,10 @@ def map_from_dict(data: Mapping[str, Any]) -> ClusterMap:
         raw_filling = _list(r["filling"] or [], f"filling copies of layer {lid}", 1 << 10)
         filling = tuple(tuple(_list(f, f"filling copy of layer {lid}", 2)) for f in raw_filling)
         retired = tuple(_list(r["retired"] or [], f"retired copies of layer {lid}", 1 << 10))
+        lineage = 0 if r["lineage"] is None else _int(r["lineage"], f"lineage of layer {lid}")
         layers[lid] = Layer(
             lid, r["volume_id"], placement, role, r["migrates_to"],
-            filling, retired,  # checked by check_map below
+            filling, retired, lineage,  # checked by check_map below
         )  # fmt: skip
     cmap = ClusterMap(
         _int(d["epoch"], "epoch"),

@@ -80,6 +80,17 @@ def fences_of(cmap: cm.ClusterMap, server_id: str) -> tuple[tuple[int, int], ...
     )  # fmt: skip
 
 
+def lineages_of(cmap: cm.ClusterMap, server_id: str) -> tuple[tuple[int, int], ...]:
+    """(layer id, lineage token) of the layers placed on ``server_id`` (newest first, at
+    most MAX_LINEAGES): the server refuses a layer file it recorded with another token."""
+    placed = [
+        (lid, layer.lineage)
+        for lid, layer in sorted(cmap.layers.items(), reverse=True)
+        if layer.lineage and any(server_id in part for part in layer.placement)
+    ]
+    return tuple(placed[: m.MAX_LINEAGES])
+
+
 def publication_waits_for(cmap: cm.ClusterMap) -> set[str]:
     """The servers that must acknowledge ``cmap.epoch`` before it is published."""
     fenced = {v.id for v in cmap.volumes.values() if v.fence_epoch > cmap.published_epoch}
@@ -155,7 +166,11 @@ class LeaderDuties:
         elif server.state == cm.ServerState.DOWN:
             self._propose(cm.SetServerState(msg.server_id, cm.ServerState.RECOVERING))
         duration_ms = int(self.table.duration * 1000)
-        return m.LeaseResponse(duration_ms, cmap.epoch, fences_of(cmap, msg.server_id)), b""
+        sid = msg.server_id
+        reply = m.LeaseResponse(
+            duration_ms, cmap.epoch, fences_of(cmap, sid), lineages_of(cmap, sid)
+        )
+        return reply, b""
 
     # -- the duty loop -------------------------------------------------------------------
 
@@ -223,22 +238,19 @@ class LeaderDuties:
                 or sid in self._pushing
             ):
                 continue
-            task = asyncio.ensure_future(
-                self._push(sid, server.addr, cmap.epoch, fences_of(cmap, sid))
-            )
+            request = m.SetEpochRequest(cmap.epoch, fences_of(cmap, sid), lineages_of(cmap, sid))
+            task = asyncio.ensure_future(self._push(sid, server.addr, request))
             self._pushing[sid] = task
             task.add_done_callback(functools.partial(self._pushed, sid))
 
     def _pushed(self, sid: str, task: asyncio.Task[None]) -> None:
         self._pushing.pop(sid, None)
 
-    async def _push(
-        self, sid: str, addr: str, epoch: int, fences: tuple[tuple[int, int], ...]
-    ) -> None:
+    async def _push(self, sid: str, addr: str, request: m.SetEpochRequest) -> None:
         try:
-            reply = await self._call(addr, m.SetEpochRequest(epoch, fences), 1.0, 2.0)
+            reply = await self._call(addr, request, 1.0, 2.0)
         except (LaminaError, OSError, TimeoutError) as exc:
-            log.debug("SET_EPOCH %d to %s: %s", epoch, sid, exc)
+            log.debug("SET_EPOCH %d to %s: %s", request.epoch, sid, exc)
             return
         assert isinstance(reply, m.SetEpochResponse)
         if self.table.leading:

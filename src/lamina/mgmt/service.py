@@ -9,6 +9,12 @@ encoded, committed through Raft, and every member runs the same ``validate``/``a
 the proposer gets back either the new epoch or the reason the managers refused it
 [0030].  Readers on the event loop see the map through one attribute that the apply
 thread replaces as a whole, so a reader never sees half a change.
+
+A log entry is ``NONCE_MARK``, 8 random bytes drawn by the proposer, then the encoded
+command (an entry without the mark, from before, has nonce 0): the layers a command
+creates take their lineage tokens from that nonce (:func:`clustermap.layer_lineage`), so
+a map that lost its newest entries to a power loss and reuses a layer id gives the new
+layer another token, and no storage server serves it the old layer's file.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -33,6 +41,22 @@ class Log(Protocol):
     async def propose(self, command: bytes, timeout: float = 5.0) -> Any: ...
 
 
+#: first byte of a log entry that carries a nonce (0xc1 never starts a msgpack value)
+NONCE_MARK = b"\xc1"
+
+
+def encode_entry(cmd: cm.Command, nonce: int) -> bytes:
+    """The log entry for ``cmd`` committed with ``nonce`` (64 bits)."""
+    return NONCE_MARK + nonce.to_bytes(8, "big") + cm.encode_command(cmd)
+
+
+def decode_entry(data: bytes) -> tuple[cm.Command, int]:
+    """(command, nonce) of a log entry; LaminaError if it is malformed."""
+    if data[:1] == NONCE_MARK:
+        return cm.decode_command(data[9:]), int.from_bytes(data[1:9], "big")
+    return cm.decode_command(data), 0
+
+
 class Rejected(Conflict):
     """The managers refused a proposal; the message is their reason."""
 
@@ -43,8 +67,11 @@ class Outcome:
 
 
 class ManagerService:
-    def __init__(self, manager_id: str) -> None:
+    def __init__(
+        self, manager_id: str, nonces: Callable[[], int] = lambda: secrets.randbits(64)
+    ) -> None:
         self.manager_id = manager_id
+        self.nonces = nonces  # the random bits each proposal is committed with
         self.map: cm.ClusterMap = cm.empty_map()
         # Clients only ever get published maps (DESIGN section 6): the map as it was at
         # the published epoch, kept from the maps of the epochs not yet published.
@@ -63,14 +90,14 @@ class ManagerService:
         """Apply one committed entry: (True, new epoch) or (False, the reason)."""
         self.applied += 1
         try:
-            cmd = cm.decode_command(data)
+            cmd, nonce = decode_entry(data)
         except LaminaError as exc:  # never committed by a correct member; refuse it alike
             return False, f"undecodable command: {exc.message}"
         reason = cm.validate(self.map, cmd)
         if reason is not None:
             return False, reason
         before = self.map
-        self.map = cm.apply(self.map, cmd)
+        self.map = cm.apply(self.map, cmd, nonce)
         # a layer that left the map (deleted volume, rollback, finished migration or
         # merge) leaves its pages on its servers until the leader reclaims them
         for lid in before.layers.keys() - self.map.layers.keys():
@@ -137,7 +164,7 @@ class ManagerService:
     async def submit(self, cmd: cm.Command, timeout: float = 5.0) -> Outcome:
         """Commit a change; its new epoch, or Rejected with the managers' reason."""
         assert self.log is not None, "the replicated log is not attached"
-        ok, value = await self.log.propose(cm.encode_command(cmd), timeout)
+        ok, value = await self.log.propose(encode_entry(cmd, self.nonces()), timeout)
         if not ok:
             raise Rejected(str(value))
         assert isinstance(value, int)

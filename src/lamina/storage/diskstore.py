@@ -103,6 +103,7 @@ R_ACTIVE, R_AGE = 8, 9
 #: seconds an activity generation lasts at least (see _sync_data): a page pays one group
 #: commit for its R_ACTIVE record per generation it is written in
 ACTIVE_PERIOD = 10.0
+R_LINEAGE = 10  # [10, layer id, lineage token]: the cluster map's token of that layer id
 
 LOG_EXTENT = 8 << 20
 LOG_RESERVE = 1 << 20
@@ -190,6 +191,7 @@ class DiskPageStore(PageStore):
         self.checkpoint_bytes = checkpoint_bytes
         self.incarnation = 0
         self._layers: dict[int, _Layer] = {}
+        self._lineages: dict[int, int] = {}  # layer id -> lineage token (R_LINEAGE)
         self._log: _Log | None = None
         self._gen = 0
         self._lsn = 0
@@ -337,6 +339,7 @@ class DiskPageStore(PageStore):
         if magic != SNAP_MAGIC or len(body) != length or crc32c.crc32c(body) != crc:
             raise StoreFormatError(f"{path} fails its checksum: refusing to guess")
         snap = msgpack.unpackb(body, raw=False, strict_map_key=False)
+        self._lineages = {int(lid): int(lineage) for lid, lineage in snap.get("lineages", [])}
         for layer_id, volume_id, page_size, pages in snap["layers"]:
             layer = self._layers[layer_id] = _Layer(volume_id, page_size)
             for page, state, mask, gen, crcs in pages:
@@ -374,6 +377,7 @@ class DiskPageStore(PageStore):
             self._layers.setdefault(layer_id, _Layer(volume_id, page_size))
         elif kind == R_DROP:
             self._layers.pop(rec[1], None)
+            self._lineages.pop(rec[1], None)
             for key in [k for k in self._doubts if k[0] == rec[1]]:
                 del self._doubts[key]
         elif kind == R_PAGE:
@@ -404,6 +408,9 @@ class DiskPageStore(PageStore):
             self._replay_generations[-1].add((rec[1], rec[2]))
         elif kind == R_AGE:
             self._replay_generations.append(set())
+        elif kind == R_LINEAGE:
+            _, layer_id, lineage = rec
+            self._lineages[layer_id] = lineage
 
     # -- recovery of what was not synced -------------------------------------------------------
     #
@@ -652,8 +659,15 @@ class DiskPageStore(PageStore):
             ]
             for layer_id, layer in self._layers.items()
         ]
+        lineages = [[lid, lineage] for lid, lineage in sorted(self._lineages.items())]
         body: bytes = msgpack.packb(
-            {"format": FORMAT_VERSION, "next_log": next_log, "layers": layers}, use_bin_type=True
+            {
+                "format": FORMAT_VERSION,
+                "next_log": next_log,
+                "layers": layers,
+                "lineages": lineages,
+            },
+            use_bin_type=True,
         )
         return body
 
@@ -859,6 +873,17 @@ class DiskPageStore(PageStore):
     def layer_volume(self, layer_id: int) -> int | None:
         layer = self._layers.get(layer_id)
         return None if layer is None else layer.volume_id
+
+    def layer_lineage(self, layer_id: int) -> int:
+        return self._lineages.get(layer_id, 0)
+
+    def record_lineage(self, layer_id: int, lineage: int) -> None:
+        """Logged before any page record of the layer that follows it (the log's durable
+        prefix then never holds the layer's pages without its token)."""
+        if self._lineages.get(layer_id) == lineage:
+            return
+        self._append([R_LINEAGE, layer_id, lineage])
+        self._lineages[layer_id] = lineage
 
     def read(self, layer_id: int, page: int, offset: int, length: int) -> bytes:
         self._refuse_if_failed()
@@ -1118,7 +1143,10 @@ class DiskPageStore(PageStore):
     def delete_layer(self, layer_id: int) -> int:
         layer = self._layers.get(layer_id)
         if layer is None:
+            if self._lineages.pop(layer_id, None) is not None:
+                self._append([R_DROP, layer_id])  # forget the token recorded ahead
             return 0
+        self._lineages.pop(layer_id, None)
         lsn = self._append([R_DROP, layer_id])
         del self._layers[layer_id]
         self._pages -= len(layer.pages)

@@ -86,7 +86,7 @@ class LeaseKeeper:
         if not isinstance(reply, m.LeaseResponse):
             raise LaminaError(f"unexpected answer to LEASE from {addr}")
         # the epoch and fences first, then the lease: never serve on an older map
-        svc.set_epoch(m.SetEpochRequest(reply.epoch, reply.fences), b"")
+        svc.set_epoch(m.SetEpochRequest(reply.epoch, reply.fences, reply.lineages), b"")
         duration = reply.duration_ms / 1000
         svc.lease.valid_until = max(svc.lease.valid_until, sent + duration)
         self.period = max(duration / 3, 0.05)

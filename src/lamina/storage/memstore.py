@@ -37,6 +37,7 @@ class _Layer:
 class MemPageStore(PageStore):
     def __init__(self, capacity: int = 1 << 30) -> None:
         self._layers: dict[int, _Layer] = {}
+        self._lineages: dict[int, int] = {}
         self._gen = itertools.count(1)
         self.capacity = capacity
 
@@ -62,6 +63,12 @@ class MemPageStore(PageStore):
     def layer_volume(self, layer_id: int) -> int | None:
         layer = self._layers.get(layer_id)
         return None if layer is None else layer.volume_id
+
+    def layer_lineage(self, layer_id: int) -> int:
+        return self._lineages.get(layer_id, 0)
+
+    def record_lineage(self, layer_id: int, lineage: int) -> None:
+        self._lineages[layer_id] = lineage
 
     def read(self, layer_id: int, page: int, offset: int, length: int) -> bytes:
         p = self._page(layer_id, page)
@@ -131,6 +138,7 @@ class MemPageStore(PageStore):
         return gen
 
     def delete_layer(self, layer_id: int) -> int:
+        self._lineages.pop(layer_id, None)
         layer = self._layers.pop(layer_id, None)
         return 0 if layer is None else len(layer.pages)
 

@@ -53,6 +53,17 @@ class PageStore(ABC):
     @abstractmethod
     def layer_volume(self, layer_id: int) -> int | None: ...
 
+    @abstractmethod
+    def layer_lineage(self, layer_id: int) -> int:
+        """The lineage token recorded for a layer id (0: none).  The cluster map gives
+        every layer one; a layer file recorded with another belongs to another map's layer
+        of the same id (a map rolled back by a power loss) and is never served."""
+
+    @abstractmethod
+    def record_lineage(self, layer_id: int, lineage: int) -> None:
+        """Record the lineage token of a layer id (held or not yet); deleting the layer
+        forgets it."""
+
     def check_layer(self, volume_id: int, layer_id: int, page_size: int | None) -> None:
         """BadRequest unless the layer is unknown or holds pages of this volume and size."""
         check_layer(self, volume_id, layer_id, page_size)

@@ -89,6 +89,8 @@ class StorageService:
         self.lease = lease or Lease()
         self.epoch = 0
         self.fences: dict[int, int] = {}
+        #: layer id -> the lineage token the managers' map gives it (SET_EPOCH, LEASE)
+        self.lineages: dict[int, int] = {}
         self.catch_up = catch_up
         self._episodes: dict[tuple[int, int], syncmask.Episode] = {}
         self._tokens: dict[int, tuple[int, int]] = {}
@@ -136,6 +138,29 @@ class StorageService:
         if tokens:
             self._confirm(tokens)
         self._check_epoch(msg, unknown_volume)
+        if self.lineages and not isinstance(msg, m.DeleteLayerRequest):
+            layer_id = getattr(msg, "layer_id", None)
+            if layer_id is not None:
+                self._check_lineage(layer_id)
+
+    def _check_lineage(self, layer_id: int) -> None:
+        """Refuse a layer whose file this store recorded for another cluster map's layer of
+        the same id (a map rolled back by a power loss reuses ids); a layer with no token
+        recorded yet (new, or from before tokens) takes the map's."""
+        expected = self.lineages.get(layer_id, 0)
+        if not expected:
+            return
+        recorded = self.store.layer_lineage(layer_id)
+        if recorded == expected:
+            return
+        if recorded == 0:
+            self.store.record_lineage(layer_id, expected)
+            return
+        raise BadRequest(
+            f"layer {layer_id} on storage server {self.server_id} belongs to another cluster "
+            f"map's layer {layer_id} (lineage {recorded:#018x}, the map's {expected:#018x}): "
+            "not served"
+        )
 
     def _check_epoch(self, msg: m.DataRequest, unknown_volume: bool = False) -> None:
         """Admit ``msg`` by its epoch and the lease; ``unknown_volume``: a volume with no
@@ -414,6 +439,7 @@ class StorageService:
         for volume_id, fence in msg.fences:
             if fence > self.fences.get(volume_id, 0):
                 self.fences[volume_id] = fence
+        self.lineages.update(msg.lineages)
         return m.SetEpochResponse(self.epoch), b""
 
     def flush(self, msg: m.FlushRequest, payload: Payload) -> Result:

@@ -30,6 +30,9 @@ FULL_MASK = 0xFFFFFFFF
 MAX_LIST = 1024
 # Caps chosen so that a header at every cap, with the largest values, fits in MAX_HEADER.
 MAX_FENCES = 2048
+#: layer lineage tokens a SET_EPOCH or LEASE answer carries (with MAX_FENCES fences, the
+#: header still fits in MAX_HEADER)
+MAX_LINEAGES = 1024
 MAX_ENUMERATE = 4096
 MAX_TEXT = 4096
 #: a layer addresses at most 16 TiB (the largest file ext4 holds with 4 KiB blocks)
@@ -656,6 +659,8 @@ Fence = tuple[int, int]  # volume id, fence epoch
 class SetEpochRequest(Message):
     epoch: int = w_u64()
     fences: tuple[Fence, ...] = w_records(_U64, _U64, max_len=MAX_FENCES)
+    #: (layer id, lineage token) of the layers the map places on the server
+    lineages: tuple[tuple[int, int], ...] = w_records(_U64, _U64, max_len=MAX_LINEAGES)
 
     def _validate(self) -> None:
         for volume_id, fence in self.fences:
@@ -735,6 +740,8 @@ class LeaseResponse(Message):
     duration_ms: int = w_u32()
     epoch: int = w_u64()
     fences: tuple[Fence, ...] = w_records(_U64, _U64, max_len=MAX_FENCES)
+    #: (layer id, lineage token) of the layers the map places on the server
+    lineages: tuple[tuple[int, int], ...] = w_records(_U64, _U64, max_len=MAX_LINEAGES)
 
     def _validate(self) -> None:
         for volume_id, fence in self.fences:
