@@ -96,7 +96,12 @@ def fenced_names(step: Step) -> set[str]:
         return {cmd.name}
     # a volume's own layers: a clone reads the layers it shares under their owner's id,
     # so the owner's fence covers them
-    if isinstance(cmd, SetServerState | RemoveServer | cm.Rereplicate):
+    if isinstance(cmd, cm.ServerStarted):
+        server = before.servers[cmd.id]
+        if cm.started_state(server, cmd.incarnation) == server.state:
+            return set()  # only recorded
+    # a restart (or a down server's return) changes its state: fenced like SetServerState
+    if isinstance(cmd, SetServerState | RemoveServer | cm.Rereplicate | cm.ServerStarted):
         return {
             v.name
             for v in before.volumes.values()
