@@ -223,7 +223,7 @@ def check(store: DiskPageStore, model: Model) -> None:
 
 
 @settings(
-    max_examples=200,
+    max_examples=400,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -231,25 +231,32 @@ def check(store: DiskPageStore, model: Model) -> None:
     steps=[(("create", 3, 0, False), 1), (("flush",), 0), (("write", 3, 0, (0, BLOCK)), 5)],
     cut=59,
     twice=False,
+    prefilled=False,
 )
 @example(  # a dropped layer whose file's unlink outlives its DROP record
-    steps=[(("create", 3, 0, False), 1), (("flush",), 0), (("drop", 3), 0)], cut=35, twice=False
+    steps=[(("create", 3, 0, False), 1), (("flush",), 0), (("drop", 3), 0)],
+    cut=35,
+    twice=False,
+    prefilled=False,
 )
 @example(  # a group commit for page 1 makes page 0's checksums durable before its data
     steps=[(("create", 3, 0, False), 0), (("create", 3, 1, False), 0), (("clear", 3, 0), 0)],
     cut=0,
     twice=False,
+    prefilled=False,
 )
 @given(
     steps=st.lists(st.tuples(ops, st.integers(0, 2**32)), min_size=1, max_size=30),
     cut=st.integers(0, 2**32),
     twice=st.booleans(),
+    prefilled=st.booleans(),
 )
 def test_power_cut_at_a_random_point(
     tmp_path_factory: pytest.TempPathFactory,
     steps: list[tuple[tuple[object, ...], int]],
     cut: int,
     twice: bool,
+    prefilled: bool,
 ) -> None:
     """After a power cut anywhere in a random run, flushed pages read back exactly, nothing
     reads CORRUPT, and every other page reads as it stood at the FLUSH or after a later write."""
@@ -260,7 +267,15 @@ def test_power_cut_at_a_random_point(
         files = PowerLossFiles(root / "trash")
         store = DiskPageStore(root / "data", "s1", files=files)
         store.open()
-        for op, seed in steps:
+        setup: list[tuple[tuple[object, ...], int]] = (
+            []
+            if not prefilled
+            else [
+                *((("create", LAYERS[0], page, False), page) for page in range(PAGES)),
+                (("flush",), 0),
+            ]
+        )
+        for op, seed in [*setup, *steps]:
             await apply(store, model, op, seed)
         files.power_cut(cut)
         store.abandon()
