@@ -950,6 +950,24 @@ def test_a_retired_server_gets_no_copy_of_the_layer_until_it_is_reclaimed() -> N
         cm.map_from_dict(doc)
 
 
+def test_rereplicate_never_moves_the_only_copy_a_new_one_could_be_filled_from() -> None:
+    """A down server's copy stays where it is while its partition has no other copy that
+    is up and not being filled: the new copy would have no source, and the old one may
+    be the only one with the data (it is reclaimed once retired)."""
+    both = cluster(SetServerState("s1", ServerState.DOWN), SetServerState("s2", ServerState.DOWN))
+    reason = validate(both, cm.Rereplicate("s1"))
+    assert reason is not None
+    assert "has no other up copy that is not being filled: s1 keeps its copy" in reason
+    moved = apply(cluster(SetServerState("s1", ServerState.DOWN)), cm.Rereplicate("s1"))
+    (layer,) = moved.layers.values()
+    assert layer.filling == ((0, "s3"), (1, "s3"))
+    # s2 is the source of both fills: while they run, it is not re-replicated either
+    down = apply(moved, SetServerState("s2", ServerState.DOWN))
+    assert "s2 keeps its copy" in str(validate(down, cm.Rereplicate("s2")))
+    done = apply(apply(down, cm.FillDone(layer.id, 0, "s3")), cm.FillDone(layer.id, 1, "s3"))
+    assert "no up server can take" in str(validate(done, cm.Rereplicate("s2")))  # s1 is down
+
+
 def test_rereplicate_without_a_free_server_says_why() -> None:
     cmap = final(
         [

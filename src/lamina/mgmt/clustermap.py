@@ -65,7 +65,9 @@ listed in its layer's ``filling`` as ``(partition index, server id)``: drivers w
 it and never read from it, and the leader's worker copies its partition to it from the
 surviving copies.  ``FillDone(layer, partition, server)`` ends that.  Both fence the
 volumes they change.  Rejected (with the partition named) when no server can take a
-copy; the down server then keeps it.
+copy, or when a partition has no other copy that is ``up`` and not filling (nothing to
+fill a new copy from: the down server may hold the only complete copy); the down server
+then keeps it.
 
 The server a copy moved away from still holds its pages, perhaps stale ones, and may
 come back.  It is listed in the layer's ``retired`` until ``ReclaimDone(layer,
@@ -896,7 +898,9 @@ def _rereplaced(cmap: ClusterMap, server_id: str) -> dict[int, Layer] | str:
     or why that cannot be done.  Deterministic: layers and partitions in order, each copy
     to the eligible up server with the lowest fill ``(copies + 1) / capacity`` (ties: the
     smaller id), counting the copies given so far.  A server the layer retired is not
-    eligible (it may still hold old pages of it); ``server_id`` joins the retired."""
+    eligible (it may still hold old pages of it); ``server_id`` joins the retired.  A
+    copy moves only if another copy of its partition is up and not being filled: the
+    new copy has a source now, and the moved one is never the only copy of its data."""
     server = cmap.servers.get(server_id)
     if server is None:
         return f"unknown server {server_id}"
@@ -915,6 +919,20 @@ def _rereplaced(cmap: ClusterMap, server_id: str) -> dict[int, Layer] | str:
         for pidx, part in enumerate(placement):
             if server_id not in part:
                 continue
+            sources = [
+                o
+                for o in part
+                if o != server_id
+                and (pidx, o) not in layer.filling
+                and o in cmap.servers
+                and cmap.servers[o].state is ServerState.UP
+            ]
+            if not sources:
+                return (
+                    f"partition {pidx} of layer {layer.id} (partition {', '.join(part)}) has no "
+                    f"other up copy that is not being filled: {server_id} keeps its copy, the "
+                    "only one a new copy could be filled from, until one is"
+                )
             others = {cmap.servers[o].zone for o in part if o != server_id and o in cmap.servers}
             fits = [s for s in up if s.id not in part and not (zoned and s.zone in others)]
             eligible = [s for s in fits if s.id not in layer.retired]

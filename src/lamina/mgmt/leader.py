@@ -406,10 +406,14 @@ class LeaderDuties:
     async def reclaim_retired(self, cmap: cm.ClusterMap) -> None:
         """DELETE_LAYER to every server a layer retired (skipping the ``down`` ones), and
         ``ReclaimDone`` once it confirmed.  No copy of the layer is placed on a retired
-        server, so the delete cannot reach a copy the server holds now."""
+        server, so the delete cannot reach a copy the server holds now.  Not while a copy
+        of the layer is being filled: until the fill is done the old copy may be the only
+        one with some of the data (the fill's source may fail)."""
         assert self.key is not None
         for lid in sorted(cmap.layers):
             layer = cmap.layers[lid]
+            if layer.filling:
+                continue
             for sid in layer.retired:
                 server = cmap.servers.get(sid)
                 if server is None or server.state is cm.ServerState.DOWN:
