@@ -558,3 +558,32 @@ async def test_lineage_tokens_survive_a_restart_and_go_with_their_layer(tmp_path
     third.open()
     assert (third.layer_lineage(3), third.layer_lineage(9)) == (0, 0)
     await third.close()
+
+
+@in_loop
+async def test_a_long_log_is_checkpointed_while_pages_are_written(root: Path) -> None:
+    """Once the log passes checkpoint_bytes under writes (each recorded active first, as the
+    service does), a checkpoint starts a new log and folds the old one; nothing is lost."""
+    big = 1 << 20  # a whole-page write of 1 MiB logs about 1 KiB of checksums
+    store = DiskPageStore(root, "s1", checkpoint_bytes=1 << 20)
+    store.open()
+    first = latest_log(root)
+    store.create(VOL, OTHER_LAYER, big, 0, bytes(big), FULL)
+    data = b""
+    try:
+        for i in range(3000):
+            await clear(store, (OTHER_LAYER, 0), store.info(OTHER_LAYER, 0).mask)
+            data = i.to_bytes(4, "big") * (big // 4)
+            store.write(VOL, OTHER_LAYER, big, 0, 0, data)
+            if i % 100 == 0:
+                await store.flush()
+            await asyncio.sleep(0)  # the checkpoint runs on the loop
+            if latest_log(root) != first and not first.exists():
+                break
+        else:
+            pytest.fail("the log was never checkpointed")
+        await store.flush()
+        store = crash_and_reopen(store)
+        assert store.read(OTHER_LAYER, 0, 0, big) == data
+    finally:
+        await store.close()

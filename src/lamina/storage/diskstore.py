@@ -578,7 +578,11 @@ class DiskPageStore(PageStore):
         self._lsn += len(rec)
         if lg.allocated - lg.offset < LOG_RESERVE:
             self._extend_log()
-        if lg.offset > self.checkpoint_bytes and not self._checkpointing:
+        if (
+            lg.offset > self.checkpoint_bytes
+            and not self._checkpointing
+            and self._synced_switch == self._switch_id  # else checkpoint() waits anyway
+        ):
             asyncio.get_running_loop().call_soon(self._start_checkpoint)
         return self._lsn
 
