@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from lamina.localcluster import http_json
+from lamina.clusterctl import ManagerClient, load_cluster_file
+from lamina.localcluster import _write_cluster_file, http_json
 from tests.integration.test_managers import Managers, api, group, leader_of, wait_for
 from tests.integration.test_resync import (
     read_whole,
@@ -108,6 +109,44 @@ def test_a_restarted_manager_never_answers_an_empty_or_older_map(group: Managers
     finally:
         starting.join(timeout=60)
     assert full == 20, f"{victim.id} never served its whole map (answers: {answers})"
+
+
+def test_the_cli_client_asks_another_manager_while_one_catches_up(
+    group: Managers, tmp_path: Path
+) -> None:
+    """The client of the `lamina` commands, given a cluster file that names a manager
+    just restarted first, gets the whole server list from the moment that manager
+    listens: its 503 (not caught up) sends the client to the next manager."""
+    leader = wait_for(lambda: leader_of(group), "a leader")
+    for i in range(SERVERS):
+        status, body = api(
+            leader.url, "POST", "/api/v1/servers",
+            {"id": f"s{i}", "addr": f"127.0.0.1:{9000 + i}", "capacity": GiB}, group.token,
+        )  # fmt: skip
+        assert status == 201, body
+    victim = next(p for p in group.procs if p is not leader)
+    wait_for(
+        lambda: len(api(victim.url, "GET", "/api/v1/servers")[1]) == SERVERS,
+        f"{victim.id} to apply every change",
+    )
+    others = [p.url for p in group.procs if p is not victim]
+    _write_cluster_file(tmp_path, [victim.url, *others])
+    client = ManagerClient(load_cluster_file(tmp_path / "cluster.toml"), timeout=5)
+    victim.kill()
+    starting = threading.Thread(target=victim.start)
+    starting.start()
+    answers = 0
+    deadline = time.monotonic() + 60
+    try:
+        while _get(victim.url + "/api/v1/openapi.json") is None:  # until it listens
+            assert time.monotonic() < deadline, f"{victim.id} never listened"
+        for _ in range(30):
+            servers = client.get("/servers")
+            assert len(servers) == SERVERS, f"{len(servers)} servers after the restart"
+            answers += 1
+    finally:
+        starting.join(timeout=60)
+    assert answers == 30
 
 
 def test_up_after_kill_9_of_the_first_manager(tmp_path: Path) -> None:
