@@ -99,12 +99,26 @@ def lost(statuses: Mapping[int, Status], live: Sequence[int], bad: Collection[in
     return any(i in bad or statuses[i][0] == PageState.QUARANTINED for i in live)
 
 
-def sources(live: Sequence[int], trusted: Sequence[int], copies: int, filling: bool) -> list[int]:
+def sources(
+    live: Sequence[int],
+    trusted: Sequence[int],
+    copies: int,
+    filling: bool,
+    up_until: Mapping[int, int] | None = None,
+) -> list[int]:
     """The copies a repair may copy from: the ``trusted`` ones (up, not being filled); or,
     when every one of the partition's ``copies`` is live but none is trusted (all
-    restarted) and none is being filled, any live copy: their masks alone say which holds
-    what."""
+    restarted, or the last up copy was declared down too) and none is being filled, the
+    live copies whose servers were ``up`` last (``up_until``: copy -> the epoch its
+    server stopped being up).  A copy whose server stopped earlier missed the writes
+    acknowledged after that, and its mask may still vouch for the others or be disowned
+    only as much as theirs (a write whose tokens never came back): partition order
+    would then pick it as often as not.  Copies that stopped at the same epoch were up
+    together; their masks say which holds what."""
     if not trusted and len(live) == copies and not filling:
+        if up_until:
+            last = max(up_until.get(i, 0) for i in live)
+            return [i for i in live if up_until.get(i, 0) == last]
         return list(live)
     return list(trusted)
 

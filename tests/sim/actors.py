@@ -49,6 +49,7 @@ class View:
     parts: list[tuple[str, ...]]
     filling: frozenset[tuple[int, str]]
     retired: frozenset[str]
+    up_until: dict[str, int]
 
     def pidx(self, page: int) -> int:
         return page % len(self.parts)
@@ -201,7 +202,11 @@ def resync(w: World, client: str, page: int, view: View) -> Resync:
         live = view.live(page)
         # the copies the real repair core lets a repair copy from: the up ones, or every
         # live one when all copies are back but none is up yet
-        up = repair.sources(live, view.readable(page), len(part), bool(view.filling))
+        up = repair.sources(
+            live, view.readable(page), len(part), bool(view.filling),
+            None if w.broken == "source_by_order" else
+            {i: view.up_until.get(sid, 0) for i, sid in enumerate(part)},
+        )  # fmt: skip
     if not live:
         return False
     req = m.StatusRequest(VOLUME, epoch, LAYER, (page,))

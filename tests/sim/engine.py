@@ -33,6 +33,7 @@ REREPLICATE = 1.0  # a server down this long loses its copies (2 copies only)
 BROKEN = (
     "no_clear_mask", "no_generation_check", "overwrite_writing", "recover_alone",
     "confirm_before_flush", "resync_without_fua", "keep_old_copy", "no_fail_stop",
+    "source_by_order",
 )  # fmt: skip
 
 Group = tuple[tuple[str, int], ...]  # one write's (server, token) pairs
@@ -153,7 +154,7 @@ class World:
         mgr = self.mgr
         return actors.View(
             mgr.published_epoch, mgr.published, mgr.published_parts, mgr.published_filling,
-            mgr.published_retired,
+            mgr.published_retired, mgr.published_up_until,
         )  # fmt: skip
 
     def take_tokens(self, client: str, sid: str) -> tuple[int, ...]:

@@ -46,6 +46,7 @@ class Change:
     parts: Parts
     filling: frozenset[tuple[int, str]]
     retired: frozenset[str]
+    up_until: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -79,6 +80,9 @@ class Manager:
     published_parts: Parts = field(default_factory=list)
     published_filling: frozenset[tuple[int, str]] = frozenset()
     published_retired: frozenset[str] = frozenset()
+    #: per server, the epoch it last stopped being up (clustermap.Server.up_until)
+    up_until: dict[str, int] = field(default_factory=dict)
+    published_up_until: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for s in self.servers:
@@ -223,11 +227,13 @@ class Manager:
     def _change(self, s: str, state: str, why: str) -> None:
         self.epoch += 1
         self.fence = self.epoch
+        if self.states[s] == UP and state != UP:
+            self.up_until[s] = self.epoch
         self.states[s] = state
         self.changes += 1
         self.pending = Change(
             self.epoch, dict(self.states), f"{s} {state}: {why}", list(self.partitions),
-            frozenset(self.filling), frozenset(self.retired),
+            frozenset(self.filling), frozenset(self.retired), dict(self.up_until),
         )  # fmt: skip
         self.trace(f"mgr: epoch {self.epoch} (fence): {self.pending.why}")
         now = self.clock()
@@ -247,6 +253,7 @@ class Manager:
         self.published_parts = change.parts
         self.published_filling = change.filling
         self.published_retired = change.retired
+        self.published_up_until = change.up_until
         self.pending = None
         self.revoked.clear()
         self.reported.clear()

@@ -63,34 +63,31 @@ def test_the_checker_catches_a_broken_protocol(broken: str) -> None:
     assert message.startswith(f"simulation seed={seed} steps={STEPS}:")
 
 
-# Losses the simulation finds in the repair decisions themselves (not in a weakened
-# protocol), see docs/testing.md: when no copy of a partition is up and every copy is
-# live, any live copy may be the source, and copies that disown each other fall back to
-# partition order, which may pick the copy that missed acknowledged writes.
-@pytest.mark.xfail(raises=AssertionError, strict=True, reason="all restarted: source by order")
-@pytest.mark.parametrize("seed", [39])
-def test_every_copy_restarted_after_a_power_cut(seed: int) -> None:
-    run(seed, STEPS, 3)
+# When no copy of a partition is up and every copy is live (all restarted after a power
+# cut, or the last up copy declared down too, as leader.py does once its lease is over),
+# the source is a copy whose server was up last (repair.sources, clustermap up_until); by
+# partition order alone (``source_by_order``) it may be the copy that missed acknowledged
+# writes, and these runs lose them.
+LAST_UP_RUNS: list[tuple[int, int, dict[str, bool]]] = [
+    (39, 3, {}),  # every copy restarted after a power cut
+    (1, 2, {"overlap": True}),  # the only up copy restarts while the other recovers
+    (3, 2, {"last_up_guard": False}),  # the last up copy declared down as the leader does
+]
 
 
-def test_the_checker_catches_a_copy_placed_back_with_its_old_data() -> None:
-    """``keep_old_copy``: a server a re-replication retired keeps its old pages, so when
-    a copy is placed on it again the fill skips them.  Found on a seed the protocol
-    itself passes (with re-replication many seeds do not settle today, see below)."""
-    found = None
-    for seed in range(1, 51):
-        try:
-            run(seed, STEPS, 2, broken="keep_old_copy", rereplicate=True)
-        except AssertionError as exc:
-            try:
-                run(seed, STEPS, 2, rereplicate=True)
-            except AssertionError:
-                continue  # fails without the weakening too: proves nothing
-            found = seed, str(exc)
-            break
-    assert found is not None, "no seed in 1..50 found the keep_old_copy protocol broken"
-    seed, message = found
-    assert message.startswith(f"simulation seed={seed} steps={STEPS}:")
+@pytest.mark.parametrize(("seed", "replicas", "options"), LAST_UP_RUNS)
+def test_with_no_copy_up_the_source_is_one_up_last(
+    seed: int, replicas: int, options: dict[str, bool]
+) -> None:
+    run(seed, STEPS, replicas, **options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("seed", "replicas", "options"), LAST_UP_RUNS)
+def test_the_checker_catches_a_source_picked_by_partition_order(
+    seed: int, replicas: int, options: dict[str, bool]
+) -> None:
+    with pytest.raises(AssertionError, match=f"^simulation seed={seed} steps={STEPS}:"):
+        run(seed, STEPS, replicas, broken="source_by_order", **options)
 
 
 # The only full copy of a partition comes back `recovering` while the other copy is
@@ -101,17 +98,3 @@ def test_the_checker_catches_a_copy_placed_back_with_its_old_data() -> None:
 @pytest.mark.parametrize("seed", [1, 18])
 def test_the_only_full_copy_recovers_while_the_other_fills(seed: int) -> None:
     run(seed, STEPS, 2, rereplicate=True)
-
-
-@pytest.mark.xfail(raises=AssertionError, strict=True, reason="both recovering: source by order")
-def test_the_only_up_copy_restarts_while_the_other_recovers() -> None:
-    run(1, STEPS, 2, overlap=True)
-
-
-# The model manager never declares the last up copy of a partition down; leader.py
-# declares any server down once its lease is over.  Without the guard, network cuts
-# alone lose acknowledged writes: the copy that took them alone is cut off too, both
-# come back recovering, and the source is picked by partition order.
-@pytest.mark.xfail(raises=AssertionError, strict=True, reason="both recovering: source by order")
-def test_the_last_up_copy_declared_down_as_the_leader_does() -> None:
-    run(3, STEPS, 2, last_up_guard=False)

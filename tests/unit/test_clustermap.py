@@ -980,3 +980,21 @@ def test_rereplicate_without_a_free_server_says_why() -> None:
     reason = validate(cmap, cm.Rereplicate("s1"))
     assert reason is not None
     assert "no up server can take the copy of partition 0" in reason
+
+
+def test_the_map_remembers_when_each_server_stopped_being_up() -> None:
+    """``up_until``: the epoch a server left ``up`` (down, or recovering after a restart);
+    kept while it is not up, kept when it comes back up, and in the map's JSON."""
+    cmap = cluster()
+    assert cmap.servers["s2"].up_until == 0
+    down = apply(cmap, SetServerState("s2", ServerState.DOWN))
+    assert down.servers["s2"].up_until == down.epoch
+    back = apply(down, SetServerState("s2", ServerState.RECOVERING))
+    assert back.servers["s2"].up_until == down.epoch  # not up in between
+    up = apply(back, SetServerState("s2", ServerState.UP))
+    assert up.servers["s2"].up_until == down.epoch
+    restarted = apply(up, cm.ServerStarted("s2", 7))
+    restarted = apply(restarted, cm.ServerStarted("s2", 8))  # a new incarnation: recovering
+    assert restarted.servers["s2"].state is ServerState.RECOVERING
+    assert restarted.servers["s2"].up_until == restarted.epoch
+    assert cm.map_from_dict(cm.map_to_dict(restarted)) == restarted

@@ -154,3 +154,13 @@ def test_every_plan_keeps_the_rules(statuses_list: list[Status], data: st.DataOb
         assert plan.mask & (1 << i)
     assert plan.mark_order[-1] == src
     assert sorted(plan.mark_order) == live
+
+
+def test_with_no_copy_up_only_the_copies_up_last_are_sources() -> None:
+    """Copy 1's server stopped being up at epoch 9, copy 0's at epoch 5: copy 0 missed the
+    writes acknowledged in between, so only copy 1 may be the source, whatever the
+    partition order."""
+    assert repair.sources([0, 1], [], 2, False, {0: 5, 1: 9}) == [1]
+    assert repair.sources([0, 1, 2], [], 3, False, {0: 9, 1: 5, 2: 9}) == [0, 2]
+    # once a copy is up, it is the source as before
+    assert repair.sources([0, 1], [0], 2, False, {0: 5, 1: 9}) == [0]

@@ -191,6 +191,11 @@ class Server:
     #: the incarnation the server last reported in a lease request (``ServerStarted``;
     #: 0: none yet): in the map, so any leader tells a restart
     incarnation: int = 0
+    #: the epoch at which the server last stopped being ``up`` (0: never did).  A copy on
+    #: a server that was up later than another's holds every write acknowledged before
+    #: that: when no copy of a partition is up, the ones up last are the sources
+    #: (:func:`lamina.repair.sources`)
+    up_until: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -1074,6 +1079,13 @@ def _check_started(cmap: ClusterMap, cmd: ServerStarted) -> str | None:
     return None
 
 
+def _left_up(server: Server, state: ServerState, epoch: int) -> Server:
+    """``server`` in ``state`` from ``epoch`` on, remembering when it stopped being up."""
+    if server.state is ServerState.UP and state is not ServerState.UP:
+        return dataclasses.replace(server, state=state, up_until=epoch)
+    return dataclasses.replace(server, state=state)
+
+
 def started_state(server: Server, incarnation: int) -> ServerState:
     """The state ``ServerStarted(server.id, incarnation)`` leaves the server in."""
     restarted = server.incarnation not in (0, incarnation)  # 0: never reported before
@@ -1139,14 +1151,14 @@ def apply(cmap: ClusterMap, cmd: Command, nonce: int = 0) -> ClusterMap:
             server = replace(cmap.servers[cmd.id], draining=not cmd.undo)
             return replace(cmap, epoch=epoch, servers=_frozen({**cmap.servers, cmd.id: server}))
         case SetServerState():
-            server = replace(cmap.servers[cmd.id], state=cmd.state)
+            server = _left_up(cmap.servers[cmd.id], cmd.state, epoch)
             volumes = _fenced(cmap, _affected(cmap, cmd), epoch)
             servers = _frozen({**cmap.servers, cmd.id: server})
             return replace(cmap, epoch=epoch, servers=servers, volumes=volumes)
         case ServerStarted():
             before = cmap.servers[cmd.id]
             state = started_state(before, cmd.incarnation)
-            server = replace(before, state=state, incarnation=cmd.incarnation)
+            server = replace(_left_up(before, state, epoch), incarnation=cmd.incarnation)
             volumes = _fenced(cmap, _affected(cmap, cmd), epoch)
             servers = _frozen({**cmap.servers, cmd.id: server})
             return replace(cmap, epoch=epoch, servers=servers, volumes=volumes)
@@ -1845,6 +1857,7 @@ def map_to_dict(cmap: ClusterMap) -> dict[str, Any]:
                 "zone": s.zone,
                 "draining": s.draining,
                 "incarnation": s.incarnation,
+                "up_until": s.up_until,
             }
             for sid, s in sorted(cmap.servers.items())
         },
@@ -1900,8 +1913,8 @@ _MAP_KEYS = (
     "volumes",
     "layers",
 )
-_SERVER_KEYS = ("addr", "state", "capacity", "zone", "draining", "incarnation")
-_SERVER_OPTIONAL = ("draining", "incarnation")
+_SERVER_KEYS = ("addr", "state", "capacity", "zone", "draining", "incarnation", "up_until")
+_SERVER_OPTIONAL = ("draining", "incarnation", "up_until")
 _VOLUME_KEYS = (
     "id", "size", "page_size", "replicas", "stripe", "layers", "fence_epoch", "lock",
     "snapshots", "origin", "flattening", "migration",
@@ -1978,6 +1991,7 @@ def map_from_dict(data: Mapping[str, Any]) -> ClusterMap:
             r["zone"],
             bool(r["draining"]),
             0 if r["incarnation"] is None else _int(r["incarnation"], f"incarnation of {sid}"),
+            0 if r["up_until"] is None else _int(r["up_until"], f"up_until of {sid}"),
         )
     volumes: dict[str, Volume] = {}
     raw_volumes = d["volumes"]

@@ -186,6 +186,9 @@ class Worker:
         self._budget = 0.0
         #: generations of the dirty pages left for the next round, by (layer, page)
         self._seen_dirty: dict[tuple[int, int], tuple[int, ...]] = {}
+        # per server, the epoch it last stopped being up (repair.sources), as of the map
+        # the current round or scrub uses
+        self._up_until: dict[str, int] = {}
         #: when each lost page (``progress.lost``) is looked at again (monotonic)
         self._recheck: dict[tuple[int, int], float] = {}
 
@@ -240,6 +243,7 @@ class Worker:
         copied_before = self.progress.bytes_copied
         epoch = cmap.epoch
         state = {sid: s.state for sid, s in cmap.servers.items()}
+        self._up_until = {sid: s.up_until for sid, s in cmap.servers.items()}
         recovering = sorted(sid for sid, st in state.items() if st is cm.ServerState.RECOVERING)
         ready = dict.fromkeys(recovering, True)
         found = left = 0
@@ -457,7 +461,10 @@ class Worker:
         part = layer.placement[page % len(layer.placement)]
         live = [i for i, sid in enumerate(part) if state.get(sid) in LIVE]
         trusted = _trusted(part, live, state, layer, page % len(layer.placement))
-        up = repair.sources(live, trusted, len(part), bool(layer.filling))
+        up = repair.sources(
+            live, trusted, len(part), bool(layer.filling),
+            {i: self._up_until.get(sid, 0) for i, sid in enumerate(part)},
+        )  # fmt: skip
         top = _is_top(volume, layer)
         size = volume.page_size
         give_up = time.monotonic() + WRITING_WAIT
@@ -541,6 +548,7 @@ class Worker:
             if layer is None or owner is None:
                 return False
             state = {sid: s.state for sid, s in cmap.servers.items()}
+            self._up_until = {sid: s.up_until for sid, s in cmap.servers.items()}
             servers = sorted({sid for part in layer.placement for sid in part})
             live = [sid for sid in servers if state.get(sid) in LIVE]
             pages, complete = await self._listed(owner, layer, live, cmap.epoch)
@@ -927,6 +935,7 @@ class Worker:
                 raise LaminaError(f"no volume {name!r}")
             epoch = cmap.epoch
             state = {sid: s.state for sid, s in cmap.servers.items()}
+            self._up_until = {sid: s.up_until for sid, s in cmap.servers.items()}
             sem = asyncio.Semaphore(self.parallel)
             for lid in cmap.own_layers(volume):
                 layer = cmap.layers[lid]
@@ -982,7 +991,10 @@ class Worker:
         part = layer.placement[page % len(layer.placement)]
         live = [i for i, sid in enumerate(part) if state.get(sid) in LIVE]
         trusted = _trusted(part, live, state, layer, page % len(layer.placement))
-        up = repair.sources(live, trusted, len(part), bool(layer.filling))
+        up = repair.sources(
+            live, trusted, len(part), bool(layer.filling),
+            {i: self._up_until.get(sid, 0) for i, sid in enumerate(part)},
+        )  # fmt: skip
         size = volume.page_size
         try:
             statuses: dict[int, Status] = {}
