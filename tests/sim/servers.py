@@ -89,7 +89,7 @@ class SimServer:
         """Writeback fails: the page cache lost what was not on disk, and the next sync
         says so (the periodic pass runs at once)."""
         mixed = self.store.fail("EIO")
-        self.trace(f"{self.sid}: disk fails (EIO; {mixed} pages part new in the page cache)")
+        self.trace(f"{self.sid}: disk fails (EIO; {mixed} pages lost bytes in the page cache)")
         self.periodic_sync()
 
     def power_cycle_if_stopped(self) -> None:

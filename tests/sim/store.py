@@ -15,7 +15,8 @@ its live one, following the durability rules of the on-disk store (docs/ondisk.m
 
 A failed disk (``fail``) answers every later write, mask change and sync with
 StorageIOError, and its page cache has lost the writes that did not reach the disk (as
-after a failed writeback: the power-cut rule, with the process still running).  Once an
+after a failed writeback: the power-cut rule for the data, while the metadata in memory
+still describes the new bytes).  Once an
 operation failed, ``failure`` says why, as the disk store's does, and the real service
 refuses every request (unless ``fail_stop`` is off: then it goes on serving what the
 page cache holds).
@@ -51,10 +52,25 @@ class SimStore(MemPageStore):
     # -- the failing disk -----------------------------------------------------------------
 
     def fail(self, why: str) -> int:
-        """The disk fails: the number of pages that kept some unsynced bytes."""
-        mixed = self._revert()
+        """The disk fails, and writeback with it: the page cache now holds what the disk
+        holds (per unit, the old or the new bytes of a page written since its last sync),
+        while the store's metadata in memory (states, masks, generations) is unchanged;
+        the number of pages whose data changed."""
+        changed = 0
+        for key in sorted(self._unsynced):
+            live, old = self._page(*key), self._durable.get(key)
+            if live is None or live.data is None:
+                continue
+            disk = _Page(live.state, live.mask, live.generation, None)
+            if old is not None and old.data is not None:
+                disk.data = bytearray(old.data)
+            self._mix(disk, live)
+            data = disk.data if disk.data is not None else bytearray(len(live.data))
+            if data != live.data:
+                live.data = data
+                changed += 1
         self.failed = why
-        return mixed
+        return changed
 
     @property
     def failure(self) -> str | None:
