@@ -303,7 +303,9 @@ def worker(w: World) -> Proc:
                         ready[s] = False
         clean, repairs = True, w.repairs
         for sid in sorted(view.retired):
-            if states[sid] in LIVE and (yield from reclaim(w, sid, view)):
+            # not while a copy is being filled: the old copy may still be the only one
+            # holding some of the data (the fill's source may fail)
+            if not view.filling and states[sid] in LIVE and (yield from reclaim(w, sid, view)):
                 w.mgr.reclaim_done(sid)
         for pidx, sid in sorted(view.filling):
             if (yield from fill(w, pidx, sid, view)) and w.mgr.published_epoch == epoch:

@@ -11,7 +11,8 @@ after losing power) makes it recovering, as ``leader.py`` does with LEASE reques
 
 Re-replication (docs/layers.md): a server down for ``rereplicate_after`` seconds loses
 its copies, each to an up server not in that partition and not retired, at the same
-index; the new copy is ``filling`` (written, never read, not trusted) until the worker's
+index, unless a partition has no other copy that is up and not filling (then none
+moves); the new copy is ``filling`` (written, never read, not trusted) until the worker's
 FillDone, and the old server is ``retired`` until the worker dropped the layer there
 (ReclaimDone): no copy is placed on it before.  The placement, the copies being filled
 and the retired servers are published with the server states.
@@ -161,6 +162,10 @@ class Manager:
             for pidx, part in enumerate(self.partitions):
                 if s not in part:
                     continue
+                if not any(
+                    o != s and (pidx, o) not in self.filling and self.states[o] == UP for o in part
+                ):
+                    return False  # no other complete up copy: s keeps the only source
                 to = [
                     t
                     for t in self.servers

@@ -90,11 +90,30 @@ def test_the_checker_catches_a_source_picked_by_partition_order(
         run(seed, STEPS, replicas, broken="source_by_order", **options)
 
 
-# The only full copy of a partition comes back `recovering` while the other copy is
-# being filled: the fill has no trusted source and the recovering copy can never be
-# vouched for, so the partition never has an up copy again (18); once that copy is down
-# long enough, it moves too and every copy of the partition is filling (1).
+def test_the_checker_catches_a_copy_placed_back_with_its_old_data() -> None:
+    """``keep_old_copy``: a server a re-replication retired keeps its old pages, so when
+    a copy is placed on it again the fill skips them.  Found on a seed the protocol
+    itself passes (with re-replication some seeds do not settle today, see below)."""
+    found = None
+    for seed in range(1, 51):
+        try:
+            run(seed, STEPS, 2, broken="keep_old_copy", rereplicate=True)
+        except AssertionError as exc:
+            try:
+                run(seed, STEPS, 2, rereplicate=True)
+            except AssertionError:
+                continue  # fails without the weakening too: proves nothing
+            found = seed, str(exc)
+            break
+    assert found is not None, "no seed in 1..50 found the keep_old_copy protocol broken"
+    seed, message = found
+    assert message.startswith(f"simulation seed={seed} steps={STEPS}:")
+
+
+# The only complete copy of a partition comes back `recovering` while the other copy is
+# being filled: the fill has no up source and the recovering copy can never be vouched
+# for (its only peer is filling), so the partition never has an up copy again.
 @pytest.mark.xfail(raises=AssertionError, strict=True, reason="fill without a source")
-@pytest.mark.parametrize("seed", [1, 18])
+@pytest.mark.parametrize("seed", [3, 8])
 def test_the_only_full_copy_recovers_while_the_other_fills(seed: int) -> None:
     run(seed, STEPS, 2, rereplicate=True)
