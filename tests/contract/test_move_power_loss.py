@@ -11,6 +11,10 @@ servers, as the leader does once that map is published, and their logs are commi
 its own).  Then the power of every server is cut, keeping a seeded subset of what was
 not synced, and the stores are opened again: every page must read back, from the
 target, exactly as it was flushed.
+
+A flatten likewise: once ``FlattenDone`` is proposed the clone no longer reads the
+shared layer, so the pages the worker copied into the clone's own layer must survive a
+power cut of the clone's servers.
 """
 
 from __future__ import annotations
@@ -101,6 +105,32 @@ def worker_over(cluster: Cluster, proposed: list[cm.Command]) -> Worker:
     return worker
 
 
+async def flushed_source(root: Path) -> Cluster:
+    """The four servers, with every page created and flushed in layer SOURCE on s1, s2."""
+    cluster = Cluster(root)
+    for sid in ("s1", "s2"):
+        for k in range(PAGES):
+            create = m.CreateRequest(VOL, EPOCH, SOURCE, k, PAGE, FULL, False)
+            assert (await cluster.send(sid, create, page(k))).created
+        await cluster.send(sid, m.FlushRequest(VOL, EPOCH))
+    return cluster
+
+
+async def check_target(root: Path, volume_id: int) -> None:
+    """After the power cut: both copies of layer TARGET hold every page exactly."""
+    after = Cluster(root)
+    for sid in ("s3", "s4"):
+        for k in range(PAGES):
+            reply, data = await call(
+                after.services[sid], m.ReadRequest(volume_id, EPOCH, TARGET, k, PAGE, 0, PAGE)
+            )
+            assert isinstance(reply, m.ReadResponse)
+            assert reply.state == PageState.PRESENT, f"page {k} on {sid}: {reply}"
+            assert data == page(k), f"page {k} on {sid} reads other bytes"
+    for store in after.stores.values():
+        await store.close()
+
+
 @pytest.mark.parametrize("cut", CUTS, ids=["keep none", "keep all", "keep some"])
 def test_a_migration_then_a_power_cut_of_every_server_loses_nothing_flushed(
     tmp_path: Path, cut: int
@@ -109,12 +139,7 @@ def test_a_migration_then_a_power_cut_of_every_server_loses_nothing_flushed(
     the target after the migration completed and every server lost power."""
 
     async def main() -> None:
-        cluster = Cluster(tmp_path)
-        for sid in ("s1", "s2"):
-            for k in range(PAGES):
-                create = m.CreateRequest(VOL, EPOCH, SOURCE, k, PAGE, FULL, False)
-                assert (await cluster.send(sid, create, page(k))).created
-            await cluster.send(sid, m.FlushRequest(VOL, EPOCH))
+        cluster = await flushed_source(tmp_path)
         proposed: list[cm.Command] = []
         worker = worker_over(cluster, proposed)
         state = dict.fromkeys(SERVERS, cm.ServerState.UP)
@@ -132,16 +157,42 @@ def test_a_migration_then_a_power_cut_of_every_server_loses_nothing_flushed(
             assert not (tmp_path / sid / "layers" / f"{SOURCE}.data").exists()
         cluster.power_cut(cut)
 
-        after = Cluster(tmp_path)
-        for sid in ("s3", "s4"):
-            for k in range(PAGES):
-                reply, data = await call(
-                    after.services[sid], m.ReadRequest(VOL, EPOCH, TARGET, k, PAGE, 0, PAGE)
-                )
-                assert isinstance(reply, m.ReadResponse)
-                assert reply.state == PageState.PRESENT, f"page {k} on {sid}: {reply}"
-                assert data == page(k), f"page {k} on {sid} reads other bytes"
-        for store in after.stores.values():
-            await store.close()
+        await check_target(tmp_path, VOL)
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+#: a clone ``c`` of ``v`` being flattened: v's layer SOURCE on s1, s2 below its own
+#: (lowest) layer TARGET, on s3, s4
+CLONE = cm.Volume("c", VOL + 1, PAGES * PAGE, PAGE, 2, 1, (SOURCE, TARGET), EPOCH, flattening=True)
+FLATTENING = cm.ClusterMap(
+    EPOCH, EPOCH, CMAP.servers,
+    {"v": cm.Volume("v", VOL, PAGES * PAGE, PAGE, 2, 1, (SOURCE,), EPOCH), "c": CLONE},
+    {
+        SOURCE: cm.Layer(SOURCE, VOL, (("s1", "s2"),), cm.LayerRole.SNAPSHOT, None),
+        TARGET: cm.Layer(TARGET, VOL + 1, (("s3", "s4"),), cm.LayerRole.LIVE, None),
+    },
+    VOL + 2, TARGET + 1,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("cut", CUTS[::2], ids=["keep none", "keep some"])
+def test_a_flatten_then_a_power_cut_of_the_clones_servers_loses_nothing(
+    tmp_path: Path, cut: int
+) -> None:
+    """The worker copies a clone's shared pages into its own layer and proposes
+    FlattenDone (after which the clone no longer reads the shared layer); the clone's
+    servers then lose power: its own layer still holds every page."""
+
+    async def main() -> None:
+        cluster = await flushed_source(tmp_path)
+        proposed: list[cm.Command] = []
+        worker = worker_over(cluster, proposed)
+        state = dict.fromkeys(SERVERS, cm.ServerState.UP)
+        await worker._flatten_all(FLATTENING, EPOCH, state, asyncio.Semaphore(4))
+        assert proposed == [cm.FlattenDone("c")], proposed
+        cluster.power_cut(cut)
+
+        await check_target(tmp_path, VOL + 1)
 
     asyncio.run(asyncio.wait_for(main(), 60))

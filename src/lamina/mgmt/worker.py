@@ -829,7 +829,8 @@ class Worker:
     ) -> None:
         """For every volume being flattened: each page its shared layers hold goes, as the
         uppermost of them holds it, into the volume's lowest own layer if absent there;
-        once a complete round copied everything, ``FlattenDone``."""
+        once a complete round copied everything, and every live server of that layer
+        answered a FLUSH, ``FlattenDone``."""
         flattening = {v.name for v in cmap.volumes.values() if v.flattening}
         for name in [n for n in self.progress.flattening if n not in flattening]:
             del self.progress.flattening[name]  # done, or the volume was deleted
@@ -862,7 +863,12 @@ class Worker:
 
             results = await asyncio.gather(*(one(p) for p in sorted(pages)))
             self.progress.flattening[volume.name] = sum(not ok for ok in results)
-            if all(results) and self.leading():
+            if (
+                all(results)
+                and self.leading()
+                # FlattenDone ends every read of the shared layers: the copies must last
+                and await self._flush_layer(volume, lowest, epoch, state)
+            ):
                 log.info("volume %s holds every page it shared: flattened", volume.name)
                 with contextlib.suppress(LaminaError):
                     await self.propose(cm.FlattenDone(volume.name))
