@@ -404,7 +404,7 @@ class LeaderDuties:
         await self.reclaim_retired(cmap)
 
     async def reclaim_retired(self, cmap: cm.ClusterMap) -> None:
-        """DELETE_LAYER to every server a layer retired (skipping the ``down`` ones), and
+        """DELETE_LAYER to every server a layer retired (not ``down`` or ``out``), and
         ``ReclaimDone`` once it confirmed.  No copy of the layer is placed on a retired
         server, so the delete cannot reach a copy the server holds now.  Not while a copy
         of the layer is being filled: until the fill is done the old copy may be the only
@@ -416,8 +416,8 @@ class LeaderDuties:
                 continue
             for sid in layer.retired:
                 server = cmap.servers.get(sid)
-                if server is None or server.state is cm.ServerState.DOWN:
-                    continue
+                if server is None or server.state in (cm.ServerState.DOWN, cm.ServerState.OUT):
+                    continue  # gone, or without a lease: asked once it is back
                 try:
                     request = m.DeleteLayerRequest(layer.volume_id, cmap.epoch, lid)
                     reply = await self._call(server.addr, request, 2.0, 5.0)
