@@ -32,6 +32,22 @@ def test_a_new_leader_waits_a_full_lease_for_servers_it_never_granted(
     assert table.expired("s9", start + later) == (later > OVER)
 
 
+def test_a_server_added_after_the_election_gets_a_lease_to_ask_for_its_first() -> None:
+    """A server that joins the map long after the election has never been granted a lease
+    and holds none: still it is judged only a full lease after the leader first saw it,
+    not at once (it would be marked down before its first LEASE request arrived)."""
+    table = LeaseTable(D)
+    table.become_leader(0.0)
+    table.saw("s1", 0.0)
+    table.saw("s3", 500.0)  # added now
+    table.saw("s3", 600.0)  # only the first sighting counts
+    assert table.expired("s1", 500.0)
+    assert not table.expired("s3", 500.0 + OVER / 2)
+    assert table.expired("s3", 500.0 + OVER + 0.01)
+    table.grant("s3", 500.0 + OVER / 2, epoch=1)
+    assert not table.expired("s3", 500.0 + OVER + 0.01)
+
+
 def test_not_leading_judges_nothing_and_stepping_down_forgets_grants() -> None:
     """A follower never declares a lease over; a leader that steps down starts afresh."""
     table = LeaseTable(D)

@@ -200,6 +200,7 @@ class LeaderDuties:
             self._leading_since = now
         cmap = self.service.map
         for sid, server in sorted(cmap.servers.items()):
+            self.table.saw(sid, now)
             if server.state in (cm.ServerState.UP, cm.ServerState.RECOVERING) and (
                 self.table.expired(sid, now)
             ):

@@ -37,6 +37,9 @@ class LeaseTable:
     leader_since: float | None = None
     granted: dict[str, float] = field(default_factory=dict)  # id -> time of the last grant
     acked: dict[str, int] = field(default_factory=dict)  # id -> epoch it reported
+    # id -> when this leader first saw the server in the map: one added later than the
+    # election gets a lease's time to ask for its first lease before it is judged
+    seen: dict[str, float] = field(default_factory=dict)
 
     def _over(self, since: float, now: float) -> bool:
         return now >= since + self.duration * (1 + DRIFT) + SLACK
@@ -45,11 +48,17 @@ class LeaseTable:
         self.leader_since = now
         self.granted.clear()
         self.acked.clear()
+        self.seen.clear()
 
     def step_down(self) -> None:
         self.leader_since = None
         self.granted.clear()
         self.acked.clear()
+        self.seen.clear()
+
+    def saw(self, server_id: str, now: float) -> None:
+        """The server is in the map this leader judges (the first call counts)."""
+        self.seen.setdefault(server_id, now)
 
     @property
     def leading(self) -> bool:
@@ -66,7 +75,8 @@ class LeaseTable:
             return False  # not leading: not ours to judge
         last = self.granted.get(server_id)
         if last is None:
-            return self._over(self.leader_since + self.grace, now)
+            since = max(self.leader_since + self.grace, self.seen.get(server_id, 0.0))
+            return self._over(since, now)
         return self._over(max(last, self.leader_since + self.grace), now)
 
     def may_publish(self, epoch: int, servers: Iterable[str], now: float) -> bool:
