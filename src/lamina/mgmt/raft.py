@@ -57,7 +57,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import msgpack
 import pysyncobj.syncobj
@@ -78,6 +78,7 @@ __all__ = [
     "RaftStatus",
     "RaftTimings",
     "ReplicatedLog",
+    "SyncObserver",
 ]
 
 log = logging.getLogger(__name__)
@@ -217,6 +218,26 @@ def _fail_closed(fut: asyncio.Future[Any]) -> None:
         fut.set_exception(Unavailable("the raft member was closed; outcome unknown"))
 
 
+class SyncObserver(Protocol):
+    """What a test-only power cut (:mod:`lamina.mgmt.powerloss`) is told by the Raft
+    thread: every journal opened, every completed journal sync, and every gap between two
+    ticks."""
+
+    def journal_opened(self, path: str) -> None:
+        """The journal ``path`` is about to be opened (or created): what it holds now is
+        what the disk holds."""
+
+    def journal_synced(self, path: str, fd: int) -> None:
+        """The journal ``path``, open as ``fd``, was just made durable."""
+
+    def between_ticks(self) -> None:
+        """Between two ticks, before the end-of-tick sync."""
+
+
+# journal path -> the observer its journal reports to, set before PySyncObj makes it
+_OBSERVERS: dict[str, SyncObserver] = {}
+
+
 def _journal_fd(journal: FileJournal) -> int:
     """The descriptor of a FileJournal's file (PySyncObj reopens it when it grows it)."""
     return int(journal._FileJournal__journalFile._ResizableFile__f.fileno())
@@ -244,10 +265,13 @@ class _DurableJournal(FileJournal):  # type: ignore[misc]  # PySyncObj has no ty
     writes back what PySyncObj wrote through its memory map).  All calls come from the
     member's tick thread."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, observer: SyncObserver | None = None) -> None:
         self._lamina_path = path
         self._lamina_dirty = True
         self._lamina_new_name = not os.path.exists(path)
+        self._lamina_observer = observer
+        if observer is not None:
+            observer.journal_opened(path)
         super().__init__(path)
         self._FileJournal__metaStorer = _DurableMeta(path + ".meta")
         self.sync()
@@ -261,6 +285,11 @@ class _DurableJournal(FileJournal):  # type: ignore[misc]  # PySyncObj has no ty
             fsync_dir(os.path.dirname(self._lamina_path) or ".")
             self._lamina_new_name = False
         self._lamina_dirty = False
+        self._synced()
+
+    def _synced(self) -> None:
+        if self._lamina_observer is not None:
+            self._lamina_observer.journal_synced(self._lamina_path, _journal_fd(self))
 
     def onOneSecondTimer(self) -> None:  # noqa: N802  # PySyncObj's name
         # the commit index the meta file is about to store never runs ahead of the
@@ -306,6 +335,7 @@ class _DurableJournal(FileJournal):  # type: ignore[misc]  # PySyncObj has no ty
         self._FileJournal__meta, self._FileJournal__metaSaved = meta, saved
         self._FileJournal__metaStorer = _DurableMeta(self._lamina_path + ".meta")
         self._lamina_dirty = False
+        self._synced()
 
     def _snapshot_durable(self) -> None:
         """fsync the snapshot file beside the journal, and the directory (its rename)."""
@@ -323,7 +353,7 @@ class _DurableJournal(FileJournal):  # type: ignore[misc]  # PySyncObj has no ty
 
 def _create_journal(path: str | None = None) -> Journal:
     """What PySyncObj calls to make a member's journal: ours when it is a file."""
-    return MemoryJournal() if path is None else _DurableJournal(path)
+    return MemoryJournal() if path is None else _DurableJournal(path, _OBSERVERS.pop(path, None))
 
 
 # PySyncObj makes its journal through this module-level name only (SyncObj.__init__).
@@ -349,11 +379,19 @@ class _Member(SyncObj):  # type: ignore[misc]  # PySyncObj has no type hints
         others: list[str],
         conf: Any,
         apply: Callable[[bytes], Any],
+        observer: SyncObserver | None = None,
     ) -> None:
         # Set before SyncObj.__init__: its tick thread may replay the journal at once.
         self._lamina_apply = apply
         self.caught_up = False
-        super().__init__(self_addr, others, conf, transportClass=_SyncingTransport)
+        if observer is not None:
+            _OBSERVERS[conf.journalFile] = observer
+        try:
+            super().__init__(self_addr, others, conf, transportClass=_SyncingTransport)
+        finally:
+            _OBSERVERS.pop(conf.journalFile, None)
+        if observer is not None:  # first: entries of the tick not yet synced are lost
+            self.addOnTickCallback(observer.between_ticks)
         self.addOnTickCallback(self._lamina_sync_journal)
         self.addOnTickCallback(self._check_caught_up)
 
@@ -415,7 +453,10 @@ class ReplicatedLog:
         *,
         timings: RaftTimings | None = None,
         bind_addr: str | None = None,
+        observer: SyncObserver | None = None,
     ) -> None:
+        """``observer``: TEST ONLY, told of every journal sync and tick
+        (:mod:`lamina.mgmt.powerloss`)."""
         self.self_addr = _check_addr(self_addr)
         others = list(dict.fromkeys(_check_addr(p) for p in peers if p != self_addr))
         size = len(others) + 1
@@ -463,7 +504,7 @@ class ReplicatedLog:
             # never fork a process that runs threads and an event loop
             useFork=False,
         )
-        self._member = _Member(self_addr, others, conf, apply)
+        self._member = _Member(self_addr, others, conf, apply, observer)
         try:
             self._member.waitBinded()
         except Exception as exc:

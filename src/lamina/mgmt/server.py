@@ -3,7 +3,13 @@
 It wires the pieces together: the cluster key (which is also the Raft password), the
 admin token, the replicated log (:mod:`lamina.mgmt.raft`) applying committed commands to
 the :class:`~lamina.mgmt.service.ManagerService`, and the aiohttp API.  SIGTERM/SIGINT
-stop it cleanly; the Raft journal under ``DATA/raft`` survives kill -9.
+stop it cleanly; the Raft journal under ``DATA/raft`` survives kill -9 and, once an entry
+is acknowledged, a power failure.
+
+TEST ONLY: with ``LAMINA_TEST_POWERCUT=1`` in its environment SIGUSR2 is a power failure
+of this manager: between two Raft ticks the journal is put back as it was at its last
+sync and the process exits at once with status 99 (:mod:`lamina.mgmt.powerloss`).  Any
+other value of the variable is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from lamina.daemon import write_port_file
 from lamina.durable import fsync_dir
 from lamina.mgmt.http import make_app
 from lamina.mgmt.leader import LeaderDuties
+from lamina.mgmt.powerloss import RaftPowerCut
 from lamina.mgmt.raft import ReplicatedLog
 from lamina.mgmt.service import ManagerService
 from lamina.mgmt.worker import Worker
@@ -59,6 +66,7 @@ async def serve(cfg: ManagerConfig) -> None:
     data = Path(cfg.data)
     make_data_dir(data)
     service = ManagerService(cfg.id)
+    power = RaftPowerCut() if daemon.powercut_enabled(f"the raft journal of {cfg.id}") else None
     rlog = ReplicatedLog(
         cfg.raft,
         list(cfg.peers),
@@ -67,6 +75,7 @@ async def serve(cfg: ManagerConfig) -> None:
         service.apply_entry,
         service.dump,
         service.load,
+        observer=power,
     )
     service.log = rlog
     duties = LeaderDuties(
@@ -121,6 +130,8 @@ async def serve(cfg: ManagerConfig) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if power is not None:
+        loop.add_signal_handler(signal.SIGUSR2, power.request)
     try:
         await stop.wait()
     finally:

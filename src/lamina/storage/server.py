@@ -26,7 +26,7 @@ import signal
 import time
 
 from lamina import daemon
-from lamina.config import ConfigError, StorageConfig
+from lamina.config import StorageConfig
 from lamina.daemon import write_port_file
 from lamina.storage.diskstore import DiskPageStore
 from lamina.storage.files import OS_FILES, Files
@@ -38,25 +38,13 @@ from lamina.wire.handshake import load_key
 
 log = logging.getLogger(__name__)
 
-#: TEST ONLY: "1" puts the store on the disk that can lose power (see the module docstring)
-POWERCUT_ENV = "LAMINA_TEST_POWERCUT"
 POWERCUT_SEED_ENV = "LAMINA_TEST_POWERCUT_SEED"
-#: the exit status of a server whose power was cut
-POWERCUT_EXIT = 99
 
 
 def _files(cfg: StorageConfig) -> Files:
     """The files of the store: the os calls, or (test only) the disk that can lose power."""
-    value = os.environ.get(POWERCUT_ENV)
-    if value is None or value == "":
+    if not daemon.powercut_enabled(f"the data directory {cfg.data}"):
         return OS_FILES
-    if value != "1":
-        raise ConfigError(f"{POWERCUT_ENV}={value!r}: only 1 (test-only power cuts) is known")
-    log.warning(
-        "TEST ONLY: %s=1: the data directory is on a disk that loses what is not synced at "
-        "SIGUSR2; never run a real server like this",
-        POWERCUT_ENV,
-    )
     return PowerLossFiles(str(cfg.data).rstrip("/") + ".powercut-trash")
 
 
@@ -68,10 +56,9 @@ def _failing_disk(files: PowerLossFiles) -> None:
 def _power_cut(files: PowerLossFiles) -> None:
     seed = int(os.environ.get(POWERCUT_SEED_ENV) or random.randrange(1 << 32))
     log.warning("TEST ONLY: power cut (seed %d, %d unsynced blocks)", seed, files.unsynced_blocks())
-    for handler in logging.getLogger().handlers:
-        handler.flush()
+    daemon.flush_logs()
     files.power_cut(seed)
-    os._exit(POWERCUT_EXIT)
+    os._exit(daemon.POWERCUT_EXIT)
 
 
 async def serve(cfg: StorageConfig, ready: asyncio.Event | None = None) -> None:
