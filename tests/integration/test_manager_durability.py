@@ -259,8 +259,8 @@ def test_acknowledged_changes_survive_a_power_cut_of_every_manager(
 ) -> None:
     """Volumes created and a snapshot taken, each acknowledged, then every manager loses
     power at once: after `lamina up` the map holds every one of them with the same ids,
-    layers and lineages, the data written before reads back, and a new volume gets ids
-    never given before."""
+    layers and lineages, the data written before reads back, a scrub finds the copies
+    equal, and a new volume gets ids never given before."""
     monkeypatch.setenv("LAMINA_TEST_POWERCUT", "1")
     with local_cluster(tmp_path / "cluster", 3, 2) as lc:
         for k in range(6):
@@ -283,6 +283,8 @@ def test_acknowledged_changes_survive_a_power_cut_of_every_manager(
             n: (v["id"], v["layers"]) for n, v in before.items()
         }
         assert read_whole(lc, "v0", len(data)) == data
+        report = scrub(lc, "v0")
+        assert (report["mismatches"], report["corrupt"], report["errors"]) == (0, 0, 0), report
         new = lc.create_volume("new", 4 * MiB, replicas=2, stripe=1)
         assert new["id"] > max(v["id"] for v in before.values())
         assert not {int(la["id"]) for la in new["layers"]} & set(_layers(before))
