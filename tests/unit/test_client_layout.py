@@ -122,7 +122,7 @@ def test_volume_view_reads_the_published_map() -> None:
     top = view.top
     assert view.readable(top, 0) == [0]  # a recovering server is never read
     assert view.readable(top, 5) == [1]
-    assert view.writable(("s1", "s2")) == [0, 1]  # ... but it takes every write
+    assert view.writable(top, 0) == [0, 1]  # ... but it takes every write
     assert view.servers["s2"].port == 7402
     assert view.lock is not None
     assert view.lock.session == "abc"
@@ -138,7 +138,25 @@ def test_a_copy_being_filled_is_written_but_never_read() -> None:
     assert view.readable(view.top, 1) == [1]  # partition 1 is (s2, s1): s2 is filling
     assert view.readable(view.top, 0) == [0, 1]  # s2's copy of partition 0 is fine
     assert view.readable(view.layers[1], 1) == [0, 1]  # other layers: as usual
-    assert view.writable(("s2", "s1")) == [0, 1]
+    assert view.writable(view.top, 1) == [0, 1]
+
+
+def test_no_write_while_no_copy_of_the_partition_may_be_read() -> None:
+    # partition 1 is (s2, s1): s2 is up but being filled, s1 recovering
+    doc = _doc()
+    doc["servers"]["s1"]["state"] = "recovering"
+    doc["servers"]["s2"]["state"] = "up"
+    doc["layers"]["7"]["filling"] = [[1, "s2"]]
+    view = volume_view(doc, "db")
+    assert view.readable(view.top, 1) == []
+    # the recovering copy may lack nothing (no write went out while it was away), but
+    # the filling copy alone may lack the page and every write before it was placed
+    assert view.writable(view.top, 1) == []
+    assert view.writable(view.top, 0) == [0, 1]  # (s1, s2): s2 up and not filling here
+    # nothing up at all: no write either
+    doc["servers"]["s2"]["state"] = "recovering"
+    view = volume_view(doc, "db")
+    assert view.writable(view.top, 0) == []
 
 
 def test_volume_view_errors() -> None:

@@ -11,7 +11,9 @@ answers):
 - a page this client creates while no presence map of the layer is loaded is in the
   map loaded next, even when that listing overtook the creation;
 - a write's tokens go back only once a FLUSH succeeded on every copy it reached, so no
-  mask vouches for a copy whose bytes a power loss could still take.
+  mask vouches for a copy whose bytes a power loss could still take;
+- no write goes out while no copy of its partition may be read (up and not being
+  filled).
 """
 
 from __future__ import annotations
@@ -54,8 +56,11 @@ class Recorder:
 
 
 class Managers:
+    def __init__(self) -> None:
+        self.doc: dict[str, Any] | None = None  # what the managers publish (None: _doc())
+
     async def wait_map(self, min_epoch: int, deadline: float) -> dict[str, Any]:
-        return _doc()
+        return _doc() if self.doc is None else self.doc
 
 
 class Cluster:
@@ -335,5 +340,42 @@ def test_a_client_flush_confirms_the_writes_it_covered() -> None:
             assert sorted(cluster.confirmed) == sorted(acks)
         finally:
             driver.SYNC_DELAY = 0.001
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("hot", [True, False], ids=["hot path", "full path"])
+def test_no_write_goes_out_while_the_only_up_copy_is_being_filled(hot: bool) -> None:
+    """Page 5 is in partition 1, (s2, s1): s2 is up but being filled, s1 (the only
+    complete copy) recovering.  Neither may be read, and either may lack a write the
+    other took (s1 one it lost to a power cut, s2 every page it was not filled with
+    yet): a write acknowledged by them could be lost, so it waits for a map in which a
+    copy may be read again."""
+
+    def doc(s1: str) -> dict[str, Any]:
+        d = _doc()
+        d["servers"]["s1"]["state"] = s1
+        d["servers"]["s2"]["state"] = "up"
+        d["layers"]["7"]["filling"] = [[1, "s2"]]
+        if s1 == "up":
+            d["epoch"] = d["published_epoch"] = 10
+        return d
+
+    async def main() -> None:
+        cluster = Cluster()
+        cluster.managers.doc = doc("recovering")
+        vol = driver.Volume(cluster, volume_view(doc("recovering"), "db"), read_only=False)  # type: ignore[arg-type]
+        data = b"w" * 4096
+        out = vol.start_write(5 * PAGE, data, False) if hot else vol.write(5 * PAGE, data)
+        out = asyncio.ensure_future(out)
+        await asyncio.sleep(0.3)
+        sent = [(sid, msg) for sid, c in cluster.clients.items() for msg, _ in c.sent]
+        assert not any(isinstance(msg, m.WriteRequest) for _, msg in sent), sent
+        assert not out.done()
+        cluster.managers.doc = doc("up")  # s1 is resynchronised and up again
+        acks = await answer_all(cluster, 0)
+        await asyncio.wait_for(out, 5)
+        assert await answer_flushes(cluster) == {"s1", "s2"}
+        assert sorted(cluster.confirmed) == sorted(acks)
 
     asyncio.run(main())

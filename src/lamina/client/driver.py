@@ -1089,7 +1089,7 @@ class Volume:
         layer = view.layers[0]
         key = (layer.id, page)
         part = layer.placement[page % len(layer.placement)]
-        copies = view.writable(part)
+        copies = view.writable(layer, page)
         clients = [self.cluster.sender(part[i]) for i in copies]
         if not copies or key in self._resyncs or None in clients:
             return self._slow(out, self.write(offset, data, fua))
@@ -1419,7 +1419,7 @@ class Volume:
             absent = [e for e in errors if isinstance(e, NotFound)]
             if absent and len(absent) == len(errors):
                 # every copy written said NOT_FOUND: nobody in the top layer holds the page
-                everywhere = len(absent) == len(view.writable(layer.partition(ext.page)))
+                everywhere = len(absent) == len(view.writable(layer, ext.page))
                 try:
                     await self._copy_up(view, layer, ext.page, deadline, everywhere)
                 except (LaminaError, Failed) as exc:
@@ -1446,7 +1446,7 @@ class Volume:
         """One attempt: the write to every up copy; the errors (none: done).  A failed
         attempt adds the tokens of the copies that took it to ``orphans``."""
         part = layer.partition(ext.page)
-        copies = view.writable(part)
+        copies = view.writable(layer, ext.page)
         if not copies:
             return [Unavailable(f"no copy of page {ext.page} of layer {layer.id} is up")]
         n = len(part)
@@ -1519,7 +1519,7 @@ class Volume:
         readable = view.readable(layer, page)
         holders = []
         if not absent_everywhere:
-            statuses = await self._statuses(view, layer, page, view.writable(part))
+            statuses = await self._statuses(view, layer, page, view.writable(layer, page))
             holders = [i for i in readable if statuses[i][0] in (PageState.PRESENT, PageState.ZERO)]
         if holders:
             # Some up copy of the top layer holds the page: only others (a recovering copy
@@ -1546,7 +1546,7 @@ class Volume:
                 break
             if state == PageState.TOMBSTONE:
                 raise Deleted(f"page {page} of layer {lower.id} moved up")
-        copies = view.writable(part)
+        copies = view.writable(layer, page)
         if not copies:
             raise Unavailable(f"no copy of page {page} of layer {layer.id} is up")
         mask = FULL & ~(bits(range(len(part))) & ~bits(copies))
@@ -1614,7 +1614,7 @@ def _below(view: VolumeView) -> dict[int, tuple[int, int | None] | None]:
 
 def _up_copies(view: VolumeView, layer: LayerView, page: int) -> list[str]:
     part = layer.partition(page)
-    return [part[i] for i in view.writable(part)]
+    return [part[i] for i in view.writable(layer, page)]
 
 
 async def _settled(fut: asyncio.Future[Frame]) -> Frame | BaseException:

@@ -150,7 +150,7 @@ class VolumeView:
     _readable: dict[tuple[int, int], list[int]] = field(
         default_factory=dict, compare=False, repr=False
     )
-    _writable: dict[tuple[str, ...], list[int]] = field(
+    _writable: dict[tuple[int, int], list[int]] = field(
         default_factory=dict, compare=False, repr=False
     )
 
@@ -178,20 +178,26 @@ class VolumeView:
             ]
         return known
 
-    def writable(self, partition: tuple[str, ...]) -> list[int]:
-        """Indices of the copies a write must reach: on ``up`` and ``recovering`` servers
-        (a recovering copy takes every write, so once the background worker has repaired
-        what it missed while away, nothing written later can be missing on it); none at
-        all while no copy of the partition is ``up``."""
-        known = self._writable.get(partition)
+    def writable(self, layer: LayerView, page: int) -> list[int]:
+        """Indices of the copies a write of ``page`` of ``layer`` must reach: on ``up``
+        and ``recovering`` servers, filling or not (a recovering copy takes every write,
+        so once the background worker has repaired what it missed while away, nothing
+        written later can be missing on it); none at all while no copy of the partition
+        may be read (``up`` and not being filled: :meth:`readable`)."""
+        pidx = page % len(layer.placement)
+        key = (layer.id, pidx)
+        known = self._writable.get(key)
         if known is None:
-            known = [i for i, sid in enumerate(partition) if self.is_live(sid)]
-            if not any(self.is_up(partition[i]) for i in known):
-                # Recovering copies alone may all lack writes acknowledged while they
-                # were away: a write acknowledged by them only could be lost to the copy
-                # that has those (down now).  No write until a copy is up again.
+            part = layer.placement[pidx]
+            known = [i for i, sid in enumerate(part) if self.is_live(sid)]
+            if not self.readable(layer, page):
+                # Recovering copies and copies being filled alone may all lack writes
+                # acknowledged while they were away or before they were placed: a write
+                # acknowledged by them only could be lost to the copy that has those
+                # (down or recovering now), and a copy being filled may lack the page
+                # altogether.  No write until a copy may be read again.
                 known = []
-            self._writable[partition] = known
+            self._writable[key] = known
         return known
 
     def is_live(self, server_id: str) -> bool:
