@@ -17,8 +17,9 @@ The rules, and why:
 - *Agree*: nothing to do when every live copy vouches for every live copy and all hold
   the same kind of page (all data, all zeros or all absent): dirt in their masks is then
   only about copies that are not live.
-- *Source*: among the copies that may be copied from (``up`` and not being filled; all
-  live copies when every copy restarted and none is up yet), minus the ``bad`` ones (a
+- *Source*: among the copies that may be copied from (``up`` and not being filled; when
+  none is, the ones :func:`sources` names: those up last when every copy restarted, or
+  a filling copy that holds the page and is up), minus the ``bad`` ones (a
   checksum failed there), the first in partition order that holds the page and that no
   other copy has disowned; failing that, the first that holds it
   (:func:`lamina.storage.syncmask.authoritative`).  A mask bit vouches for durable bytes
@@ -100,27 +101,73 @@ def lost(statuses: Mapping[int, Status], live: Sequence[int], bad: Collection[in
 
 
 def sources(
+    statuses: Mapping[int, Status],
     live: Sequence[int],
     trusted: Sequence[int],
     copies: int,
-    filling: bool,
+    *,
+    layer_filling: bool = False,
+    filling: Collection[int] = (),
+    up: Collection[int] = (),
     up_until: Mapping[int, int] | None = None,
 ) -> list[int]:
-    """The copies a repair may copy from: the ``trusted`` ones (up, not being filled); or,
-    when every one of the partition's ``copies`` is live but none is trusted (all
-    restarted, or the last up copy was declared down too) and none is being filled, the
-    live copies whose servers were ``up`` last (``up_until``: copy -> the epoch its
-    server stopped being up).  A copy whose server stopped earlier missed the writes
-    acknowledged after that, and its mask may still vouch for the others or be disowned
-    only as much as theirs (a write whose tokens never came back): partition order
-    would then pick it as often as not.  Copies that stopped at the same epoch were up
-    together; their masks say which holds what."""
-    if not trusted and len(live) == copies and not filling:
-        if up_until:
-            last = max(up_until.get(i, 0) for i in live)
-            return [i for i in live if up_until.get(i, 0) == last]
-        return list(live)
-    return list(trusted)
+    """The copies a repair of one page may copy from.
+
+    ``statuses``: the STATUS of (at least) every live copy.  ``live``: the copies on
+    live servers, in partition order.  ``trusted``: those ``up`` and not being filled.
+    ``copies``: how many copies the partition has.  ``layer_filling``: some copy of the
+    layer is being filled; ``filling``: the copies of this partition being filled.
+    ``up``: the copies whose servers are ``up``.  ``up_until``: copy -> the epoch its
+    server stopped being up.
+
+    - Some copy is trusted: the trusted ones.
+    - None is, and a copy that is not being filled is not live: none (the page waits; a
+      copy that is down may hold writes the live ones missed).
+    - None is, every copy is live and nothing of the layer is filled (all restarted, or
+      the last up copy was declared down too): the copies whose servers were up last.
+      A copy whose server stopped earlier missed the writes acknowledged after that,
+      and its mask may still vouch for the others or be disowned only as much as theirs
+      (a write whose tokens never came back): partition order would then pick it as
+      often as not.  Copies that stopped at the same epoch were up together; their
+      masks say which holds what.
+    - None is, every copy not being filled is live and this partition is being filled
+      (its only complete copies came back ``recovering`` while the new one was being
+      filled): no write went out since no copy may be read (the driver's rule), so the
+      pages the filling copies hold are what the complete copies held, or newer (a
+      write the complete copies lost to a power cut, that the filling copy kept):
+
+      - a filling copy that holds the page (data or zeros) and whose server is ``up`` is
+        the source;
+      - one that holds it, or may (its server is down), but whose server is not ``up``:
+        none, the page waits (its bytes may be older than a write it missed while it
+        was away);
+      - no filling copy holds it: the complete copies whose servers were up last, as
+        above (the fill has not reached the page yet; the repair fills it).
+
+      Without this the partition has no source at all: the fill copies only from a
+      trusted copy, and the recovering copies are never vouched for (their only peers
+      are being filled), so the partition would never have a readable copy again.
+    - Otherwise (another partition of the layer is being filled): none.
+    """
+    if trusted:
+        return list(trusted)
+    complete = [i for i in range(copies) if i not in filling]
+    if any(i not in live for i in complete):
+        return []
+    if filling:
+        holders = [
+            i
+            for i in sorted(filling)
+            if i not in live or statuses[i][0] in (PageState.PRESENT, PageState.ZERO)
+        ]
+        if holders:
+            return [] if any(i not in up for i in holders) else holders
+    elif layer_filling:
+        return []
+    if up_until:
+        last = max(up_until.get(i, 0) for i in complete)
+        return [i for i in complete if up_until.get(i, 0) == last]
+    return complete
 
 
 def needs_copy(statuses: Mapping[int, Status], live: Sequence[int], source: int, t: int) -> bool:

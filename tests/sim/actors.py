@@ -196,17 +196,7 @@ def resync(w: World, client: str, page: int, view: View) -> Resync:
     (conditional ``fua`` WRITE) and MARK_CLEAN every live copy by compare-and-set, the
     authoritative one last.  Whether it is done."""
     epoch, part = view.epoch, view.part(page)
-    if client == "c":
-        live = up = view.readable(page)
-    else:
-        live = view.live(page)
-        # the copies the real repair core lets a repair copy from: the up ones, or every
-        # live one when all copies are back but none is up yet
-        up = repair.sources(
-            live, view.readable(page), len(part), bool(view.filling),
-            None if w.broken == "source_by_order" else
-            {i: view.up_until.get(sid, 0) for i, sid in enumerate(part)},
-        )  # fmt: skip
+    live = view.readable(page) if client == "c" else view.live(page)
     if not live:
         return False
     req = m.StatusRequest(VOLUME, epoch, LAYER, (page,))
@@ -218,6 +208,21 @@ def resync(w: World, client: str, page: int, view: View) -> Resync:
         assert isinstance(a, tuple)
         assert isinstance(a[0], m.StatusResponse)
         statuses[i] = a[0].entries[0][1:]
+    if client == "c":
+        up = live
+    else:
+        # the copies the real repair core lets a repair copy from: the up ones not being
+        # filled; with none, those up last when all copies are back, or a filling copy
+        # that holds the page and is up
+        pidx = view.pidx(page)
+        up = repair.sources(
+            statuses, live, view.readable(page), len(part),
+            layer_filling=bool(view.filling),
+            filling=[i for i, s in enumerate(part) if (pidx, s) in view.filling],
+            up=[i for i, s in enumerate(part) if view.states[s] == UP],
+            up_until=None if w.broken == "source_by_order" else
+            {i: view.up_until.get(sid, 0) for i, sid in enumerate(part)},
+        )  # fmt: skip
     # the real repair core decides; the worker waits for a client write in flight on a
     # target (the authoritative copy may not hold it yet), the writing client does not
     plan = repair.plan(

@@ -91,10 +91,70 @@ def test_scrub_digests_decide_the_targets() -> None:
 
 
 def test_sources_are_the_trusted_copies_or_all_when_every_copy_restarted() -> None:
-    assert repair.sources([0, 1], [1], 2, False) == [1]
-    assert repair.sources([0, 1], [], 2, False) == [0, 1]
-    assert repair.sources([0, 1], [], 3, False) == []  # one copy is still down
-    assert repair.sources([0, 1], [], 2, True) == []  # a copy being filled holds nothing yet
+    held: dict[int, Status] = {0: (P, FULL, 3, 0), 1: (P, FULL, 3, 0)}
+    assert repair.sources(held, [0, 1], [1], 2) == [1]
+    assert repair.sources(held, [0, 1], [], 2) == [0, 1]
+    assert repair.sources(held, [0, 1], [], 3) == []  # one copy is still down
+    # another partition of the layer is being filled: none (as long as it is)
+    assert repair.sources(held, [0, 1], [], 2, layer_filling=True) == []
+
+
+def filled(
+    statuses: dict[int, Status],
+    live: list[int],
+    copies: int,
+    filling: list[int],
+    up: list[int],
+    up_until: dict[int, int] | None = None,
+) -> list[int]:
+    """``repair.sources`` with no trusted copy, for a partition whose ``filling`` copies
+    are being filled."""
+    return repair.sources(
+        statuses, live, [], copies, layer_filling=True, filling=filling, up=up, up_until=up_until
+    )
+
+
+def test_with_no_readable_copy_an_up_filling_copy_that_holds_the_page_is_the_source() -> None:
+    """Copy 0 (the only complete one) came back recovering while copy 1 is being filled
+    on an up server.  No write went out since (no copy may be read), so what copy 1
+    holds is what copy 0 held, or newer: a write copy 0 lost to a power cut."""
+    statuses: dict[int, Status] = {0: (P, FULL, 3, 0), 1: (P, disown(0), 7, 0)}
+    assert filled(statuses, [0, 1], 2, [1], [1]) == [1]
+    plan = repair.plan(statuses, [0, 1], [1], top=True)
+    assert (plan.verdict, plan.source, plan.targets) == (Verdict.REPAIR, 1, (0,))
+    # zeros are the page too
+    zeros = {**statuses, 1: (Z, FULL, 7, 0)}
+    assert filled(zeros, [0, 1], 2, [1], [1]) == [1]
+    # the complete copy is down: none (it may hold writes the filling copy missed)
+    assert filled(statuses, [1], 2, [1], [1]) == []
+
+
+def test_a_filling_copy_that_holds_the_page_but_is_not_up_makes_the_page_wait() -> None:
+    """The filling copy holds the page but its server is recovering (it was away, and
+    may have missed writes the complete copy took), or down (it may hold the page):
+    neither it nor the complete copy, which may have lost a write it kept, is a source."""
+    statuses: dict[int, Status] = {0: (P, FULL, 3, 0), 1: (P, FULL, 7, 0)}
+    assert filled(statuses, [0, 1], 2, [1], []) == []
+    assert filled(statuses, [0], 2, [1], []) == []
+    # with two filling copies, one holding the page but not up is enough to wait
+    three: dict[int, Status] = {**statuses, 2: (P, FULL, 5, 0)}
+    assert filled(three, [0, 1, 2], 3, [1, 2], [1]) == []
+    assert filled(three, [0, 1, 2], 3, [1, 2], [1, 2]) == [1, 2]
+
+
+def test_no_filling_copy_holds_the_page_the_complete_copies_up_last_are_sources() -> None:
+    """The fill has not reached the page: the complete copies are the sources, those
+    whose servers were up last (a repair then fills the page)."""
+    statuses: dict[int, Status] = {0: (P, FULL, 3, 0), 1: (P, FULL, 4, 0), 2: (A, FULL, 0, 0)}
+    assert filled(statuses, [0, 1, 2], 3, [2], [2]) == [0, 1]
+    assert filled(statuses, [0, 1, 2], 3, [2], [2], {0: 9, 1: 5, 2: 9}) == [0]
+    plan = repair.plan(statuses, [0, 1, 2], [0], top=True)
+    assert (plan.verdict, plan.source) == (Verdict.REPAIR, 0)
+    assert 2 in plan.targets
+    # whether or not the filling copy's server is up
+    assert filled(statuses, [0, 1, 2], 3, [2], []) == [0, 1]
+    # a complete copy is down: none
+    assert filled(statuses, [0, 2], 3, [2], [2]) == []
 
 
 status = st.tuples(
@@ -160,7 +220,8 @@ def test_with_no_copy_up_only_the_copies_up_last_are_sources() -> None:
     """Copy 1's server stopped being up at epoch 9, copy 0's at epoch 5: copy 0 missed the
     writes acknowledged in between, so only copy 1 may be the source, whatever the
     partition order."""
-    assert repair.sources([0, 1], [], 2, False, {0: 5, 1: 9}) == [1]
-    assert repair.sources([0, 1, 2], [], 3, False, {0: 9, 1: 5, 2: 9}) == [0, 2]
+    held: dict[int, Status] = dict.fromkeys(range(3), (P, FULL, 3, 0))
+    assert repair.sources(held, [0, 1], [], 2, up_until={0: 5, 1: 9}) == [1]
+    assert repair.sources(held, [0, 1, 2], [], 3, up_until={0: 9, 1: 5, 2: 9}) == [0, 2]
     # once a copy is up, it is the source as before
-    assert repair.sources([0, 1], [0], 2, False, {0: 5, 1: 9}) == [0]
+    assert repair.sources(held, [0, 1], [0], 2, up_until={0: 5, 1: 9}) == [0]

@@ -11,8 +11,9 @@ asking the storage servers, so a new leader simply resumes.  One round
   at most ``limit`` pages per layer and round; the union is the work.
 - **Phase 2**, ``parallel`` pages at a time: STATUS of every live copy.  A page whose
   live copies all vouch for each other and agree needs nothing.  Otherwise the
-  authoritative copy is chosen deterministically among the ``up`` copies (never a
-  ``recovering`` one: it is what is being repaired) by
+  authoritative copy is chosen deterministically among the ``up`` copies not being
+  filled (never a ``recovering`` one: it is what is being repaired; when none is up,
+  among those :func:`lamina.repair.sources` names) by
   :func:`lamina.storage.syncmask.authoritative`; its page is READ whole and written to
   every copy that needs it with a *conditional* WRITE (applied only if that copy is still
   at the generation its STATUS showed), then every live copy is marked clean by
@@ -460,11 +461,6 @@ class Worker:
         second), then left for the next round."""
         part = layer.placement[page % len(layer.placement)]
         live = [i for i, sid in enumerate(part) if state.get(sid) in LIVE]
-        trusted = _trusted(part, live, state, layer, page % len(layer.placement))
-        up = repair.sources(
-            live, trusted, len(part), bool(layer.filling),
-            {i: self._up_until.get(sid, 0) for i, sid in enumerate(part)},
-        )  # fmt: skip
         top = _is_top(volume, layer)
         size = volume.page_size
         give_up = time.monotonic() + WRITING_WAIT
@@ -473,6 +469,7 @@ class Worker:
                 statuses = await self._statuses(volume, layer, page, epoch, part, live)
                 if repair.agree(statuses, live):
                     return True  # the live copies agree; any dirt is about copies not live
+                up = self._sources(statuses, part, live, state, layer, page)
                 key = (layer.id, page)
                 gens_now = tuple(statuses[i][2] for i in live)
                 urgent = any(
@@ -996,11 +993,6 @@ class Worker:
     ) -> None:
         part = layer.placement[page % len(layer.placement)]
         live = [i for i, sid in enumerate(part) if state.get(sid) in LIVE]
-        trusted = _trusted(part, live, state, layer, page % len(layer.placement))
-        up = repair.sources(
-            live, trusted, len(part), bool(layer.filling),
-            {i: self._up_until.get(sid, 0) for i, sid in enumerate(part)},
-        )  # fmt: skip
         size = volume.page_size
         try:
             statuses: dict[int, Status] = {}
@@ -1032,6 +1024,7 @@ class Worker:
                 report.errors += 1  # a client write on its way: the copies may differ now
                 return
             report.mismatches += 1
+            up = self._sources(statuses, part, live, state, layer, page)
             plan = repair.plan(
                 statuses, live, up, top=_is_top(volume, layer), bad=corrupt, digests=digests
             )
@@ -1064,6 +1057,26 @@ class Worker:
         except (LaminaError, OSError, TimeoutError) as exc:
             log.info("scrub of page %d of layer %d: %s", page, layer.id, exc)
             report.errors += 1
+
+    def _sources(
+        self,
+        statuses: dict[int, Status],
+        part: tuple[str, ...],
+        live: list[int],
+        state: dict[str, cm.ServerState],
+        layer: cm.Layer,
+        page: int,
+    ) -> list[int]:
+        """The copies of ``page`` a repair may copy from (:func:`lamina.repair.sources`),
+        given the STATUS of its live copies."""
+        pidx = page % len(layer.placement)
+        return repair.sources(
+            statuses, live, _trusted(part, live, state, layer, pidx), len(part),
+            layer_filling=bool(layer.filling),
+            filling=[i for i, sid in enumerate(part) if (pidx, sid) in layer.filling],
+            up=[i for i, sid in enumerate(part) if state.get(sid) is cm.ServerState.UP],
+            up_until={i: self._up_until.get(sid, 0) for i, sid in enumerate(part)},
+        )  # fmt: skip
 
     async def _repair(
         self,
