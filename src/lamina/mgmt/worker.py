@@ -1218,10 +1218,14 @@ def _vouched(
     """Whether a round that finds nothing dirty in partition ``pidx`` proves that the
     recovering copy on ``sid`` holds every acknowledged write: some other copy is up and
     trusted (a write ``sid`` missed cleared its bit there, so it would show as dirty), or
-    every copy is live (then all their masks were listed).  Not when the copies that took
-    writes while ``sid`` was away are all down: its clean mask only says it heard of no
-    write, and its data may be stale."""
-    if all(state.get(o) in LIVE for o in part) and not layer.filling:
+    every copy is live (then all their masks were listed), copies being filled included:
+    no write goes out while no copy of the partition may be read, so one that ``sid``
+    missed reached another copy that was up and not being filled, and is dirty there,
+    and one ``sid`` lost to a power cut is dirty on the copies that kept it (a filling
+    copy that holds the page is then its source, :func:`lamina.repair.sources`).  Not
+    when the copies that took writes while ``sid`` was away are all down: its clean
+    mask only says it heard of no write, and its data may be stale."""
+    if all(state.get(o) in LIVE for o in part):
         return True
     live = [i for i, o in enumerate(part) if state.get(o) in LIVE]
     return any(part[i] != sid for i in _trusted(part, live, state, layer, pidx))
