@@ -103,22 +103,21 @@ def lost(statuses: Mapping[int, Status], live: Sequence[int], bad: Collection[in
 def sources(
     statuses: Mapping[int, Status],
     live: Sequence[int],
-    trusted: Sequence[int],
     copies: int,
     *,
-    layer_filling: bool = False,
-    filling: Collection[int] = (),
     up: Collection[int] = (),
+    filling: Collection[int] = (),
+    layer_filling: bool = False,
     up_until: Mapping[int, int] | None = None,
 ) -> list[int]:
     """The copies a repair of one page may copy from.
 
     ``statuses``: the STATUS of (at least) every live copy.  ``live``: the copies on
-    live servers, in partition order.  ``trusted``: those ``up`` and not being filled.
-    ``copies``: how many copies the partition has.  ``layer_filling``: some copy of the
-    layer is being filled; ``filling``: the copies of this partition being filled.
-    ``up``: the copies whose servers are ``up``.  ``up_until``: copy -> the epoch its
-    server stopped being up.
+    live servers, in partition order.  ``copies``: how many copies the partition has.
+    ``up``: the copies whose servers are ``up``.  ``filling``: the copies of this
+    partition being filled; ``layer_filling``: some copy of the layer is.
+    ``up_until``: copy -> the epoch its server stopped being up.  The *trusted* copies
+    are the live ones ``up`` and not being filled (the ones a read may use).
 
     - Some copy is trusted: the trusted ones.
     - None is, and a copy that is not being filled is not live: none (the page waits; a
@@ -149,8 +148,9 @@ def sources(
       are being filled), so the partition would never have a readable copy again.
     - Otherwise (another partition of the layer is being filled): none.
     """
+    trusted = [i for i in live if i in up and i not in filling]
     if trusted:
-        return list(trusted)
+        return trusted
     complete = [i for i in range(copies) if i not in filling]
     if any(i not in live for i in complete):
         return []

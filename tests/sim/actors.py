@@ -216,10 +216,10 @@ def resync(w: World, client: str, page: int, view: View) -> Resync:
         # that holds the page and is up
         pidx = view.pidx(page)
         up = repair.sources(
-            statuses, live, view.readable(page), len(part),
-            layer_filling=bool(view.filling),
-            filling=[i for i, s in enumerate(part) if (pidx, s) in view.filling],
+            statuses, live, len(part),
             up=[i for i, s in enumerate(part) if view.states[s] == UP],
+            filling=[i for i, s in enumerate(part) if (pidx, s) in view.filling],
+            layer_filling=bool(view.filling),
             up_until=None if w.broken == "source_by_order" else
             {i: view.up_until.get(sid, 0) for i, sid in enumerate(part)},
         )  # fmt: skip

@@ -92,11 +92,11 @@ def test_scrub_digests_decide_the_targets() -> None:
 
 def test_sources_are_the_trusted_copies_or_all_when_every_copy_restarted() -> None:
     held: dict[int, Status] = {0: (P, FULL, 3, 0), 1: (P, FULL, 3, 0)}
-    assert repair.sources(held, [0, 1], [1], 2) == [1]
-    assert repair.sources(held, [0, 1], [], 2) == [0, 1]
-    assert repair.sources(held, [0, 1], [], 3) == []  # one copy is still down
+    assert repair.sources(held, [0, 1], 2, up=[1]) == [1]
+    assert repair.sources(held, [0, 1], 2) == [0, 1]
+    assert repair.sources(held, [0, 1], 3) == []  # one copy is still down
     # another partition of the layer is being filled: none (as long as it is)
-    assert repair.sources(held, [0, 1], [], 2, layer_filling=True) == []
+    assert repair.sources(held, [0, 1], 2, layer_filling=True) == []
 
 
 def filled(
@@ -110,7 +110,7 @@ def filled(
     """``repair.sources`` with no trusted copy, for a partition whose ``filling`` copies
     are being filled."""
     return repair.sources(
-        statuses, live, [], copies, layer_filling=True, filling=filling, up=up, up_until=up_until
+        statuses, live, copies, up=up, filling=filling, layer_filling=True, up_until=up_until
     )
 
 
@@ -221,7 +221,7 @@ def test_with_no_copy_up_only_the_copies_up_last_are_sources() -> None:
     writes acknowledged in between, so only copy 1 may be the source, whatever the
     partition order."""
     held: dict[int, Status] = dict.fromkeys(range(3), (P, FULL, 3, 0))
-    assert repair.sources(held, [0, 1], [], 2, up_until={0: 5, 1: 9}) == [1]
-    assert repair.sources(held, [0, 1, 2], [], 3, up_until={0: 9, 1: 5, 2: 9}) == [0, 2]
+    assert repair.sources(held, [0, 1], 2, up_until={0: 5, 1: 9}) == [1]
+    assert repair.sources(held, [0, 1, 2], 3, up_until={0: 9, 1: 5, 2: 9}) == [0, 2]
     # once a copy is up, it is the source as before
-    assert repair.sources(held, [0, 1], [0], 2, up_until={0: 5, 1: 9}) == [0]
+    assert repair.sources(held, [0, 1], 2, up=[0], up_until={0: 5, 1: 9}) == [0]

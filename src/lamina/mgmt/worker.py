@@ -1071,10 +1071,10 @@ class Worker:
         given the STATUS of its live copies."""
         pidx = page % len(layer.placement)
         return repair.sources(
-            statuses, live, _trusted(part, live, state, layer, pidx), len(part),
-            layer_filling=bool(layer.filling),
-            filling=[i for i, sid in enumerate(part) if (pidx, sid) in layer.filling],
+            statuses, live, len(part),
             up=[i for i, sid in enumerate(part) if state.get(sid) is cm.ServerState.UP],
+            filling=[i for i, sid in enumerate(part) if (pidx, sid) in layer.filling],
+            layer_filling=bool(layer.filling),
             up_until={i: self._up_until.get(sid, 0) for i, sid in enumerate(part)},
         )  # fmt: skip
 
