@@ -11,7 +11,8 @@ its live one, following the durability rules of the on-disk store (docs/ondisk.m
 - a power cut replaces the live state by the durable one, except that a page written
   since its last sync keeps, per ``unit`` bytes (the simulation's 8 KiB slot), either
   its old or its new bytes (a seeded choice); such a page gets a new generation unless
-  every unit kept its old bytes.
+  every unit kept its old bytes, and what it kept is durable from then on (the disk
+  store checkpoints what its recovery found before it serves).
 
 A failed disk (``fail``) answers every later write, mask change and sync with
 StorageIOError, and its page cache has lost the writes that did not reach the disk (as
@@ -66,6 +67,8 @@ class SimStore(MemPageStore):
                 disk.data = bytearray(old.data)
             self._mix(disk, live)
             data = disk.data if disk.data is not None else bytearray(len(live.data))
+            if old is not None and old.data is not None:
+                old.data = bytearray(data)  # what reached the disk is on it
             if data != live.data:
                 live.data = data
                 changed += 1
@@ -182,6 +185,9 @@ class SimStore(MemPageStore):
                 if kept:
                     mixed += 1
                     page.generation = next(self._gen)
+                    # what survived is what the disk holds: the disk store's recovery
+                    # checkpoints it before serving (docs/ondisk.md, "Recovery")
+                    self._durable[key] = _copy(page)
             self._layers[key[0]].pages[key[1]] = page
         self._unsynced.clear()
         return mixed
