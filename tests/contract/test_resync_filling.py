@@ -104,3 +104,19 @@ async def test_a_filling_copy_that_is_not_up_is_no_source(make_store: MakeStore)
     state, data, mask = await holds(svc, "s3", 0)
     assert (state, data) == (PageState.PRESENT, new)
     assert mask != FULL
+
+
+@in_loop
+async def test_a_zero_page_is_filled_as_a_zero_page(make_store: MakeStore) -> None:
+    """A page that reads as zeros on the source (a WRITE_ZEROES or a trim) is created as
+    a zero page on the copy being filled, as every other repair copies it: no page of
+    zero bytes that takes space on the disk (a trimmed volume would fill its new copy's
+    disk), and the copies agree in kind."""
+    svc = services(make_store, Clock())
+    await send(svc["s2"], m.CreateRequest(VOL, EPOCH, LAYER, 0, PAGE, FULL, True))
+    worker = worker_over(svc)
+    assert await worker._fill_page(VOLUME, FILLING, 0, EPOCH, "s2", "s3")
+    assert await holds(svc, "s3", 0) == (PageState.ZERO, b"", FULL)
+    # a page the target holds already is left alone
+    assert await worker._fill_page(VOLUME, FILLING, 0, EPOCH, "s2", "s3")
+    assert await holds(svc, "s3", 0) == (PageState.ZERO, b"", FULL)

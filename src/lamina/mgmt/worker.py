@@ -385,6 +385,11 @@ class Worker:
             assert isinstance(read, m.ReadResponse)
             if read.state == PageState.ABSENT:
                 return True
+            if read.state == PageState.ZERO:  # created as it is there: no space taken
+                await self._call(
+                    target, m.CreateRequest(volume.id, epoch, layer.id, page, size, FULL, True)
+                )
+                return True
             payload = data if read.state == PageState.PRESENT else bytes(size)
             await self._throttle(size)
             await self._call_with_payload(
