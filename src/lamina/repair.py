@@ -8,8 +8,9 @@ checksum mismatch, the simulation in ``tests/sim``), takes the same decisions fr
 same evidence: the STATUS of each copy, ``(state, mask, generation, flags)``, and which
 copies may be copied from.  :func:`plan` turns that evidence into a :class:`Plan`; the
 caller only carries it out (READ the source at its generation, WRITE each target
-conditionally at its generation with ``fua``, MARK_CLEAN every live copy with
-``Plan.mask``, the source last) and decides policy (deferral, throttling, retries).
+conditionally at its generation with ``fua``, FLUSH the other live copies, the source
+among them, so that every byte the new masks vouch for is on disk, then MARK_CLEAN every
+live copy with ``Plan.mask``, the source last) and decides policy (deferral, throttling, retries).
 Nothing here does I/O or reads a clock.
 
 The rules, and why:

@@ -266,6 +266,14 @@ def resync(w: World, client: str, page: int, view: View) -> Resync:
         assert isinstance(a, tuple)
         assert isinstance(a[0], m.WriteResponse)
         gens[t] = a[0].generation
+    if w.broken != "mark_before_source_sync":  # every mask vouches for every live copy
+        flushes = tuple(
+            (part[i], m.FlushRequest(VOLUME, epoch), b"") for i in live if i not in targets
+        )
+        answers = (yield Call(flushes, RPC_TIMEOUT)) if flushes else []
+        for (sid, _, _), a in zip(flushes, answers, strict=True):
+            if not _ok(w, client, sid, a, "flush"):
+                return False
     for i in plan.mark_order:
         mc = m.MarkCleanRequest(VOLUME, epoch, LAYER, page, gens[i], plan.mask)
         (a,) = yield Call(((part[i], mc, b""),), RPC_TIMEOUT)

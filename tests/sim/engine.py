@@ -33,7 +33,7 @@ REREPLICATE = 1.0  # a server down this long loses its copies (2 copies only)
 BROKEN = (
     "no_clear_mask", "no_generation_check", "overwrite_writing", "recover_alone",
     "confirm_before_flush", "resync_without_fua", "keep_old_copy", "no_fail_stop",
-    "source_by_order",
+    "source_by_order", "mark_before_source_sync",
 )  # fmt: skip
 
 Group = tuple[tuple[str, int], ...]  # one write's (server, token) pairs

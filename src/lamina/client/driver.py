@@ -1368,6 +1368,13 @@ class Volume:
         gens.update(
             (i, resp.generation) for i, (resp, _) in zip(plan.targets, written, strict=True)
         )
+        # every mask is about to vouch for every live copy's bytes: the targets' are on
+        # disk (fua), the others' (the source's at least) may be in a page cache only
+        await _all(
+            self._call(part[i], m.FlushRequest(layer.owner, view.epoch))
+            for i in plan.generations
+            if i not in plan.targets
+        )
         try:
             order = plan.mark_order
             for group in (order[:-1], order[-1:]):  # the source last

@@ -1113,6 +1113,11 @@ class Worker:
             )  # fmt: skip
             assert isinstance(written, m.WriteResponse)
             gens[t] = written.generation
+        # every mask is about to vouch for every live copy's bytes: the targets' are on
+        # disk (fua), the others' (the source's at least) may be in a page cache only
+        for i in live:
+            if i not in targets:
+                await self._call(part[i], m.FlushRequest(volume.id, epoch))
         mask = repair.clean_mask([statuses[i][1] for i in live], live)
         for i in [t for t in live if t != auth] + [auth]:
             await self._call(
