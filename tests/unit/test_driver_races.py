@@ -13,7 +13,8 @@ answers):
 - a write's tokens go back only once a FLUSH succeeded on every copy it reached, so no
   mask vouches for a copy whose bytes a power loss could still take;
 - no write goes out while no copy of its partition may be read (up and not being
-  filled).
+  filled);
+- a resynchronisation FLUSHes the copies it did not write before it marks any clean.
 """
 
 from __future__ import annotations
@@ -377,5 +378,54 @@ def test_no_write_goes_out_while_the_only_up_copy_is_being_filled(hot: bool) -> 
         await asyncio.wait_for(out, 5)
         assert await answer_flushes(cluster) == {"s1", "s2"}
         assert sorted(cluster.confirmed) == sorted(acks)
+
+    asyncio.run(main())
+
+
+def test_a_resync_flushes_the_source_before_it_marks_any_copy_clean() -> None:
+    """Both copies of page 0 disown each other (a write whose FLUSH did not succeed on
+    both); the driver's resynchronisation copies s1's bytes to s2 with ``fua``.  The
+    masks it then sets vouch for s1's bytes too, which may be in s1's page cache only,
+    so s1 gets a FLUSH, answered, before any MARK_CLEAN goes out."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        doc = _doc()
+        doc["servers"]["s2"]["state"] = "up"
+        view = volume_view(doc, "db")
+        vol = driver.Volume(cluster, view, read_only=False)  # type: ignore[arg-type]
+        order: list[tuple[str, str]] = []
+        masks = {"s1": 0xFFFFFFFF & ~0b10, "s2": 0xFFFFFFFF & ~0b01}
+
+        async def serve() -> None:
+            seen = dict.fromkeys(cluster.clients, 0)
+            while True:
+                for sid, c in cluster.clients.items():
+                    for msg, fut in c.sent[seen[sid] :]:
+                        order.append((sid, type(msg).__name__))
+                        if isinstance(msg, m.StatusRequest):
+                            reply(fut, m.StatusResponse(((0, 1, masks[sid], 3, 0),)))
+                        elif isinstance(msg, m.ReadRequest):
+                            reply(fut, m.ReadResponse(1, 3, masks[sid]), b"a" * PAGE)
+                        elif isinstance(msg, m.WriteRequest):
+                            assert msg.fua
+                            assert msg.conditional
+                            reply(fut, m.WriteResponse(next(tokens), 4))
+                        elif isinstance(msg, m.FlushRequest):
+                            reply(fut, m.FlushResponse())
+                        elif isinstance(msg, m.MarkCleanRequest):
+                            reply(fut, m.MarkCleanResponse(msg.generation))
+                    seen[sid] = len(c.sent)
+                await asyncio.sleep(0.001)
+
+        server = asyncio.ensure_future(serve())
+        try:
+            await asyncio.wait_for(vol._resync(view, view.top, 0), 5)
+        finally:
+            server.cancel()
+        marks = [k for k, (_, op) in enumerate(order) if op == "MarkCleanRequest"]
+        assert marks, order
+        assert ("s2", "WriteRequest") in order[: marks[0]], order
+        assert ("s1", "FlushRequest") in order[: marks[0]], order
 
     asyncio.run(main())
