@@ -154,7 +154,8 @@ def test_a_restart_is_seen_by_a_leader_that_never_granted_the_earlier_lease() ->
         first.table.step_down()  # failover: another manager leads, knowing nothing
         second = LeaderDuties(svc, lambda: True, clock, lease_duration=3.0, grace=2.5)
         second.run_once()
-        lease(second, incarnation=2)
+        with pytest.raises(Unavailable, match="restarted"):  # no lease before it is recorded
+            lease(second, incarnation=2)
         await settle()
         assert state(svc) == cm.ServerState.RECOVERING
         assert svc.map.servers["s1"].incarnation == 2
@@ -198,3 +199,32 @@ def test_a_lease_carries_the_lineage_tokens_of_the_layers_on_the_server() -> Non
     assert isinstance(reply, m.LeaseResponse)
     assert reply.lineages == ((1, cm.layer_lineage(0x1234, 1)),)
     assert reply.lineages[0][1] == svc.map.layers[1].lineage
+
+
+def test_a_restarted_server_gets_no_lease_at_the_epoch_that_has_it_up() -> None:
+    """A server that restarted may have lost writes to a power cut, and has lost its
+    episodes; while the map still has it up, clients would read from it.  So its LEASE
+    is refused until the restart is in the map (it is recovering at a new epoch), and
+    the lease it then gets carries that epoch: older clients get STALE from it."""
+
+    async def settle() -> None:
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+    async def main() -> None:
+        clock = Clock()
+        svc, duties = make(clock)
+        duties.run_once()
+        lease(duties, incarnation=1)
+        await settle()
+        epoch = svc.map.epoch
+        assert state(svc) == cm.ServerState.UP
+        with pytest.raises(Unavailable, match="restarted"):
+            lease(duties, incarnation=2)
+        await settle()  # ServerStarted commits
+        assert state(svc) == cm.ServerState.RECOVERING
+        granted = lease(duties, incarnation=2)
+        assert isinstance(granted, m.LeaseResponse)
+        assert granted.epoch == epoch + 1 == svc.map.epoch
+
+    asyncio.run(main())

@@ -157,13 +157,22 @@ class LeaderDuties:
         server = cmap.servers.get(msg.server_id)
         if server is None or server.state == cm.ServerState.OUT:
             raise NotFound(f"storage server {msg.server_id} is not a member of the cluster")
-        self.table.grant(msg.server_id, self.clock(), msg.epoch)
-        self.server_failures.pop(msg.server_id, None)  # it serves again (after a restart)
         if msg.incarnation != server.incarnation:
             # recorded in the map, so any later leader tells a restart too; a restarted
             # server (or one that was down) becomes recovering with it
             self._propose(cm.ServerStarted(msg.server_id, msg.incarnation))
-        elif server.state == cm.ServerState.DOWN:
+            if server.incarnation:
+                # No lease until that is in the map: with one at this epoch, where the
+                # map still has it up, clients would read from a server that may have
+                # lost writes to a power cut and has lost its episodes.  With the lease
+                # of the next epoch it serves those clients STALE instead.
+                raise Unavailable(
+                    f"storage server {msg.server_id} restarted (incarnation "
+                    f"{msg.incarnation}); recording that first: ask again"
+                )
+        self.table.grant(msg.server_id, self.clock(), msg.epoch)
+        self.server_failures.pop(msg.server_id, None)  # it serves again (after a restart)
+        if msg.incarnation == server.incarnation and server.state == cm.ServerState.DOWN:
             self._propose(cm.SetServerState(msg.server_id, cm.ServerState.RECOVERING))
         duration_ms = int(self.table.duration * 1000)
         sid = msg.server_id
