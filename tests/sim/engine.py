@@ -33,7 +33,7 @@ REREPLICATE = 1.0  # a server down this long loses its copies (2 copies only)
 BROKEN = (
     "no_clear_mask", "no_generation_check", "overwrite_writing", "recover_alone",
     "confirm_before_flush", "resync_without_fua", "keep_old_copy", "no_fail_stop",
-    "source_by_order", "mark_before_source_sync",
+    "source_by_order", "mark_before_source_sync", "lease_before_restart_recorded",
 )  # fmt: skip
 
 Group = tuple[tuple[str, int], ...]  # one write's (server, token) pairs
@@ -105,6 +105,7 @@ class World:
         self.mgr.partitions = list(parts)
         self.mgr.published_parts = list(parts)
         self.mgr.guard_last_up = broken != "recover_alone" and last_up_guard
+        self.mgr.lease_before_restart_recorded = broken == "lease_before_restart_recorded"
         # re-replication needs a server outside the partition: with 3 copies there is none
         self.mgr.rereplicate_after = REREPLICATE if rereplicate and replicas == 2 else 0.0
         self.procs = Procs(self.loop, self.transport, self.on_timeout)
@@ -190,13 +191,14 @@ class World:
         epoch: int,
         fence: int,
         grant: float,
+        expect: int,
         on_ack: Callable[[int, int, str], None],
     ) -> None:
         srv = self.servers[sid]
         inc = srv.incarnation
 
         def run() -> None:
-            acked = srv.heartbeat(epoch, fence, grant)
+            acked = srv.heartbeat(epoch, fence, grant, expect)
             self.net.send(sid, "mgr", (sid, "mgr", inc), "hb-ack", lambda: on_ack(*acked))
 
         self.net.send("mgr", sid, ("mgr", sid, inc), "hb", lambda: srv.deliver(inc, run))

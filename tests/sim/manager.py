@@ -33,7 +33,7 @@ SUSPECT = 1.5  # unanswered heartbeats for this long: down
 SUSPECT_REPORTED = 0.75  # ... or this long when a client reported the server
 BACK = 0.6  # a down server answering heartbeats for this long comes back (recovering)
 
-SendHeartbeat = Callable[[str, int, int, float, Callable[[int, int, str], None]], None]
+SendHeartbeat = Callable[[str, int, int, float, int, Callable[[int, int, str], None]], None]
 
 
 Parts = list[tuple[str, ...]]
@@ -70,6 +70,11 @@ class Manager:
     reported: set[str] = field(default_factory=set)
     incarnations: dict[str, int] = field(default_factory=dict)
     restarted: set[str] = field(default_factory=set)
+    #: the incarnation the map records per server: a heartbeat (SET_EPOCH and lease) is
+    #: taken only by that incarnation, as ``leader.py`` grants no lease to a restarted
+    #: server before its restart is in the map
+    recorded: dict[str, int] = field(default_factory=dict)
+    lease_before_restart_recorded: bool = False  # the old leader: a lease at once
     stopped: dict[str, str] = field(default_factory=dict)  # server -> why it stopped
     changes: int = 0
     partitions: Parts = field(default_factory=list)
@@ -105,11 +110,17 @@ class Manager:
 
     def _heartbeat(self, s: str, now: float) -> None:
         grant = now + LEASE
-        self.lease_until[s] = max(self.lease_until[s], grant)
-        self.send_heartbeat(s, self.epoch, self.fence, grant, functools.partial(self._ack, s))
+        expect = 0 if self.lease_before_restart_recorded else self.recorded.get(s, 0)
+        if not expect or self.incarnations.get(s, expect) == expect:
+            # (a restart not recorded yet takes no lease: none to wait for)
+            self.lease_until[s] = max(self.lease_until[s], grant)
+        self.send_heartbeat(
+            s, self.epoch, self.fence, grant, expect, functools.partial(self._ack, s)
+        )
 
     def _ack(self, s: str, epoch: int, incarnation: int, stopped: str) -> None:
         now = self.clock()
+        self.recorded.setdefault(s, incarnation)  # a first report is no restart
         if self.incarnations.setdefault(s, incarnation) != incarnation:
             self.incarnations[s] = incarnation
             self.restarted.add(s)
@@ -192,6 +203,7 @@ class Manager:
             return
         for s in sorted(self.restarted):
             self.restarted.discard(s)
+            self.recorded[s] = self.incarnations[s]  # ServerStarted
             if self.states[s] == UP:
                 self._change(s, RECOVERING, "restarted")
                 return

@@ -59,7 +59,7 @@ class SimServer:
         self._told = False  # the fail-stop is in the trace
         self.alive = True
         self.paused = False
-        self.incarnation = 0
+        self.incarnation = 1  # as a real server's, never 0 (0: none recorded)
         self.backlog: list[Callable[[], None]] = []
         self.newest: dict[str, int] = {}  # client -> newest connection generation seen
         self.fence_seen = 0  # the highest fence this server ever acknowledged (any life)
@@ -174,13 +174,20 @@ class SimServer:
             )
         return reply
 
-    def heartbeat(self, epoch: int, fence: int, grant: float) -> tuple[int, int, str]:
+    def heartbeat(
+        self, epoch: int, fence: int, grant: float, expect: int = 0
+    ) -> tuple[int, int, str]:
         """A manager heartbeat: SET_EPOCH with the volume's fence, then the lease renewed
         until ``grant``.  Returns the epoch acknowledged, the incarnation (a restart
         changes it) and why the server stopped ("" when it serves: a fail-stopped
-        server asks for no lease, and refuses SET_EPOCH like everything else)."""
+        server asks for no lease, and refuses SET_EPOCH like everything else).
+        ``expect``: the incarnation the map records (0: none yet); another one is
+        granted nothing (``leader.py`` refuses its LEASE until the restart is recorded)
+        and only tells its incarnation."""
         if self.stopped:
             return epoch, self.incarnation, self.stopped
+        if expect and expect != self.incarnation:
+            return self.svc.epoch, self.incarnation, self.stopped
         reply, _ = settle(self.svc.handle(m.SetEpochRequest(epoch, ((VOLUME, fence),)), b""))
         assert isinstance(reply, m.SetEpochResponse)
         self.fence_seen = max(self.fence_seen, fence)
